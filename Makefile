@@ -1,0 +1,58 @@
+# keel: build, run and test. `make run` and `make test` are the quick start;
+# both install the system packages they need (Debian) when missing.
+
+CARGO        ?= cargo
+TARGET_DIR   ?= $(or $(CARGO_TARGET_DIR),target)
+KEEL         := $(TARGET_DIR)/release/keel
+RUN_DATA_DIR ?= default.etcd
+E2E          ?= ../shared/conformance/etcd-e2e
+# etcd-e2e groups keel passes in full; `make conformance` keeps them passing.
+CONFORMANCE_GROUPS ?= kv
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export CARGO_TARGET_DIR := $(TARGET_DIR)
+
+.PHONY: all deps build run test unit-test lint fmt conformance clean
+
+all: build
+
+# System packages: clang/libclang (RocksDB's bindings are generated with
+# bindgen and its C++ is compiled by the rocksdb crate; the RocksDB version
+# is pinned by Cargo.lock, not taken from Debian), etcd-client (etcdctl, for
+# tests and for you), etcd-server (real etcd, the reference the differential
+# tests compare against).
+DEB_PACKAGES := clang libclang-dev etcd-client etcd-server
+deps:
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+build: deps
+	$(CARGO) build --release --workspace --bins
+
+# One member, data in ./$(RUN_DATA_DIR), clients on http://localhost:2379.
+run: build
+	$(KEEL) --name default --data-dir $(RUN_DATA_DIR)
+
+# The whole default test suite: unit, property and black-box tests. Tests
+# use the release profile, like the binaries, so RocksDB builds only once.
+test: build
+	$(CARGO) test --release --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+conformance: build
+	@for g in $(CONFORMANCE_GROUPS); do \
+	  $(E2E) --server $(KEEL) --group $$g || exit 1; \
+	done
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,14 @@
+//! The etcd v3 gRPC API: one file per service. Handlers validate requests
+//! as etcd's v3rpc layer does, then read local state or propose through
+//! Raft via [`crate::server::Server`]; `errors.rs` maps every failure to
+//! etcd's status code and message.
+
+pub mod auth;
+pub mod cluster;
+pub mod election;
+pub mod errors;
+pub mod kv;
+pub mod lease;
+pub mod lock;
+pub mod maintenance;
+pub mod watch;

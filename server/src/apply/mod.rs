@@ -1,0 +1,216 @@
+//! Applying committed Raft entries to the state machine. Every member runs
+//! the same entries through this code in the same order and must reach
+//! the same state and the same answer, so nothing here may depend on time,
+//! randomness or local configuration that differs between members.
+//!
+//! Each entry's effects and the "applied" log id are one engine write
+//! batch: after a crash the state machine is exactly at some entry
+//! boundary, and Raft re-applies the rest from the log.
+
+pub mod gosort;
+pub mod kv;
+
+use std::sync::Arc;
+
+use keel_proto::etcdserverpb::{CompactionResponse, ResponseHeader};
+use keel_proto::keelpb::{
+    internal_request::Request, internal_response::Response, ApplyError, Empty, InternalRequest,
+    InternalResponse,
+};
+use keel_proto::mvccpb::Event;
+
+use crate::cluster::MemberRegistry;
+use crate::error::Error;
+use crate::mvcc::{CompactionJob, MvccStore, WriteTxn};
+use crate::raft::{codec, LogId, StoredMembership};
+use crate::storage::keys::{META_APPLIED, META_MEMBERSHIP};
+use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
+
+/// Told about every committed revision, in order (the watch hub).
+pub trait CommitObserver: Send + Sync {
+    fn committed(&self, rev: i64, events: &[Event]);
+}
+
+/// Runs background work the apply loop must not wait for.
+pub trait Compactor: Send + Sync {
+    fn schedule(&self, job: CompactionJob);
+}
+
+pub struct Applier {
+    engine: SharedEngine,
+    mvcc: Arc<MvccStore>,
+    members: Arc<MemberRegistry>,
+    observer: Arc<dyn CommitObserver>,
+    compactor: Arc<dyn Compactor>,
+}
+
+/// Leases are not granted by this build; every lease id is unknown.
+struct NoLeases;
+
+impl kv::LeaseLookup for NoLeases {
+    fn lease_exists(&self, _id: i64) -> bool {
+        false
+    }
+}
+
+fn error_response(e: &Error, rev: i64) -> InternalResponse {
+    let (kind, detail) = e.apply_code();
+    InternalResponse {
+        response: Some(Response::Error(ApplyError { kind, detail })),
+        revision: rev,
+    }
+}
+
+fn storage_fatal(e: Error) -> StorageError {
+    match e {
+        Error::Storage(m) => StorageError::Io(m),
+        other => StorageError::Io(other.to_string()),
+    }
+}
+
+fn applied_put(batch: &mut WriteBatch, log_id: &LogId) -> Result<(), StorageError> {
+    let v = codec::encode(log_id).map_err(|e| StorageError::Io(e.to_string()))?;
+    batch.put(Table::Meta, META_APPLIED, v);
+    Ok(())
+}
+
+impl Applier {
+    pub fn new(
+        engine: SharedEngine,
+        mvcc: Arc<MvccStore>,
+        members: Arc<MemberRegistry>,
+        observer: Arc<dyn CommitObserver>,
+        compactor: Arc<dyn Compactor>,
+    ) -> Self {
+        Self {
+            engine,
+            mvcc,
+            members,
+            observer,
+            compactor,
+        }
+    }
+
+    pub fn mvcc(&self) -> &Arc<MvccStore> {
+        &self.mvcc
+    }
+
+    /// Records `log_id` as applied with nothing else changed.
+    pub fn apply_noop(&self, log_id: &LogId) -> Result<(), StorageError> {
+        let mut b = WriteBatch::new();
+        applied_put(&mut b, log_id)?;
+        self.engine.write(b, false)
+    }
+
+    pub fn apply_membership(
+        &self,
+        log_id: &LogId,
+        m: &StoredMembership,
+    ) -> Result<(), StorageError> {
+        let mut b = WriteBatch::new();
+        applied_put(&mut b, log_id)?;
+        b.put(
+            Table::Meta,
+            META_MEMBERSHIP,
+            codec::encode(m).map_err(|e| StorageError::Io(e.to_string()))?,
+        );
+        self.engine.write(b, false)
+    }
+
+    /// Runs a KV write inside one write transaction; an etcd error leaves
+    /// the store unchanged but still records the entry as applied.
+    fn kv_write<F>(&self, log_id: &LogId, f: F) -> Result<InternalResponse, StorageError>
+    where
+        F: FnOnce(&mut WriteTxn<'_>) -> Result<Response, Error>,
+    {
+        let mut txn = self.mvcc.write().map_err(storage_fatal)?;
+        let outcome = f(&mut txn);
+        if let Err(Error::Storage(m)) = &outcome {
+            return Err(StorageError::Io(m.clone()));
+        }
+        if outcome.is_err() && txn.has_changes() {
+            // Checks run before writes; a write op failing midway would
+            // leave a half-applied txn, which must never be committed.
+            return Err(StorageError::Io("kv operation failed after writing".into()));
+        }
+        applied_put(txn.batch_mut(), log_id)?;
+        let committed = txn.commit().map_err(storage_fatal)?;
+        if !committed.events.is_empty() {
+            self.observer.committed(committed.rev, &committed.events);
+        }
+        Ok(match outcome {
+            Ok(resp) => InternalResponse {
+                response: Some(resp),
+                revision: committed.rev,
+            },
+            Err(e) => error_response(&e, committed.rev),
+        })
+    }
+
+    /// Applies one normal entry. `Err` means the member's storage failed
+    /// and it must stop; etcd-level failures are in the response.
+    pub fn apply(
+        &self,
+        log_id: &LogId,
+        req: &InternalRequest,
+    ) -> Result<InternalResponse, StorageError> {
+        let leases = NoLeases;
+        match &req.request {
+            Some(Request::Put(p)) => self.kv_write(log_id, |txn| {
+                kv::check_put(&*txn, p, &leases)?;
+                Ok(Response::Put(kv::put(txn, p)?))
+            }),
+            Some(Request::DeleteRange(d)) => self.kv_write(log_id, |txn| {
+                Ok(Response::DeleteRange(kv::delete_range(txn, d)?))
+            }),
+            Some(Request::Txn(t)) => self.kv_write(log_id, |txn| {
+                Ok(Response::Txn(kv::txn_write(txn, t, &leases)?))
+            }),
+            Some(Request::Compaction(c)) => {
+                let mut b = WriteBatch::new();
+                applied_put(&mut b, log_id)?;
+                let outcome = self.mvcc.compact(c.revision, &mut b);
+                self.engine.write(b, false)?;
+                let rev = self.mvcc.current_rev();
+                Ok(match outcome {
+                    Ok(job) => {
+                        self.compactor.schedule(job);
+                        InternalResponse {
+                            response: Some(Response::Compaction(CompactionResponse {
+                                header: Some(ResponseHeader {
+                                    revision: rev,
+                                    ..Default::default()
+                                }),
+                            })),
+                            revision: rev,
+                        }
+                    }
+                    Err(Error::Storage(m)) => return Err(StorageError::Io(m)),
+                    Err(e) => error_response(&e, rev),
+                })
+            }
+            Some(Request::PublishMember(attrs)) => {
+                let mut b = WriteBatch::new();
+                applied_put(&mut b, log_id)?;
+                self.members.publish(attrs, &mut b);
+                self.engine.write(b, false)?;
+                self.members.apply_published(attrs);
+                Ok(InternalResponse {
+                    response: Some(Response::Empty(Empty {})),
+                    revision: self.mvcc.current_rev(),
+                })
+            }
+            other => {
+                self.apply_noop(log_id)?;
+                let name = match other {
+                    None => "empty request",
+                    Some(_) => "this request",
+                };
+                Ok(error_response(
+                    &Error::Unimplemented(name),
+                    self.mvcc.current_rev(),
+                ))
+            }
+        }
+    }
+}

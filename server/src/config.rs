@@ -1,0 +1,871 @@
+//! etcd's command line: the same flag names, defaults and `ETCD_*`
+//! environment variables, parsed with clap, then validated into a
+//! [`Config`]. Flags for features keel does not have are still recognised:
+//! accepted when ignoring them is harmless (they only tune something keel
+//! does differently), rejected with a clear message otherwise. Unknown
+//! flags fail, as in etcd.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+use crate::cluster::{parse_url, parse_urls};
+
+/// etcd API version keel reports to clients (Status, /version). The
+/// Kubernetes API server gates features such as RequestProgress on it.
+pub const ETCD_API_VERSION: &str = "3.5.13";
+/// etcd's cluster version line, as logged in "enabled capabilities".
+pub const ETCD_CLUSTER_VERSION: &str = "3.5";
+pub const KEEL_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Default backend quota (etcd: 2 GiB).
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("invalid boolean value {s:?}")),
+    }
+}
+
+/// Parses a Go duration ("5s", "2h", "1m30s", "100ms", "0").
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("invalid duration \"\"".into());
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_end == 0 {
+            return Err(format!("invalid duration {s:?}"));
+        }
+        let n: f64 = rest[..num_end]
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}"))?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_end];
+        rest = &rest[unit_end..];
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "" => return Err(format!("missing unit in duration {s:?}")),
+            u => return Err(format!("unknown unit {u:?} in duration {s:?}")),
+        };
+        total += n * scale;
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Turns Go-style single-dash long flags (`-name x`) into clap's `--name x`.
+pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let single_dash_long = i > 0
+                && a.starts_with('-')
+                && !a.starts_with("--")
+                && a.chars().nth(1).is_some_and(|c| c.is_ascii_alphabetic())
+                && a.len() > 2;
+            if single_dash_long {
+                format!("-{a}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+macro_rules! go_bool {
+    () => {
+        ArgAction::Set
+    };
+}
+
+/// etcd-compatible flags. Field docs are the `--help` text.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "keel",
+    about = "keel: an etcd-compatible, Raft-replicated key-value store",
+    disable_version_flag = true,
+    disable_help_subcommand = true
+)]
+pub struct Flags {
+    /// Print the version and exit.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub version: bool,
+
+    /// Path to the server configuration file (not supported by keel).
+    #[arg(long, env = "ETCD_CONFIG_FILE", default_value = "")]
+    pub config_file: String,
+
+    // ---- Member ----
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    pub name: String,
+    /// Path to the data directory (default: ${name}.etcd).
+    #[arg(long, env = "ETCD_DATA_DIR", default_value = "")]
+    pub data_dir: String,
+    /// Path to the dedicated wal directory (keel keeps its log with its data).
+    #[arg(long, env = "ETCD_WAL_DIR", default_value = "")]
+    pub wal_dir: String,
+    /// Number of applied entries between state-machine snapshots.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 10_000)]
+    pub snapshot_count: u64,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Whether to fast-forward initial election ticks on boot.
+    #[arg(long, env = "ETCD_INITIAL_ELECTION_TICK_ADVANCE", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "true", action = go_bool!())]
+    pub initial_election_tick_advance: bool,
+    /// List of URLs to listen on for peer traffic.
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
+    pub listen_peer_urls: String,
+    /// List of URLs to listen on for client traffic.
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
+    pub listen_client_urls: String,
+    /// Maximum number of snapshot files to retain (0 is unlimited).
+    #[arg(long, env = "ETCD_MAX_SNAPSHOTS", default_value_t = 5)]
+    pub max_snapshots: u64,
+    /// Maximum number of wal files to retain (0 is unlimited).
+    #[arg(long, env = "ETCD_MAX_WALS", default_value_t = 5)]
+    pub max_wals: u64,
+    /// Raise alarms when backend size exceeds the given quota (0: 2 GiB).
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: i64,
+    /// Maximum time before committing the backend transaction (bbolt tuning; ignored).
+    #[arg(long, env = "ETCD_BACKEND_BATCH_INTERVAL", default_value = "")]
+    pub backend_batch_interval: String,
+    /// Maximum operations before committing the backend transaction (bbolt tuning; ignored).
+    #[arg(long, env = "ETCD_BACKEND_BATCH_LIMIT", default_value_t = 0)]
+    pub backend_batch_limit: u64,
+    /// bbolt freelist type (ignored: keel does not use bbolt).
+    #[arg(long, env = "ETCD_BACKEND_BBOLT_FREELIST_TYPE", default_value = "map")]
+    pub backend_bbolt_freelist_type: String,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: u32,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: u32,
+    /// Maximum concurrent streams that each client can open at a time.
+    #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
+    pub max_concurrent_streams: u32,
+    /// Minimum interval a client should wait before pinging the server.
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_MIN_TIME", default_value = "5s", value_parser = parse_go_duration)]
+    pub grpc_keepalive_min_time: Duration,
+    /// Frequency of server-to-client pings to check a connection is alive (0 disables).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_INTERVAL", default_value = "2h", value_parser = parse_go_duration)]
+    pub grpc_keepalive_interval: Duration,
+    /// Additional wait before closing a non-responsive connection (0 disables).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_go_duration)]
+    pub grpc_keepalive_timeout: Duration,
+    /// Disables fsync (unsafe: loses data on power failure).
+    #[arg(long, env = "ETCD_UNSAFE_NO_FSYNC", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub unsafe_no_fsync: bool,
+
+    // ---- Clustering ----
+    /// This member's peer URLs to advertise to the rest of the cluster.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
+    pub initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER", default_value = "")]
+    pub initial_cluster: String,
+    /// Initial cluster state ('new' or 'existing').
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new")]
+    pub initial_cluster_state: String,
+    /// Initial cluster token for the cluster during bootstrap.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
+    pub initial_cluster_token: String,
+    /// This member's client URLs to advertise to the public.
+    #[arg(
+        long,
+        env = "ETCD_ADVERTISE_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
+    pub advertise_client_urls: String,
+    /// Discovery URL used to bootstrap the cluster (not supported).
+    #[arg(long, env = "ETCD_DISCOVERY", default_value = "")]
+    pub discovery: String,
+    /// Behaviour when discovery fails.
+    #[arg(long, env = "ETCD_DISCOVERY_FALLBACK", default_value = "proxy")]
+    pub discovery_fallback: String,
+    /// HTTP proxy for discovery (not supported).
+    #[arg(long, env = "ETCD_DISCOVERY_PROXY", default_value = "")]
+    pub discovery_proxy: String,
+    /// DNS srv domain used to bootstrap the cluster (not supported).
+    #[arg(long, env = "ETCD_DISCOVERY_SRV", default_value = "")]
+    pub discovery_srv: String,
+    /// Suffix to the dns srv name queried when bootstrapping.
+    #[arg(long, env = "ETCD_DISCOVERY_SRV_NAME", default_value = "")]
+    pub discovery_srv_name: String,
+    /// Reject reconfiguration requests that would cause quorum loss.
+    #[arg(long, env = "ETCD_STRICT_RECONFIG_CHECK", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "true", action = go_bool!())]
+    pub strict_reconfig_check: bool,
+    /// Enable the Raft pre-vote phase (keel's Raft always avoids disruptive elections this way).
+    #[arg(long, env = "ETCD_PRE_VOTE", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub pre_vote: bool,
+    /// Auto compaction retention length. 0 disables auto compaction.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
+    /// Interpret auto-compaction-retention as 'periodic' or 'revision'.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic")]
+    pub auto_compaction_mode: String,
+    /// Accept etcd v2 client requests (not supported).
+    #[arg(long, env = "ETCD_ENABLE_V2", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub enable_v2: bool,
+
+    // ---- Security ----
+    /// Path to the client server TLS cert file.
+    #[arg(long, env = "ETCD_CERT_FILE", default_value = "")]
+    pub cert_file: String,
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE", default_value = "")]
+    pub key_file: String,
+    /// Enable client cert authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub client_cert_auth: bool,
+    /// Path to the client certificate revocation list file.
+    #[arg(long, env = "ETCD_CLIENT_CRL_FILE", default_value = "")]
+    pub client_crl_file: String,
+    /// Allowed TLS hostname for client cert authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_ALLOWED_HOSTNAME", default_value = "")]
+    pub client_cert_allowed_hostname: String,
+    /// Path to the client server TLS trusted CA cert file.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE", default_value = "")]
+    pub trusted_ca_file: String,
+    /// Client TLS using generated certificates.
+    #[arg(long, env = "ETCD_AUTO_TLS", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub auto_tls: bool,
+    /// Path to the peer server TLS cert file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE", default_value = "")]
+    pub peer_cert_file: String,
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE", default_value = "")]
+    pub peer_key_file: String,
+    /// Enable peer client cert authentication.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub peer_client_cert_auth: bool,
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE", default_value = "")]
+    pub peer_trusted_ca_file: String,
+    /// Required CN for client certs connecting to the peer endpoint.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN", default_value = "")]
+    pub peer_cert_allowed_cn: String,
+    /// Allowed TLS hostname for inter peer authentication.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_HOSTNAME", default_value = "")]
+    pub peer_cert_allowed_hostname: String,
+    /// Peer TLS using self-generated certificates.
+    #[arg(long, env = "ETCD_PEER_AUTO_TLS", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub peer_auto_tls: bool,
+    /// Path to the peer certificate revocation list file.
+    #[arg(long, env = "ETCD_PEER_CRL_FILE", default_value = "")]
+    pub peer_crl_file: String,
+    /// Comma-separated list of supported TLS cipher suites.
+    #[arg(long, env = "ETCD_CIPHER_SUITES", default_value = "")]
+    pub cipher_suites: String,
+    /// Minimum TLS version (TLS1.2 or TLS1.3).
+    #[arg(long, env = "ETCD_TLS_MIN_VERSION", default_value = "TLS1.2")]
+    pub tls_min_version: String,
+    /// Maximum TLS version.
+    #[arg(long, env = "ETCD_TLS_MAX_VERSION", default_value = "")]
+    pub tls_max_version: String,
+    /// Comma-separated whitelist of origins for CORS.
+    #[arg(long, env = "ETCD_CORS", default_value = "*")]
+    pub cors: String,
+    /// Acceptable hostnames from HTTP client requests.
+    #[arg(long, env = "ETCD_HOST_WHITELIST", default_value = "*")]
+    pub host_whitelist: String,
+    /// Skip verification of SAN field in client certificate for peer connections.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_PEER_SKIP_CLIENT_SAN_VERIFICATION", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub experimental_peer_skip_client_san_verification: bool,
+
+    // ---- Auth ----
+    /// Authentication token type and options ('simple' or 'jwt,...').
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+    /// bcrypt cost for hashing auth passwords (4..=31).
+    #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
+    pub bcrypt_cost: u32,
+    /// Time (in seconds) an auth token stays valid.
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
+
+    // ---- Monitoring ----
+    /// Enable runtime profiling data via HTTP server (not supported).
+    #[arg(long, env = "ETCD_ENABLE_PPROF", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub enable_pprof: bool,
+    /// Level of detail for exported metrics ('basic' or 'extensive').
+    #[arg(long, env = "ETCD_METRICS", default_value = "basic")]
+    pub metrics: String,
+    /// List of URLs to listen on for the metrics and health endpoints.
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", default_value = "")]
+    pub listen_metrics_urls: String,
+
+    // ---- Logging ----
+    /// Logger ('zap' or 'capnslog'); keel always logs structured lines.
+    #[arg(long, env = "ETCD_LOGGER", default_value = "zap")]
+    pub logger: String,
+    /// Log outputs: 'default', 'stderr', 'stdout', or file paths.
+    #[arg(long, env = "ETCD_LOG_OUTPUTS", default_value = "default")]
+    pub log_outputs: String,
+    /// Log level: debug, info, warn, error, panic, or fatal.
+    #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format: json or console.
+    #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
+    /// Enable debug-level logging (deprecated: use --log-level=debug).
+    #[arg(long, env = "ETCD_DEBUG", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub debug: bool,
+    /// Per-package log levels (deprecated; ignored).
+    #[arg(long, env = "ETCD_LOG_PACKAGE_LEVELS", default_value = "")]
+    pub log_package_levels: String,
+
+    // ---- v2 proxy ----
+    /// v2 proxy mode ('off' only: keel has no v2 proxy).
+    #[arg(long, env = "ETCD_PROXY", default_value = "off")]
+    pub proxy: String,
+    #[arg(
+        long,
+        env = "ETCD_PROXY_FAILURE_WAIT",
+        default_value_t = 5000,
+        hide = true
+    )]
+    pub proxy_failure_wait: u64,
+    #[arg(
+        long,
+        env = "ETCD_PROXY_REFRESH_INTERVAL",
+        default_value_t = 30000,
+        hide = true
+    )]
+    pub proxy_refresh_interval: u64,
+    #[arg(
+        long,
+        env = "ETCD_PROXY_DIAL_TIMEOUT",
+        default_value_t = 1000,
+        hide = true
+    )]
+    pub proxy_dial_timeout: u64,
+    #[arg(
+        long,
+        env = "ETCD_PROXY_WRITE_TIMEOUT",
+        default_value_t = 5000,
+        hide = true
+    )]
+    pub proxy_write_timeout: u64,
+    #[arg(
+        long,
+        env = "ETCD_PROXY_READ_TIMEOUT",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub proxy_read_timeout: u64,
+
+    // ---- Experimental ----
+    /// Check data corruption before serving any client/peer traffic.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub experimental_initial_corrupt_check: bool,
+    /// Duration between cluster corruption check passes (0 disables).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", default_value = "0s", value_parser = parse_go_duration)]
+    pub experimental_corrupt_check_time: Duration,
+    /// Serve v2 requests through the v3 backend (not supported).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_V2V3", default_value = "")]
+    pub experimental_enable_v2v3: String,
+    /// bbolt freelist type (ignored).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_BACKEND_BBOLT_FREELIST_TYPE",
+        default_value = "array"
+    )]
+    pub experimental_backend_bbolt_freelist_type: String,
+    /// Persist remaining lease TTLs through Raft (keel always checkpoints).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub experimental_enable_lease_checkpoint: bool,
+    /// Persist lease checkpoints across restarts (keel always does).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT_PERSIST", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub experimental_enable_lease_checkpoint_persist: bool,
+    /// Maximum revisions deleted in each compaction batch.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT",
+        default_value_t = 1000
+    )]
+    pub experimental_compaction_batch_limit: u64,
+    /// Duration of periodic watch progress notifications.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_go_duration)]
+    pub experimental_watch_progress_notify_interval: Duration,
+    /// Warn when applying a request takes longer than this.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_APPLY_DURATION", default_value = "100ms", value_parser = parse_go_duration)]
+    pub experimental_warning_apply_duration: Duration,
+    /// Entries a slow follower may catch up from the log before it needs a snapshot.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES",
+        default_value_t = 5000
+    )]
+    pub experimental_snapshot_catchup_entries: u64,
+
+    // ---- Unsafe ----
+    /// Force to create a new one-member cluster (not supported yet).
+    #[arg(long, env = "ETCD_FORCE_NEW_CLUSTER", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub force_new_cluster: bool,
+}
+
+/// Whether a new member creates the cluster or joins an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterState {
+    New,
+    Existing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompactionMode {
+    Periodic,
+    Revision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Console,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub snapshot_count: u64,
+    pub snapshot_catchup_entries: u64,
+    pub heartbeat_interval: Duration,
+    pub election_timeout: Duration,
+    pub listen_peer_urls: Vec<String>,
+    pub listen_client_urls: Vec<String>,
+    pub listen_metrics_urls: Vec<String>,
+    pub initial_advertise_peer_urls: Vec<String>,
+    pub advertise_client_urls: Vec<String>,
+    /// (name, peer URLs) of the initial members.
+    pub initial_cluster: Vec<(String, Vec<String>)>,
+    pub initial_cluster_state: ClusterState,
+    pub initial_cluster_token: String,
+    pub strict_reconfig_check: bool,
+    pub quota_backend_bytes: u64,
+    pub max_txn_ops: usize,
+    pub max_request_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub grpc_keepalive_min_time: Duration,
+    pub grpc_keepalive_interval: Duration,
+    pub grpc_keepalive_timeout: Duration,
+    pub auto_compaction_mode: CompactionMode,
+    pub auto_compaction_retention: String,
+    pub peer_auto_tls: bool,
+    pub client_auto_tls: bool,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub log_outputs: Vec<String>,
+    pub watch_progress_notify_interval: Duration,
+    pub corrupt_check_interval: Duration,
+    pub initial_corrupt_check: bool,
+    pub unsafe_no_fsync: bool,
+}
+
+/// Why a configuration was refused; printed before exiting non-zero.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn reject(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+fn urls(flag: &str, value: &str) -> Result<Vec<String>, ConfigError> {
+    parse_urls(value).map_err(|e| reject(format!("--{flag}: {e}")))
+}
+
+/// Parses etcd's `name=url,name=url` initial-cluster syntax.
+pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, Vec<String>)>, String> {
+    let mut members: Vec<(String, Vec<String>)> = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (name, url) = part
+            .split_once('=')
+            .ok_or_else(|| format!("invalid member {part:?}: want name=peerURL"))?;
+        let url = parse_url(url)?;
+        match members.iter_mut().find(|(n, _)| n == name) {
+            Some((_, urls)) => urls.push(url),
+            None => members.push((name.to_string(), vec![url])),
+        }
+    }
+    Ok(members)
+}
+
+impl Flags {
+    /// Checks every flag and builds the configuration, or explains what is
+    /// wrong.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        if !self.config_file.is_empty() {
+            return Err(reject("--config-file is not supported by keel; pass flags or ETCD_* environment variables"));
+        }
+        if !self.discovery.is_empty() || !self.discovery_srv.is_empty() {
+            return Err(reject("discovery (--discovery, --discovery-srv) is not supported by keel; use --initial-cluster"));
+        }
+        if self.enable_v2 || !self.experimental_enable_v2v3.is_empty() {
+            return Err(reject("the etcd v2 API (--enable-v2, --experimental-enable-v2v3) is not supported by keel"));
+        }
+        if self.proxy != "off" {
+            return Err(reject(format!(
+                "--proxy={}: keel has no v2 proxy mode (only 'off')",
+                self.proxy
+            )));
+        }
+        if self.force_new_cluster {
+            return Err(reject("--force-new-cluster is not supported by keel yet"));
+        }
+        if self.enable_pprof {
+            return Err(reject("--enable-pprof is not supported by keel"));
+        }
+        let tls_files = [
+            ("cert-file", &self.cert_file),
+            ("key-file", &self.key_file),
+            ("trusted-ca-file", &self.trusted_ca_file),
+            ("client-crl-file", &self.client_crl_file),
+            ("peer-cert-file", &self.peer_cert_file),
+            ("peer-key-file", &self.peer_key_file),
+            ("peer-trusted-ca-file", &self.peer_trusted_ca_file),
+            ("peer-crl-file", &self.peer_crl_file),
+        ];
+        if let Some((flag, _)) = tls_files.iter().find(|(_, v)| !v.is_empty()) {
+            return Err(reject(format!(
+                "--{flag}: TLS with certificate files is not supported by keel yet"
+            )));
+        }
+        if self.client_cert_auth || self.peer_client_cert_auth {
+            return Err(reject(
+                "client certificate authentication is not supported by keel yet",
+            ));
+        }
+        if self.heartbeat_interval == 0 {
+            return Err(reject("--heartbeat-interval must be > 0"));
+        }
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(reject(format!(
+                "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
+                self.election_timeout, self.heartbeat_interval
+            )));
+        }
+        if self.election_timeout > 50_000 {
+            return Err(reject(format!(
+                "--election-timeout[{}ms] is too long, and should be set less than 50000ms",
+                self.election_timeout
+            )));
+        }
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err(reject(format!(
+                "--bcrypt-cost {} out of range [4, 31]",
+                self.bcrypt_cost
+            )));
+        }
+        if self.auth_token != "simple" {
+            return Err(reject(format!(
+                "--auth-token {}: only 'simple' tokens are supported by keel yet",
+                self.auth_token
+            )));
+        }
+        if self.max_request_bytes == 0 {
+            return Err(reject("--max-request-bytes must be > 0"));
+        }
+        let initial_cluster_state = match self.initial_cluster_state.as_str() {
+            "new" => ClusterState::New,
+            "existing" => ClusterState::Existing,
+            other => {
+                return Err(reject(format!(
+                    "--initial-cluster-state {other:?}: must be 'new' or 'existing'"
+                )))
+            }
+        };
+        let auto_compaction_mode = match self.auto_compaction_mode.as_str() {
+            "periodic" => CompactionMode::Periodic,
+            "revision" => CompactionMode::Revision,
+            other => {
+                return Err(reject(format!(
+                    "--auto-compaction-mode {other:?}: must be 'periodic' or 'revision'"
+                )))
+            }
+        };
+        if self.auto_compaction_retention != "0" && self.auto_compaction_retention != "0s" {
+            return Err(reject(
+                "--auto-compaction-retention: auto compaction is not supported by keel yet",
+            ));
+        }
+        let log_level = match self.log_level.as_str() {
+            "debug" | "info" | "warn" | "error" => self.log_level.clone(),
+            "panic" | "fatal" => "error".to_string(),
+            other => {
+                return Err(reject(format!(
+                    "--log-level {other:?}: must be debug, info, warn, error, panic, or fatal"
+                )))
+            }
+        };
+        let log_level = if self.debug {
+            "debug".to_string()
+        } else {
+            log_level
+        };
+        let log_format = match self.log_format.as_str() {
+            "json" => LogFormat::Json,
+            "console" => LogFormat::Console,
+            other => {
+                return Err(reject(format!(
+                    "--log-format {other:?}: must be json or console"
+                )))
+            }
+        };
+        if !matches!(self.logger.as_str(), "zap" | "capnslog") {
+            return Err(reject(format!(
+                "--logger {:?}: must be 'zap' or 'capnslog'",
+                self.logger
+            )));
+        }
+        if !matches!(self.tls_min_version.as_str(), "TLS1.2" | "TLS1.3") {
+            return Err(reject(format!(
+                "--tls-min-version {:?}: must be TLS1.2 or TLS1.3",
+                self.tls_min_version
+            )));
+        }
+        if !matches!(self.metrics.as_str(), "basic" | "extensive") {
+            return Err(reject(format!(
+                "--metrics {:?}: must be 'basic' or 'extensive'",
+                self.metrics
+            )));
+        }
+
+        let listen_peer_urls = urls("listen-peer-urls", &self.listen_peer_urls)?;
+        let listen_client_urls = urls("listen-client-urls", &self.listen_client_urls)?;
+        let advertise_client_urls = urls("advertise-client-urls", &self.advertise_client_urls)?;
+        let initial_advertise_peer_urls = urls(
+            "initial-advertise-peer-urls",
+            &self.initial_advertise_peer_urls,
+        )?;
+        let listen_metrics_urls = if self.listen_metrics_urls.is_empty() {
+            Vec::new()
+        } else {
+            urls("listen-metrics-urls", &self.listen_metrics_urls)?
+        };
+        let client_tls = listen_client_urls
+            .iter()
+            .any(|u| u.starts_with("https://") || u.starts_with("unixs://"));
+        if client_tls && !self.auto_tls {
+            return Err(reject("https client URLs need TLS certificates (--auto-tls or --cert-file); certificate files are not supported by keel yet"));
+        }
+        let peer_tls = listen_peer_urls
+            .iter()
+            .any(|u| u.starts_with("https://") || u.starts_with("unixs://"));
+        if peer_tls && !self.peer_auto_tls {
+            return Err(reject("https peer URLs need TLS certificates (--peer-auto-tls or --peer-cert-file); certificate files are not supported by keel yet"));
+        }
+
+        let initial_cluster_str = if self.initial_cluster.is_empty() {
+            format!(
+                "{}={}",
+                self.name,
+                initial_advertise_peer_urls.join(&format!(",{}=", self.name))
+            )
+        } else {
+            self.initial_cluster.clone()
+        };
+        let initial_cluster = parse_initial_cluster(&initial_cluster_str)
+            .map_err(|e| reject(format!("--initial-cluster: {e}")))?;
+        match initial_cluster.iter().find(|(n, _)| *n == self.name) {
+            None => {
+                return Err(reject(format!(
+                    "couldn't find local name {:?} in the initial cluster configuration",
+                    self.name
+                )))
+            }
+            Some((_, urls)) => {
+                let mut a = urls.clone();
+                let mut b = initial_advertise_peer_urls.clone();
+                a.sort();
+                b.sort();
+                if a != b {
+                    return Err(reject(format!(
+                        "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={} (\"{}\"(resolved from \"{}\") != \"{}\"(resolved from \"{}\"))",
+                        self.name,
+                        a.join(","),
+                        b.join(","),
+                        b.join(","),
+                        b.join(","),
+                        a.join(","),
+                        a.join(",")
+                    )));
+                }
+            }
+        }
+
+        let data_dir = if self.data_dir.is_empty() {
+            format!("{}.etcd", self.name)
+        } else {
+            self.data_dir.clone()
+        };
+        let quota = match self.quota_backend_bytes {
+            q if q < 0 => return Err(reject("--quota-backend-bytes must not be negative")),
+            0 => DEFAULT_QUOTA_BYTES,
+            q => q as u64,
+        };
+        let log_outputs: Vec<String> = self
+            .log_outputs
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+
+        Ok(Config {
+            name: self.name.clone(),
+            data_dir: PathBuf::from(data_dir),
+            snapshot_count: self.snapshot_count.max(1),
+            snapshot_catchup_entries: self.experimental_snapshot_catchup_entries,
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
+            election_timeout: Duration::from_millis(self.election_timeout),
+            listen_peer_urls,
+            listen_client_urls,
+            listen_metrics_urls,
+            initial_advertise_peer_urls,
+            advertise_client_urls,
+            initial_cluster,
+            initial_cluster_state,
+            initial_cluster_token: self.initial_cluster_token.clone(),
+            strict_reconfig_check: self.strict_reconfig_check,
+            quota_backend_bytes: quota,
+            max_txn_ops: self.max_txn_ops as usize,
+            max_request_bytes: self.max_request_bytes as usize,
+            max_concurrent_streams: self.max_concurrent_streams,
+            grpc_keepalive_min_time: self.grpc_keepalive_min_time,
+            grpc_keepalive_interval: self.grpc_keepalive_interval,
+            grpc_keepalive_timeout: self.grpc_keepalive_timeout,
+            auto_compaction_mode,
+            auto_compaction_retention: self.auto_compaction_retention.clone(),
+            peer_auto_tls: self.peer_auto_tls,
+            client_auto_tls: self.auto_tls,
+            log_level,
+            log_format,
+            log_outputs,
+            watch_progress_notify_interval: self.experimental_watch_progress_notify_interval,
+            corrupt_check_interval: self.experimental_corrupt_check_time,
+            initial_corrupt_check: self.experimental_initial_corrupt_check,
+            unsafe_no_fsync: self.unsafe_no_fsync,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let argv = normalize_args(
+            std::iter::once("keel".to_string()).chain(args.iter().map(|s| s.to_string())),
+        );
+        let flags = Flags::try_parse_from(argv).map_err(|e| e.to_string())?;
+        flags.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_etcd() -> Result<(), String> {
+        let c = parse(&[])?;
+        assert_eq!(c.name, "default");
+        assert_eq!(c.data_dir, PathBuf::from("default.etcd"));
+        assert_eq!(c.listen_client_urls, vec!["http://localhost:2379"]);
+        assert_eq!(
+            c.initial_cluster,
+            vec![(
+                "default".to_string(),
+                vec!["http://localhost:2380".to_string()]
+            )]
+        );
+        assert_eq!(c.max_txn_ops, 128);
+        assert_eq!(c.max_request_bytes, 1_572_864);
+        assert_eq!(c.quota_backend_bytes, 2 << 30);
+        assert_eq!(c.grpc_keepalive_interval, Duration::from_secs(7200));
+        Ok(())
+    }
+
+    #[test]
+    fn go_style_flags_are_accepted() -> Result<(), String> {
+        let c = parse(&[
+            "-name",
+            "n1",
+            "--data-dir=/tmp/x",
+            "--strict-reconfig-check=false",
+            "--initial-cluster",
+            "n1=http://localhost:2380",
+        ])?;
+        assert_eq!(c.name, "n1");
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert!(!c.strict_reconfig_check);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_input_fails_fast_with_a_reason() {
+        assert!(parse(&["--no-such-flag"]).is_err());
+        assert!(parse(&["--initial-cluster-state", "maybe"])
+            .unwrap_err()
+            .contains("new"));
+        assert!(parse(&["--election-timeout", "100"])
+            .unwrap_err()
+            .contains("5 times"));
+        assert!(parse(&["--listen-client-urls", "ftp://x:1"]).is_err());
+        assert!(parse(&[
+            "--name",
+            "a",
+            "--initial-cluster",
+            "b=http://localhost:2380"
+        ])
+        .unwrap_err()
+        .contains("local name"));
+        assert!(parse(&["--snapshot-count", "lots"]).is_err());
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_go_duration("5").is_err());
+        assert!(parse_go_duration("5x").is_err());
+    }
+}

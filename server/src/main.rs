@@ -1,0 +1,52 @@
+//! The `keel` binary: parse etcd's flags, set up logging, run a member
+//! until SIGINT/SIGTERM.
+
+use clap::Parser;
+use keel_server::config::{normalize_args, Flags, ETCD_API_VERSION, KEEL_VERSION};
+
+fn main() -> std::process::ExitCode {
+    let flags = match Flags::try_parse_from(normalize_args(std::env::args())) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::SUCCESS
+            };
+        }
+    };
+    if flags.version {
+        println!("keel Version: {KEEL_VERSION}\netcd API Version: {ETCD_API_VERSION}");
+        return std::process::ExitCode::SUCCESS;
+    }
+    let config = match flags.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keel: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Err(e) = keel_server::logging::init(&config) {
+        eprintln!("keel: cannot set up logging: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keel: cannot start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(keel_server::run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "keel stopped with an error");
+            eprintln!("keel: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

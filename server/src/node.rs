@@ -1,0 +1,452 @@
+//! Wires a member together: storage, MVCC, Raft, the peer and client
+//! servers, and the start-up sequence that ends in etcd's readiness log
+//! lines. [`start`] takes a validated [`Config`] and returns a running
+//! member; tests and `main` both use it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use keel_proto::etcdserverpb::{
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+};
+use keel_proto::keelpb::{
+    internal_request, raft_peer_server::RaftPeerServer, InternalRequest, MemberAttributes,
+};
+use keel_proto::v3electionpb::election_server::ElectionServer;
+use keel_proto::v3lockpb::lock_server::LockServer;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api;
+use crate::apply::{Applier, CommitObserver, Compactor};
+use crate::cluster::{cluster_id, member_id, MemberRegistry};
+use crate::config::{ClusterState, Config, ETCD_CLUSTER_VERSION};
+use crate::mvcc::{CompactionJob, MvccStore};
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{NetworkFactory, PeerClients, MAX_PEER_MESSAGE};
+use crate::raft::peer_service::PeerService;
+use crate::raft::state_machine::{Reloadable, StateMachine};
+use crate::raft::{codec, MemberNode, Raft};
+use crate::server::Server;
+use crate::storage::rocks::RocksEngine;
+use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
+use crate::transport::{self, Http2Options, PeerConnector, TlsFiles};
+
+/// raft_state: this member's id and its cluster's id (local facts, never
+/// replicated or overwritten by a snapshot).
+const LOCAL_IDENTITY: &[u8] = b"identity";
+
+/// gRPC message overhead etcd allows above --max-request-bytes.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// A running member.
+pub struct Node {
+    pub server: Arc<Server>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Addresses the client listeners actually bound (port 0 resolved).
+    pub client_addrs: Vec<std::net::SocketAddr>,
+    pub peer_addrs: Vec<std::net::SocketAddr>,
+}
+
+struct NoWatchers;
+
+impl CommitObserver for NoWatchers {
+    fn committed(&self, _rev: i64, _events: &[keel_proto::mvccpb::Event]) {}
+}
+
+/// Deletes compacted history on its own thread, in order.
+struct CompactionThread {
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<CompactionJob>>,
+}
+
+impl CompactionThread {
+    fn start(mvcc: Arc<MvccStore>) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<CompactionJob>();
+        std::thread::Builder::new()
+            .name("mvcc-compaction".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    let rev = job.rev;
+                    match mvcc.finish_compaction(job) {
+                        Ok(()) => tracing::info!(revision = rev, "finished scheduled compaction"),
+                        Err(e) => tracing::error!(revision = rev, error = %e, "compaction failed"),
+                    }
+                }
+            })?;
+        Ok(Self {
+            tx: std::sync::Mutex::new(tx),
+        })
+    }
+}
+
+impl Compactor for CompactionThread {
+    fn schedule(&self, job: CompactionJob) {
+        if let Ok(tx) = self.tx.lock() {
+            let _ = tx.send(job);
+        }
+    }
+}
+
+/// Rebuilds in-memory state after a snapshot install.
+struct Reloader {
+    engine: SharedEngine,
+    mvcc: Arc<MvccStore>,
+    members: Arc<MemberRegistry>,
+}
+
+impl Reloadable for Reloader {
+    fn reload(&self) -> Result<(), StorageError> {
+        self.mvcc
+            .reload()
+            .map_err(|e| StorageError::Io(e.to_string()))?;
+        self.members.reload(&self.engine)
+    }
+}
+
+fn host_of(url: &str) -> Option<String> {
+    match transport::parse_address(url).ok()?.1 {
+        transport::Address::Tcp { host, .. } => Some(host),
+        transport::Address::Unix(_) => None,
+    }
+}
+
+/// Determines this member's id and the cluster id: from the data dir when
+/// it was initialised before, else from the bootstrap flags.
+fn identity(engine: &SharedEngine, config: &Config) -> anyhow::Result<(u64, u64, bool)> {
+    if let Some(bytes) = engine.get(Table::RaftState, LOCAL_IDENTITY)? {
+        let (id, cid): (u64, u64) = codec::decode(&bytes)?;
+        return Ok((id, cid, true));
+    }
+    if config.initial_cluster_state == ClusterState::Existing {
+        return Err(anyhow!("--initial-cluster-state=existing (joining a running cluster) is not supported by keel yet"));
+    }
+    let token = &config.initial_cluster_token;
+    let ids: Vec<u64> = config
+        .initial_cluster
+        .iter()
+        .map(|(_, urls)| member_id(urls, token, None))
+        .collect();
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    if unique.len() != ids.len() {
+        return Err(anyhow!(
+            "--initial-cluster has members with identical peer URLs"
+        ));
+    }
+    let id = member_id(&config.initial_advertise_peer_urls, token, None);
+    Ok((id, cluster_id(&ids), false))
+}
+
+fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
+    let election = config.election_timeout.as_millis() as u64;
+    let c = openraft::Config {
+        cluster_name: config.initial_cluster_token.clone(),
+        heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
+        election_timeout_min: election,
+        election_timeout_max: election * 2,
+        install_snapshot_timeout: (election * 10).max(5_000),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_count),
+        max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
+        snapshot_max_chunk_size: 1 << 20,
+        max_payload_entries: 512,
+        ..Default::default()
+    };
+    Ok(c.validate()?)
+}
+
+/// Opens storage, starts Raft and the servers, and returns once the
+/// member has joined its cluster and serves clients.
+pub async fn start(config: Config) -> anyhow::Result<Node> {
+    let member_dir = config.data_dir.join("member");
+    let db_dir = member_dir.join("db");
+    let snap_dir = member_dir.join("snap");
+    std::fs::create_dir_all(&db_dir)
+        .with_context(|| format!("cannot create data dir {}", db_dir.display()))?;
+    let engine: SharedEngine = Arc::new(RocksEngine::open(&db_dir)?);
+
+    let (id, cid, restarted) = identity(&engine, &config)?;
+    tracing::info!(
+        name = %config.name,
+        data_dir = %config.data_dir.display(),
+        member_id = %format!("{id:x}"),
+        cluster_id = %format!("{cid:x}"),
+        keel_version = crate::config::KEEL_VERSION,
+        "starting keel member"
+    );
+
+    let mvcc = Arc::new(MvccStore::open(engine.clone())?);
+    let members = Arc::new(MemberRegistry::load(&engine)?);
+    let compactor: Arc<dyn Compactor> = Arc::new(CompactionThread::start(mvcc.clone())?);
+    let applier = Applier::new(
+        engine.clone(),
+        mvcc.clone(),
+        members.clone(),
+        Arc::new(NoWatchers),
+        compactor,
+    );
+    let reloader = Arc::new(Reloader {
+        engine: engine.clone(),
+        mvcc: mvcc.clone(),
+        members: members.clone(),
+    });
+    let state_machine = StateMachine::open(engine.clone(), applier, snap_dir, reloader)?;
+    let log_store = LogStore::open(engine.clone())?;
+
+    let peer_tls_client = if config.peer_auto_tls {
+        Some(transport::insecure_client_tls()?)
+    } else {
+        None
+    };
+    let connector = PeerConnector {
+        tls: peer_tls_client,
+        connect_timeout: Duration::from_secs(1),
+    };
+    let peers = Arc::new(PeerClients::new(connector));
+    let network = NetworkFactory {
+        clients: peers.clone(),
+    };
+    let raft = Raft::new(
+        id,
+        Arc::new(raft_config(&config)?),
+        network,
+        log_store.clone(),
+        state_machine.clone(),
+    )
+    .await
+    .map_err(|e| anyhow!("cannot start raft: {e}"))?;
+
+    if !restarted {
+        let mut nodes = BTreeMap::new();
+        for (_, urls) in &config.initial_cluster {
+            nodes.insert(
+                member_id(urls, &config.initial_cluster_token, None),
+                MemberNode {
+                    peer_urls: urls.clone(),
+                },
+            );
+        }
+        if !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {
+            raft.initialize(nodes)
+                .await
+                .map_err(|e| anyhow!("cannot bootstrap the cluster: {e}"))?;
+        }
+        let mut b = WriteBatch::new();
+        b.put(Table::RaftState, LOCAL_IDENTITY, codec::encode(&(id, cid))?);
+        engine.write(b, true)?;
+    }
+
+    let server = Arc::new(Server {
+        id,
+        cluster_id: cid,
+        config: config.clone(),
+        raft: raft.clone(),
+        engine: engine.clone(),
+        mvcc,
+        state_machine,
+        log_store,
+        members,
+        peers,
+    });
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let http2 = Http2Options {
+        max_concurrent_streams: config.max_concurrent_streams,
+        keepalive_interval: config.grpc_keepalive_interval,
+        keepalive_timeout: config.grpc_keepalive_timeout,
+    };
+
+    // Peers first: the rest of the cluster needs us to elect a leader.
+    let peer_tls = if config.peer_auto_tls {
+        let mut hosts: Vec<String> = config
+            .listen_peer_urls
+            .iter()
+            .filter_map(|u| host_of(u))
+            .collect();
+        hosts.extend(
+            config
+                .initial_advertise_peer_urls
+                .iter()
+                .filter_map(|u| host_of(u)),
+        );
+        hosts.sort();
+        hosts.dedup();
+        let files: TlsFiles =
+            transport::self_signed(&config.data_dir.join("fixtures").join("peer"), &hosts)?;
+        Some(transport::server_tls(&files)?)
+    } else {
+        None
+    };
+    let peer_router = tonic::service::Routes::new(
+        RaftPeerServer::new(PeerService::new(server.clone()))
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE),
+    )
+    .prepare()
+    .into_axum_router();
+    let mut peer_addrs = Vec::new();
+    for url in &config.listen_peer_urls {
+        let listener = transport::bind(url)
+            .await
+            .with_context(|| format!("cannot listen on peer URL {url}"))?;
+        peer_addrs.extend(listener.local_addr());
+        let secure = url.starts_with("https") || url.starts_with("unixs");
+        let tls = if secure { peer_tls.clone() } else { None };
+        tracing::info!(address = %url, "listening for peers");
+        tasks.push(tokio::spawn(transport::serve(
+            listener,
+            tls,
+            peer_router.clone(),
+            http2,
+            shutdown_rx.clone(),
+        )));
+    }
+
+    let client_tls = if config.client_auto_tls {
+        let mut hosts: Vec<String> = config
+            .listen_client_urls
+            .iter()
+            .filter_map(|u| host_of(u))
+            .collect();
+        hosts.extend(
+            config
+                .advertise_client_urls
+                .iter()
+                .filter_map(|u| host_of(u)),
+        );
+        hosts.sort();
+        hosts.dedup();
+        let files =
+            transport::self_signed(&config.data_dir.join("fixtures").join("client"), &hosts)?;
+        Some(transport::server_tls(&files)?)
+    } else {
+        None
+    };
+    let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let mut routes = tonic::service::Routes::new(
+        KvServer::new(api::kv::KvService::new(server.clone()))
+            .max_decoding_message_size(max_msg)
+            .max_encoding_message_size(usize::MAX),
+    );
+    routes = routes
+        .add_service(WatchServer::new(api::watch::WatchService).max_decoding_message_size(max_msg))
+        .add_service(LeaseServer::new(api::lease::LeaseService).max_decoding_message_size(max_msg))
+        .add_service(
+            ClusterServer::new(api::cluster::ClusterService::new(server.clone()))
+                .max_decoding_message_size(max_msg),
+        )
+        .add_service(
+            MaintenanceServer::new(api::maintenance::MaintenanceService::new(server.clone()))
+                .max_decoding_message_size(max_msg),
+        )
+        .add_service(AuthServer::new(api::auth::AuthService).max_decoding_message_size(max_msg))
+        .add_service(LockServer::new(api::lock::LockService).max_decoding_message_size(max_msg))
+        .add_service(
+            ElectionServer::new(api::election::ElectionService).max_decoding_message_size(max_msg),
+        );
+    let client_router = routes.prepare().into_axum_router();
+    let mut client_addrs = Vec::new();
+    for url in &config.listen_client_urls {
+        let listener = transport::bind(url)
+            .await
+            .with_context(|| format!("cannot listen on client URL {url}"))?;
+        client_addrs.extend(listener.local_addr());
+        let secure = url.starts_with("https") || url.starts_with("unixs");
+        let tls = if secure { client_tls.clone() } else { None };
+        tasks.push(tokio::spawn(transport::serve(
+            listener,
+            tls,
+            client_router.clone(),
+            http2,
+            shutdown_rx.clone(),
+        )));
+    }
+
+    // A sole voter need not wait for an election timeout.
+    let sole_voter = {
+        let m = raft.metrics().borrow().membership_config.clone();
+        let voters: Vec<u64> = m.membership().voter_ids().collect();
+        voters == vec![id]
+    };
+    if sole_voter {
+        let _ = raft.trigger().elect().await;
+    }
+
+    publish(&server).await?;
+    tracing::info!(
+        cluster_version = ETCD_CLUSTER_VERSION,
+        "enabled capabilities for version {ETCD_CLUSTER_VERSION}"
+    );
+    for url in &config.listen_client_urls {
+        tracing::info!(address = %url, "ready to serve client requests");
+    }
+    Ok(Node {
+        server,
+        shutdown_tx,
+        tasks,
+        client_addrs,
+        peer_addrs,
+    })
+}
+
+/// Announces this member's name and client URLs through Raft (etcd's
+/// "publish"), retrying until it is committed.
+async fn publish(server: &Arc<Server>) -> anyhow::Result<()> {
+    let attrs = MemberAttributes {
+        member_id: server.id,
+        name: server.config.name.clone(),
+        client_urls: server.config.advertise_client_urls.clone(),
+    };
+    if server.members.get(server.id).as_ref() == Some(&attrs) {
+        tracing::info!(member_id = %format!("{:x}", server.id), "published local member to cluster");
+        return Ok(());
+    }
+    loop {
+        let req = InternalRequest {
+            header: None,
+            request: Some(internal_request::Request::PublishMember(attrs.clone())),
+        };
+        match server.propose(req).await {
+            Ok(_) => {
+                tracing::info!(
+                    member_id = %format!("{:x}", server.id),
+                    cluster_id = %format!("{:x}", server.cluster_id),
+                    "published local member to cluster"
+                );
+                return Ok(());
+            }
+            Err(crate::error::Error::Stopped) => return Err(anyhow!("stopped before publishing")),
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to publish local member to cluster; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Stops serving, shuts Raft down and makes every write durable.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown_tx.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        self.server
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| anyhow!("raft shutdown: {e}"))?;
+        self.server.engine.sync()?;
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.server.config.data_dir.clone()
+    }
+}

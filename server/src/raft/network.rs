@@ -1,0 +1,225 @@
+//! The client side of the peer transport: openraft's RPCs and keel's
+//! leader-bound requests (forwarded writes, read index) over gRPC to a
+//! peer's URL. Channels connect lazily and reconnect on their own, so a
+//! restarted peer is picked up without intervention; an unreachable peer
+//! makes openraft back off.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_proto::keelpb::raft_peer_client::RaftPeerClient;
+use keel_proto::keelpb::{
+    ForwardRequest, InternalRequest, InternalResponse, RaftPayload, ReadIndexRequest,
+};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::{codec, MemberNode, NodeId, TypeConfig};
+use crate::error::Error;
+use crate::transport::PeerConnector;
+
+/// Largest peer message (an append-entries batch or snapshot chunk).
+pub const MAX_PEER_MESSAGE: usize = 64 << 20;
+
+/// gRPC clients to every peer, created on first use.
+pub struct PeerClients {
+    connector: PeerConnector,
+    clients: Mutex<HashMap<(NodeId, String), RaftPeerClient<Channel>>>,
+}
+
+impl PeerClients {
+    pub fn new(connector: PeerConnector) -> Self {
+        Self {
+            connector,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The client for `id` at the first of `node`'s peer URLs.
+    pub fn client(&self, id: NodeId, node: &MemberNode) -> Result<RaftPeerClient<Channel>, Error> {
+        let url = node
+            .peer_urls
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("member {id:x} has no peer URL")))?;
+        let mut clients = self
+            .clients
+            .lock()
+            .map_err(|_| Error::Internal("peer client lock poisoned".into()))?;
+        if let Some(c) = clients.get(&(id, url.clone())) {
+            return Ok(c.clone());
+        }
+        let channel = self
+            .connector
+            .channel(&url)
+            .map_err(|e| Error::Internal(format!("peer URL {url}: {e}")))?;
+        let client = RaftPeerClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE);
+        clients.insert((id, url), client.clone());
+        Ok(client)
+    }
+
+    /// Sends a write to the leader; returns its apply result and log index.
+    pub async fn forward(
+        &self,
+        leader: NodeId,
+        node: &MemberNode,
+        req: InternalRequest,
+        timeout: Duration,
+    ) -> Result<(InternalResponse, u64), Error> {
+        let mut client = self.client(leader, node)?;
+        let mut request = tonic::Request::new(ForwardRequest { request: Some(req) });
+        request.set_timeout(timeout);
+        match client.forward(request).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                Ok((resp.response.unwrap_or_default(), resp.log_index))
+            }
+            Err(status) => Err(peer_status_error(status)),
+        }
+    }
+
+    /// Asks the leader for a linearizable read index.
+    pub async fn read_index(
+        &self,
+        leader: NodeId,
+        node: &MemberNode,
+        timeout: Duration,
+    ) -> Result<u64, Error> {
+        let mut client = self.client(leader, node)?;
+        let mut request = tonic::Request::new(ReadIndexRequest {});
+        request.set_timeout(timeout);
+        match client.read_index(request).await {
+            Ok(resp) => Ok(resp.into_inner().read_index),
+            Err(status) => Err(peer_status_error(status)),
+        }
+    }
+}
+
+/// Maps a peer's gRPC failure to what the proposer should do.
+fn peer_status_error(status: tonic::Status) -> Error {
+    match status.code() {
+        tonic::Code::FailedPrecondition if status.message() == "not leader" => Error::NotLeader,
+        tonic::Code::DeadlineExceeded => Error::Timeout,
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            Error::Unhealthy
+        }
+        _ => Error::Internal(format!("peer: {}", status.message())),
+    }
+}
+
+/// openraft's network factory: one [`PeerNetwork`] per target.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub clients: Arc<PeerClients>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> PeerNetwork {
+        PeerNetwork {
+            target,
+            node: node.clone(),
+            clients: self.clients.clone(),
+        }
+    }
+}
+
+pub struct PeerNetwork {
+    target: NodeId,
+    node: MemberNode,
+    clients: Arc<PeerClients>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, MemberNode, RaftError<NodeId, E>>>;
+
+impl PeerNetwork {
+    async fn call<Req, Resp, E, F, Fut>(
+        &self,
+        req: &Req,
+        option: &RPCOption,
+        send: F,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+        F: FnOnce(RaftPeerClient<Channel>, tonic::Request<RaftPayload>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
+    {
+        let client = self
+            .clients
+            .client(self.target, &self.node)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&TransportError(e.to_string()))))?;
+        let data = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(RaftPayload { data: data.into() });
+        request.set_timeout(option.hard_ttl());
+        let reply = send(client, request).await.map_err(|status| {
+            let err = TransportError(format!("{}: {}", status.code(), status.message()));
+            match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown => {
+                    RPCError::Unreachable(Unreachable::new(&err))
+                }
+                _ => RPCError::Network(NetworkError::new(&err)),
+            }
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> = codec::decode(&reply.into_inner().data)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))
+        })
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call(&rpc, &option, |mut c, r| async move {
+            c.append_entries(r).await
+        })
+        .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(&rpc, &option, |mut c, r| async move {
+            c.install_snapshot(r).await
+        })
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await })
+            .await
+    }
+}

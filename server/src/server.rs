@@ -1,0 +1,233 @@
+//! The member's core (etcd's EtcdServer): identity, the Raft handle, the
+//! MVCC store, and the two things every API needs from Raft: proposing a
+//! write (forwarded to the leader when this member is not it) and waiting
+//! for a linearizable read point.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_proto::etcdserverpb::ResponseHeader;
+use keel_proto::keelpb::{internal_response::Response, InternalRequest, InternalResponse};
+use openraft::error::{ClientWriteError, RaftError};
+use prost::Message;
+
+use crate::cluster::MemberRegistry;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::mvcc::MvccStore;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::PeerClients;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{Command, NodeId, Raft};
+use crate::storage::SharedEngine;
+
+pub struct Server {
+    pub id: NodeId,
+    pub cluster_id: u64,
+    pub config: Config,
+    pub raft: Raft,
+    pub engine: SharedEngine,
+    pub mvcc: Arc<MvccStore>,
+    pub state_machine: StateMachine,
+    pub log_store: LogStore,
+    pub members: Arc<MemberRegistry>,
+    pub peers: Arc<PeerClients>,
+}
+
+impl Server {
+    /// How long a request may wait for Raft (etcd: 5s + 2 x election timeout).
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(5) + 2 * self.config.election_timeout
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// etcd's response header: cluster, member, revision, term.
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.id,
+            revision,
+            raft_term: self.term(),
+        }
+    }
+
+    /// Fills the identity fields of a header an apply produced; a zero
+    /// revision becomes the current one.
+    pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
+        let h = header.get_or_insert_with(ResponseHeader::default);
+        h.cluster_id = self.cluster_id;
+        h.member_id = self.id;
+        h.raft_term = self.term();
+        if h.revision == 0 {
+            h.revision = self.mvcc.current_rev();
+        }
+    }
+
+    /// Waits until the local state machine applied `index`.
+    pub async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<()> {
+        let mut rx = self.state_machine.subscribe_applied();
+        loop {
+            if *rx.borrow_and_update() >= index {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::Stopped),
+                Err(_) => return Err(Error::Timeout),
+            }
+        }
+    }
+
+    /// Replicates `req` through Raft and returns what applying it produced
+    /// on this member. Works on any member: a follower forwards to the
+    /// leader, then waits for its own state machine to catch up.
+    pub async fn propose(&self, req: InternalRequest) -> Result<InternalResponse> {
+        if req.encoded_len() > self.config.max_request_bytes {
+            return Err(Error::RequestTooLarge);
+        }
+        let deadline = Instant::now() + self.request_timeout();
+        let resp = loop {
+            match tokio::time::timeout_at(
+                deadline.into(),
+                self.raft.client_write(Command(req.clone())),
+            )
+            .await
+            {
+                Err(_) => return Err(Error::Timeout),
+                Ok(Ok(written)) => break written.data.0,
+                Ok(Err(RaftError::Fatal(_))) => return Err(Error::Stopped),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(fwd)))) => {
+                    let (Some(leader), Some(node)) = (fwd.leader_id, fwd.leader_node) else {
+                        // Election in progress: wait for a leader.
+                        self.wait_for_leader(deadline).await?;
+                        continue;
+                    };
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match self
+                        .peers
+                        .forward(leader, &node, req.clone(), remaining)
+                        .await
+                    {
+                        Ok((resp, index)) => {
+                            self.wait_applied(index, deadline).await?;
+                            break resp;
+                        }
+                        Err(Error::NotLeader) | Err(Error::Unhealthy) => {
+                            // Leadership moved or the leader is unreachable; retry
+                            // until the deadline.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            if Instant::now() >= deadline {
+                                return Err(Error::Timeout);
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                    return Err(Error::Internal(e.to_string()))
+                }
+            }
+        };
+        match resp.response {
+            Some(Response::Error(e)) => Err(Error::from_apply_code(e.kind, e.detail)),
+            _ => Ok(resp),
+        }
+    }
+
+    /// Proposes on behalf of a peer (the leader side of forwarding):
+    /// returns the apply result and its log index.
+    pub async fn propose_local(&self, req: InternalRequest) -> Result<(InternalResponse, u64)> {
+        let deadline = Instant::now() + self.request_timeout();
+        match tokio::time::timeout_at(deadline.into(), self.raft.client_write(Command(req))).await {
+            Err(_) => Err(Error::Timeout),
+            Ok(Ok(written)) => Ok((written.data.0, written.log_id.index)),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(Error::NotLeader)
+            }
+            Ok(Err(RaftError::Fatal(_))) => Err(Error::Stopped),
+            Ok(Err(RaftError::APIError(e))) => Err(Error::Internal(e.to_string())),
+        }
+    }
+
+    async fn wait_for_leader(&self, deadline: Instant) -> Result<()> {
+        let mut rx = self.raft.metrics();
+        loop {
+            if rx.borrow_and_update().current_leader.is_some() {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::Stopped),
+                Err(_) => return Err(Error::Timeout),
+            }
+        }
+    }
+
+    /// The index a linearizable read must wait for, decided by the leader
+    /// after confirming its leadership with a quorum.
+    pub async fn read_index_local(&self) -> Result<u64> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(_)) => Err(Error::NotLeader),
+            Err(RaftError::Fatal(_)) => Err(Error::Stopped),
+        }
+    }
+
+    /// Blocks until a read served from local state is linearizable.
+    pub async fn linearizable_barrier(&self) -> Result<()> {
+        let deadline = Instant::now() + self.request_timeout();
+        loop {
+            let leader = match self.leader() {
+                Some(l) => l,
+                None => {
+                    self.wait_for_leader(deadline).await?;
+                    continue;
+                }
+            };
+            let index = if leader == self.id {
+                match self.read_index_local().await {
+                    Ok(i) => i,
+                    Err(Error::NotLeader) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                let node = self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&leader)
+                    .cloned();
+                let Some(node) = node else {
+                    self.wait_for_leader(deadline).await?;
+                    continue;
+                };
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match self.peers.read_index(leader, &node, remaining).await {
+                    Ok(i) => i,
+                    Err(Error::NotLeader) | Err(Error::Unhealthy) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        if Instant::now() >= deadline {
+                            return Err(Error::Timeout);
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            return self.wait_applied(index, deadline).await;
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! Sockets and TLS for both the client and the peer URLs: binding
+//! `http(s)://host:port` and `unix(s)://path` listeners, serving an HTTP
+//! router (gRPC and plain HTTP on one port, HTTP/1.1 and HTTP/2) with or
+//! without TLS, and dialing peers.
+//!
+//! Auto TLS (`--auto-tls`, `--peer-auto-tls`) generates a self-signed
+//! certificate under `<data-dir>/fixtures/`, and peers dialed with it do not
+//! verify certificates, as etcd does.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tonic::transport::{Channel, Endpoint};
+
+/// Where a URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+/// Splits a validated URL into scheme security and address.
+pub fn parse_address(url: &str) -> io::Result<(bool, Address)> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("bad URL {url}"));
+    let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+    let secure = matches!(scheme, "https" | "unixs");
+    match scheme {
+        "http" | "https" => {
+            let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            Ok((
+                secure,
+                Address::Tcp {
+                    host,
+                    port: port.parse().map_err(|_| bad())?,
+                },
+            ))
+        }
+        "unix" | "unixs" => Ok((secure, Address::Unix(PathBuf::from(rest)))),
+        _ => Err(bad()),
+    }
+}
+
+async fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    // Like Go's resolver for "localhost": prefer IPv4.
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    addrs
+        .into_iter()
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {host}")))
+}
+
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// Binds the socket a URL names.
+pub async fn bind(url: &str) -> io::Result<Listener> {
+    match parse_address(url)?.1 {
+        Address::Tcp { host, port } => {
+            let addr = resolve(&host, port).await?;
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            Ok(Listener::Tcp(socket.listen(1024)?))
+        }
+        Address::Unix(path) => {
+            if path.exists() {
+                std::fs::remove_file(&path)?;
+            }
+            Ok(Listener::Unix(UnixListener::bind(&path)?, path))
+        }
+    }
+}
+
+impl Listener {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+
+    async fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept().await?.0)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A connection of any kind keel speaks over.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    ServerTls(Box<tokio_rustls::server::TlsStream<Stream>>),
+    ClientTls(Box<tokio_rustls::client::TlsStream<Stream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::ServerTls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+            Stream::ClientTls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// HTTP/2 limits applied to every served connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Http2Options {
+    pub max_concurrent_streams: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+/// Accepts connections until `shutdown` fires, serving `router` on each.
+pub async fn serve(
+    listener: Listener,
+    tls: Option<TlsAcceptor>,
+    router: axum::Router,
+    opts: Http2Options,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            s = listener.accept() => s,
+            _ = shutdown.changed() => return,
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let tls = tls.clone();
+        let router = router.clone();
+        let mut conn_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let stream = match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(s) => Stream::ServerTls(Box::new(s)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+                None => stream,
+            };
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            {
+                let mut h2 = builder.http2();
+                h2.timer(TokioTimer::new());
+                h2.max_concurrent_streams(opts.max_concurrent_streams);
+                if !opts.keepalive_interval.is_zero() {
+                    h2.keep_alive_interval(Some(opts.keepalive_interval));
+                    h2.keep_alive_timeout(opts.keepalive_timeout);
+                }
+            }
+            let service = TowerToHyperService::new(router);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::trace!(error = %e, "connection closed with error");
+                    }
+                }
+                _ = conn_shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                }
+            }
+        });
+    }
+}
+
+/// Certificates and keys of a TLS endpoint.
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Creates (once) a self-signed certificate for `hosts` under `dir`.
+pub fn self_signed(dir: &Path, hosts: &[String]) -> io::Result<TlsFiles> {
+    let files = TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    if files.cert.exists() && files.key.exists() {
+        return Ok(files);
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut names: Vec<String> = hosts.to_vec();
+    if names.is_empty() {
+        names.push("localhost".into());
+    }
+    let ck = rcgen::generate_simple_self_signed(names).map_err(io::Error::other)?;
+    std::fs::write(&files.cert, ck.cert.pem())?;
+    std::fs::write(&files.key, ck.signing_key.serialize_pem())?;
+    Ok(files)
+}
+
+fn load_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_file_iter(path)
+        .map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })
+}
+
+fn load_key(path: &Path) -> io::Result<PrivateKeyDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS server configuration speaking h2 and http/1.1.
+pub fn server_tls(files: &TlsFiles) -> io::Result<TlsAcceptor> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .map_err(io::Error::other)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Accepts any server certificate: what etcd's auto TLS does between peers.
+#[derive(Debug)]
+struct AcceptAnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Client TLS for auto-TLS peers: encrypted, unverified.
+pub fn insecure_client_tls() -> io::Result<Arc<rustls::ClientConfig>> {
+    let p = provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(p.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(p)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Dials peers: plain TCP, Unix sockets, or TLS with the given client
+/// configuration for https/unixs URLs.
+#[derive(Clone)]
+pub struct PeerConnector {
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub connect_timeout: Duration,
+}
+
+impl PeerConnector {
+    pub fn channel(&self, url: &str) -> io::Result<Channel> {
+        let (secure, address) = parse_address(url)?;
+        let tls = if secure {
+            Some(self.tls.clone().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{url}: peer TLS is not configured on this member"),
+                )
+            })?)
+        } else {
+            None
+        };
+        let endpoint = Endpoint::from_static("http://peer")
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let connector = tower::service_fn(move |_uri: http::Uri| {
+            let address = address.clone();
+            let tls = tls.clone();
+            async move {
+                let stream = match &address {
+                    Address::Tcp { host, port } => {
+                        let s = TcpStream::connect(resolve(host, *port).await?).await?;
+                        s.set_nodelay(true)?;
+                        Stream::Tcp(s)
+                    }
+                    Address::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+                };
+                let stream = match tls {
+                    None => stream,
+                    Some(cfg) => {
+                        let name = match &address {
+                            Address::Tcp { host, .. } => host.clone(),
+                            Address::Unix(_) => "localhost".to_string(),
+                        };
+                        let server_name = ServerName::try_from(name).map_err(|e| {
+                            io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+                        })?;
+                        Stream::ClientTls(Box::new(
+                            TlsConnector::from(cfg).connect(server_name, stream).await?,
+                        ))
+                    }
+                };
+                Ok::<_, io::Error>(TokioIo::new(stream))
+            }
+        });
+        Ok(endpoint.connect_with_connector_lazy(connector))
+    }
+}
