@@ -84,7 +84,8 @@ pub fn check_txn(t: &TxnRequest, max_ops: i64) -> Result<()> {
     Ok(())
 }
 
-/// A half-open key interval; an empty `end` means a single key.
+/// A half-open key interval; no `end` means a single key, an empty end
+/// every key from `start`.
 struct Interval<'a> {
     start: &'a [u8],
     end: Option<&'a [u8]>,
@@ -94,6 +95,7 @@ impl Interval<'_> {
     fn contains(&self, key: &[u8]) -> bool {
         match self.end {
             None => key == self.start,
+            Some([]) => self.start <= key,
             Some(end) => self.start <= key && key < end,
         }
     }

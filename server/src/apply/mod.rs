@@ -10,6 +10,8 @@
 pub mod gosort;
 pub mod kv;
 
+use kv::LeaseLookup;
+
 use std::sync::Arc;
 
 use keel_proto::etcdserverpb::{CompactionResponse, ResponseHeader};
@@ -128,10 +130,17 @@ impl Applier {
         if let Err(Error::Storage(m)) = &outcome {
             return Err(StorageError::Io(m.clone()));
         }
-        if outcome.is_err() && txn.has_changes() {
-            // Checks run before writes; a write op failing midway would
-            // leave a half-applied txn, which must never be committed.
-            return Err(StorageError::Io("kv operation failed after writing".into()));
+        if let (Err(e), true) = (&outcome, txn.has_changes()) {
+            // Checks run before writes, so this should not happen; if an op
+            // fails midway, nothing of the txn may be committed: drop it and
+            // rebuild the index from storage, which never saw its writes.
+            tracing::error!(error = %e, "txn failed after writing; rolling it back");
+            drop(txn);
+            self.mvcc.reload().map_err(storage_fatal)?;
+            let mut b = WriteBatch::new();
+            applied_put(&mut b, log_id)?;
+            self.engine.write(b, false)?;
+            return Ok(error_response(e, self.mvcc.current_rev()));
         }
         applied_put(txn.batch_mut(), log_id)?;
         let committed = txn.commit().map_err(storage_fatal)?;
@@ -157,7 +166,11 @@ impl Applier {
         let leases = NoLeases;
         match &req.request {
             Some(Request::Put(p)) => self.kv_write(log_id, |txn| {
-                kv::check_put(&*txn, p, &leases)?;
+                // A plain put checks its lease before anything else (a txn
+                // checks keys first: see kv::check_put).
+                if p.lease != 0 && !leases.lease_exists(p.lease) {
+                    return Err(Error::LeaseNotFound);
+                }
                 Ok(Response::Put(kv::put(txn, p)?))
             }),
             Some(Request::DeleteRange(d)) => self.kv_write(log_id, |txn| {

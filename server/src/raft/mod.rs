@@ -13,6 +13,9 @@ pub mod peer_service;
 pub mod snapshot_file;
 pub mod state_machine;
 
+#[cfg(test)]
+mod storage_suite;
+
 use std::fmt;
 
 use keel_proto::keelpb::{InternalRequest, InternalResponse};

@@ -24,6 +24,8 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::{Channel, Endpoint};
 
+pub mod h2_authority;
+
 /// Where a URL points.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
@@ -236,6 +238,7 @@ pub async fn serve(
                 }
             }
             let service = TowerToHyperService::new(router);
+            let stream = h2_authority::AuthorityFix::new(stream);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {

@@ -1,0 +1,427 @@
+//! Repairs the HTTP/2 `:authority` of incoming requests before hyper sees
+//! them.
+//!
+//! grpc-go clients dialed with a full URL (etcdctl `endpoint status`,
+//! `--cluster` commands, clientv3 with `passthrough:///http://host:port`)
+//! send `:authority: http://host:port`. grpc-go servers, and so etcd,
+//! accept it; hyper's HTTP/2 layer rejects the stream as malformed. This
+//! shim sits between the socket and hyper on the inbound side: it decodes
+//! every header block (HPACK), replaces an unparseable authority with its
+//! `host:port` part, and re-encodes the block with its own encoder, whose
+//! dynamic table the server's decoder then mirrors. Everything else passes
+//! through byte for byte; HTTP/1 connections are not touched at all.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER_LEN: usize = 9;
+const TYPE_HEADERS: u8 = 0x1;
+const TYPE_CONTINUATION: u8 = 0x9;
+const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
+const FLAG_PADDED: u8 = 0x8;
+const FLAG_PRIORITY: u8 = 0x20;
+/// hyper's default SETTINGS_MAX_FRAME_SIZE; re-encoded blocks are split to
+/// fit it.
+const MAX_FRAME: usize = 16_384;
+/// Largest frame accepted from a client (the HTTP/2 maximum).
+const MAX_INBOUND_FRAME: usize = (1 << 24) - 1;
+/// Largest header block accepted (across continuation frames).
+const MAX_HEADER_BLOCK: usize = 1 << 20;
+
+enum Mode {
+    /// Still reading the first bytes to tell HTTP/2 from HTTP/1.
+    Sniffing,
+    H2,
+    Passthrough,
+}
+
+/// A partially received header block.
+struct PendingHeaders {
+    stream_id: u32,
+    end_stream: bool,
+    priority: Option<[u8; 5]>,
+    block: Vec<u8>,
+}
+
+pub struct AuthorityFix<S> {
+    inner: S,
+    mode: Mode,
+    /// Bytes read from the socket, not yet processed.
+    input: BytesMut,
+    /// Processed bytes waiting to be read by hyper.
+    output: BytesMut,
+    decoder: loona_hpack::Decoder<'static>,
+    encoder: loona_hpack::Encoder<'static>,
+    pending: Option<PendingHeaders>,
+    eof: bool,
+}
+
+impl<S> AuthorityFix<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            mode: Mode::Sniffing,
+            input: BytesMut::new(),
+            output: BytesMut::new(),
+            decoder: loona_hpack::Decoder::new(),
+            encoder: loona_hpack::Encoder::new(),
+            pending: None,
+            eof: false,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// `host:port` for an authority hyper would reject, or None if it is fine.
+pub fn repaired_authority(value: &[u8]) -> Option<Vec<u8>> {
+    let s = std::str::from_utf8(value).ok()?;
+    if s.parse::<http::uri::Authority>().is_ok() {
+        return None;
+    }
+    let rest = s.split_once("://").map_or(s, |(_, r)| r);
+    let host = rest.split('/').next().unwrap_or("");
+    if !host.is_empty() && host.parse::<http::uri::Authority>().is_ok() {
+        Some(host.as_bytes().to_vec())
+    } else {
+        Some(b"localhost".to_vec())
+    }
+}
+
+impl<S> AuthorityFix<S> {
+    /// Moves whatever can be processed from `input` to `output`.
+    fn process(&mut self) -> io::Result<()> {
+        loop {
+            match self.mode {
+                Mode::Sniffing => {
+                    let n = self.input.len().min(PREFACE.len());
+                    if self.input[..n] != PREFACE[..n] {
+                        self.mode = Mode::Passthrough;
+                        continue;
+                    }
+                    if n < PREFACE.len() {
+                        if self.eof {
+                            self.mode = Mode::Passthrough;
+                            continue;
+                        }
+                        return Ok(());
+                    }
+                    self.output
+                        .extend_from_slice(&self.input.split_to(PREFACE.len()));
+                    self.mode = Mode::H2;
+                }
+                Mode::Passthrough => {
+                    let all = self.input.split();
+                    self.output.extend_from_slice(&all);
+                    return Ok(());
+                }
+                Mode::H2 => {
+                    if self.input.len() < FRAME_HEADER_LEN {
+                        return Ok(());
+                    }
+                    let len = (usize::from(self.input[0]) << 16)
+                        | (usize::from(self.input[1]) << 8)
+                        | usize::from(self.input[2]);
+                    if len > MAX_INBOUND_FRAME {
+                        return Err(invalid("HTTP/2 frame too large"));
+                    }
+                    if self.input.len() < FRAME_HEADER_LEN + len {
+                        return Ok(());
+                    }
+                    let header = self.input.split_to(FRAME_HEADER_LEN);
+                    let payload = self.input.split_to(len);
+                    let (ty, flags) = (header[3], header[4]);
+                    let stream_id =
+                        u32::from_be_bytes([header[5], header[6], header[7], header[8]])
+                            & 0x7fff_ffff;
+                    match ty {
+                        TYPE_HEADERS => self.on_headers(flags, stream_id, &payload)?,
+                        TYPE_CONTINUATION => self.on_continuation(flags, stream_id, &payload)?,
+                        _ => {
+                            if self.pending.is_some() {
+                                return Err(invalid(
+                                    "HTTP/2 frame interleaved with a header block",
+                                ));
+                            }
+                            self.output.extend_from_slice(&header);
+                            self.output.extend_from_slice(&payload);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_headers(&mut self, flags: u8, stream_id: u32, payload: &[u8]) -> io::Result<()> {
+        if self.pending.is_some() {
+            return Err(invalid("HEADERS inside a header block"));
+        }
+        let mut p = payload;
+        let mut pad = 0usize;
+        if flags & FLAG_PADDED != 0 {
+            if p.is_empty() {
+                return Err(invalid("bad HEADERS padding"));
+            }
+            pad = usize::from(p[0]);
+            p = &p[1..];
+        }
+        let mut priority = None;
+        if flags & FLAG_PRIORITY != 0 {
+            if p.len() < 5 {
+                return Err(invalid("bad HEADERS priority"));
+            }
+            let mut prio = [0u8; 5];
+            prio.copy_from_slice(&p[..5]);
+            priority = Some(prio);
+            p = &p[5..];
+        }
+        if pad > p.len() {
+            return Err(invalid("bad HEADERS padding"));
+        }
+        let block = p[..p.len() - pad].to_vec();
+        self.pending = Some(PendingHeaders {
+            stream_id,
+            end_stream: flags & FLAG_END_STREAM != 0,
+            priority,
+            block,
+        });
+        if flags & FLAG_END_HEADERS != 0 {
+            self.flush_headers()?;
+        }
+        Ok(())
+    }
+
+    fn on_continuation(&mut self, flags: u8, stream_id: u32, payload: &[u8]) -> io::Result<()> {
+        let pending = self
+            .pending
+            .as_mut()
+            .ok_or_else(|| invalid("CONTINUATION without HEADERS"))?;
+        if pending.stream_id != stream_id {
+            return Err(invalid("CONTINUATION on another stream"));
+        }
+        if pending.block.len() + payload.len() > MAX_HEADER_BLOCK {
+            return Err(invalid("header block too large"));
+        }
+        pending.block.extend_from_slice(payload);
+        if flags & FLAG_END_HEADERS != 0 {
+            self.flush_headers()?;
+        }
+        Ok(())
+    }
+
+    /// Decodes the completed block, repairs the authority, re-encodes it
+    /// and emits HEADERS (+ CONTINUATION) frames.
+    fn flush_headers(&mut self) -> io::Result<()> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let mut headers = self
+            .decoder
+            .decode(&pending.block)
+            .map_err(|e| invalid(format!("HPACK: {e:?}")))?;
+        for (name, value) in headers.iter_mut() {
+            if name.as_slice() == b":authority" {
+                if let Some(fixed) = repaired_authority(value) {
+                    *value = fixed;
+                }
+            }
+        }
+        let block = self
+            .encoder
+            .encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+
+        let prio_len = if pending.priority.is_some() { 5 } else { 0 };
+        let first_room = MAX_FRAME - prio_len;
+        let (first, rest) = block.split_at(block.len().min(first_room));
+        let mut flags = if pending.end_stream {
+            FLAG_END_STREAM
+        } else {
+            0
+        };
+        if rest.is_empty() {
+            flags |= FLAG_END_HEADERS;
+        }
+        if pending.priority.is_some() {
+            flags |= FLAG_PRIORITY;
+        }
+        self.put_frame_header(
+            first.len() + prio_len,
+            TYPE_HEADERS,
+            flags,
+            pending.stream_id,
+        );
+        if let Some(prio) = pending.priority {
+            self.output.extend_from_slice(&prio);
+        }
+        self.output.extend_from_slice(first);
+        let chunks: Vec<&[u8]> = rest.chunks(MAX_FRAME).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let flags = if i + 1 == chunks.len() {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            self.put_frame_header(chunk.len(), TYPE_CONTINUATION, flags, pending.stream_id);
+            self.output.extend_from_slice(chunk);
+        }
+        Ok(())
+    }
+
+    fn put_frame_header(&mut self, len: usize, ty: u8, flags: u8, stream_id: u32) {
+        self.output.put_u8((len >> 16) as u8);
+        self.output.put_u8((len >> 8) as u8);
+        self.output.put_u8(len as u8);
+        self.output.put_u8(ty);
+        self.output.put_u8(flags);
+        self.output.put_u32(stream_id & 0x7fff_ffff);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.output.is_empty() {
+                let n = this.output.len().min(buf.remaining());
+                buf.put_slice(&this.output[..n]);
+                this.output.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            if let Mode::Passthrough = this.mode {
+                if this.input.is_empty() {
+                    return Pin::new(&mut this.inner).poll_read(cx, buf);
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    if rb.filled().is_empty() {
+                        this.eof = true;
+                    } else {
+                        this.input.extend_from_slice(rb.filled());
+                    }
+                    if let Err(e) = this.process() {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn repairs_only_what_hyper_rejects() {
+        assert_eq!(repaired_authority(b"localhost:2379"), None);
+        assert_eq!(
+            repaired_authority(b"http://127.0.0.1:2379"),
+            Some(b"127.0.0.1:2379".to_vec())
+        );
+        assert_eq!(
+            repaired_authority(b"https://h:1/path"),
+            Some(b"h:1".to_vec())
+        );
+        assert_eq!(
+            repaired_authority(b"unix:///tmp/sock"),
+            Some(b"localhost".to_vec())
+        );
+    }
+
+    fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![
+            (payload.len() >> 16) as u8,
+            (payload.len() >> 8) as u8,
+            payload.len() as u8,
+            ty,
+            flags,
+        ];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[tokio::test]
+    async fn rewrites_authority_and_keeps_other_frames() -> io::Result<()> {
+        let mut client_enc = loona_hpack::Encoder::new();
+        let block = client_enc.encode([
+            (b":method".as_slice(), b"POST".as_slice()),
+            (b":authority", b"http://127.0.0.1:2379"),
+            (b":path", b"/etcdserverpb.Maintenance/Status"),
+        ]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+        let (a, b) = block.split_at(block.len() / 2);
+        input.extend(frame(TYPE_HEADERS, 0, 1, a));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, b));
+        input.extend(frame(0x0, FLAG_END_STREAM, 1, b"data"));
+
+        let mut fix = AuthorityFix::new(input.as_slice());
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await?;
+
+        assert_eq!(&out[..PREFACE.len()], PREFACE);
+        let rest = &out[PREFACE.len()..];
+        assert_eq!(&rest[..9], &frame(0x4, 0, 0, &[])[..]);
+        let h = &rest[9..];
+        let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+        assert_eq!(h[3], TYPE_HEADERS);
+        assert_eq!(h[4] & FLAG_END_HEADERS, FLAG_END_HEADERS);
+        let mut dec = loona_hpack::Decoder::new();
+        let headers = dec
+            .decode(&h[9..9 + len])
+            .map_err(|e| invalid(format!("{e:?}")))?;
+        assert!(headers.contains(&(b":authority".to_vec(), b"127.0.0.1:2379".to_vec())));
+        assert_eq!(&h[9 + len..], &frame(0x0, FLAG_END_STREAM, 1, b"data")[..]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn http1_passes_through_untouched() -> io::Result<()> {
+        let req = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let mut fix = AuthorityFix::new(req.as_slice());
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await?;
+        assert_eq!(out, req);
+        Ok(())
+    }
+}
