@@ -11,9 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keelpb/keel.proto",
     ];
     let descriptors = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure()
-        .bytes(".")
-        .compile_fds(descriptors)?;
+    tonic_prost_build::configure().bytes(".").compile_fds(descriptors)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

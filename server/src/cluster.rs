@@ -4,7 +4,7 @@
 //! attributes (name, client URLs) that MemberList combines with Raft's
 //! membership.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLock;
 
 use keel_proto::etcdserverpb::Member;
@@ -12,8 +12,8 @@ use keel_proto::keelpb::MemberAttributes;
 use prost::Message;
 use sha1::{Digest, Sha1};
 
-use crate::raft::{Membership, NodeId};
-use crate::storage::keys::{member_key, META_MEMBER_PREFIX};
+use crate::raft::Membership;
+use crate::storage::keys::{member_key, META_MEMBER_PREFIX, META_REMOVED_PREFIX};
 use crate::storage::{keys::prefix_end, SharedEngine, StorageError, Table, WriteBatch};
 
 /// etcd's member id: SHA-1 over the sorted peer URLs, the cluster token and
@@ -49,92 +49,103 @@ pub fn cluster_id(member_ids: &[u64]) -> u64 {
 /// scheme http/https/unix/unixs, a host:port, no path.
 pub fn parse_url(raw: &str) -> Result<String, String> {
     let s = raw.trim();
-    let (scheme, rest) = s
-        .split_once("://")
-        .ok_or_else(|| format!("URL scheme must be http, https, unix, or unixs: {s}"))?;
+    let (scheme, rest) =
+        s.split_once("://").ok_or_else(|| format!("URL scheme must be http, https, unix, or unixs: {s}"))?;
     if !matches!(scheme, "http" | "https" | "unix" | "unixs") {
-        return Err(format!(
-            "URL scheme must be http, https, unix, or unixs: {s}"
-        ));
+        return Err(format!("URL scheme must be http, https, unix, or unixs: {s}"));
     }
     let host = rest.strip_suffix('/').unwrap_or(rest);
     if host.contains('/') {
         return Err(format!("URL must not contain a path: {s}"));
     }
-    let (h, port) = host
-        .rsplit_once(':')
-        .ok_or_else(|| format!(r#"URL address does not have the form "host:port": {s}"#))?;
+    let (h, port) =
+        host.rsplit_once(':').ok_or_else(|| format!(r#"URL address does not have the form "host:port": {s}"#))?;
     if h.is_empty() && !host.starts_with(':') || port.parse::<u16>().is_err() && !port.is_empty() {
-        return Err(format!(
-            r#"URL address does not have the form "host:port": {s}"#
-        ));
+        return Err(format!(r#"URL address does not have the form "host:port": {s}"#));
     }
     Ok(format!("{scheme}://{host}"))
 }
 
 /// Parses a comma-separated URL list (a flag value).
 pub fn parse_urls(list: &str) -> Result<Vec<String>, String> {
-    let urls: Vec<String> = list
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(parse_url)
-        .collect::<Result<_, _>>()?;
+    let urls: Vec<String> =
+        list.split(',').filter(|s| !s.trim().is_empty()).map(parse_url).collect::<Result<_, _>>()?;
     if urls.is_empty() {
         return Err("no valid URLs given".into());
     }
     Ok(urls)
 }
 
-/// Published member attributes, as replicated through the state machine.
+/// Member records replicated through the state machine: published
+/// attributes (name, client URLs), etcd's learner flag, and the ids of
+/// members that were removed (a removed member may never rejoin).
 #[derive(Default)]
 pub struct MemberRegistry {
     attrs: RwLock<BTreeMap<u64, MemberAttributes>>,
+    removed: RwLock<BTreeSet<u64>>,
+    /// Bumped whenever a member is removed.
+    removals: tokio::sync::watch::Sender<u64>,
+}
+
+fn removed_key(id: u64) -> Vec<u8> {
+    let mut k = META_REMOVED_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
 }
 
 impl MemberRegistry {
-    /// Loads every published attribute record from the engine.
+    /// Loads every member record from the engine.
     pub fn load(engine: &SharedEngine) -> Result<Self, StorageError> {
         let reg = Self::default();
         reg.reload(engine)?;
         Ok(reg)
     }
 
+    /// Re-reads the records (after they changed in the engine).
     pub fn reload(&self, engine: &SharedEngine) -> Result<(), StorageError> {
         let mut map = BTreeMap::new();
         let end = prefix_end(META_MEMBER_PREFIX).unwrap_or_default();
         engine.scan(Table::Meta, META_MEMBER_PREFIX, Some(&end), &mut |_, v| {
-            let a =
-                MemberAttributes::decode(v).map_err(|e| StorageError::Corruption(e.to_string()))?;
+            let a = MemberAttributes::decode(v).map_err(|e| StorageError::Corruption(e.to_string()))?;
             map.insert(a.member_id, a);
             Ok(true)
         })?;
+        let mut removed = BTreeSet::new();
+        let end = prefix_end(META_REMOVED_PREFIX).unwrap_or_default();
+        engine.scan(Table::Meta, META_REMOVED_PREFIX, Some(&end), &mut |k, _| {
+            if let Some(id) = k.get(META_REMOVED_PREFIX.len()..).and_then(crate::storage::keys::decode_u64) {
+                removed.insert(id);
+            }
+            Ok(true)
+        })?;
+        let grew = match self.removed.write() {
+            Ok(mut r) => {
+                let grew = removed.len() > r.len();
+                *r = removed;
+                grew
+            }
+            Err(_) => false,
+        };
         if let Ok(mut attrs) = self.attrs.write() {
             *attrs = map;
+        }
+        if grew {
+            self.removals.send_modify(|n| *n += 1);
         }
         Ok(())
     }
 
-    /// Adds the write of `attrs` to `batch`.
-    pub fn publish(&self, attrs: &MemberAttributes, batch: &mut WriteBatch) {
-        batch.put(
-            Table::Meta,
-            member_key(attrs.member_id),
-            attrs.encode_to_vec(),
-        );
+    /// Adds the write of a member record to `batch`.
+    pub fn put(&self, attrs: &MemberAttributes, batch: &mut WriteBatch) {
+        batch.put(Table::Meta, member_key(attrs.member_id), attrs.encode_to_vec());
     }
 
-    /// Makes `attrs` visible once its batch is written.
-    pub fn apply_published(&self, attrs: &MemberAttributes) {
-        if let Ok(mut map) = self.attrs.write() {
-            map.insert(attrs.member_id, attrs.clone());
-        }
-    }
-
-    /// Forgets a removed member.
-    pub fn remove(&self, id: u64, batch: &mut WriteBatch) {
-        batch.delete(Table::Meta, member_key(id));
-        if let Ok(mut map) = self.attrs.write() {
-            map.remove(&id);
+    /// Adds the bookkeeping for members that left the membership to
+    /// `batch`: their records go, their ids are remembered as removed.
+    pub fn record_removed(&self, ids: &[u64], batch: &mut WriteBatch) {
+        for id in ids {
+            batch.delete(Table::Meta, member_key(*id));
+            batch.put(Table::Meta, removed_key(*id), Vec::new());
         }
     }
 
@@ -142,9 +153,25 @@ impl MemberRegistry {
         self.attrs.read().ok()?.get(&id).cloned()
     }
 
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.removed.read().map(|r| r.contains(&id)).unwrap_or(false)
+    }
+
+    /// Changes whenever some member is removed.
+    pub fn subscribe_removals(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.removals.subscribe()
+    }
+
+    /// Whether etcd's API shows the member as a learner.
+    pub fn is_learner(&self, id: u64, membership: &Membership) -> bool {
+        match self.get(id) {
+            Some(a) => a.is_learner,
+            None => !membership.voter_ids().any(|v| v == id),
+        }
+    }
+
     /// etcd's member list: every voter and learner, ordered by id.
     pub fn members(&self, membership: &Membership) -> Vec<Member> {
-        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
         let mut out: Vec<Member> = membership
             .nodes()
             .map(|(id, node)| {
@@ -154,7 +181,7 @@ impl MemberRegistry {
                     name: attrs.name,
                     peer_ur_ls: node.peer_urls.clone(),
                     client_ur_ls: attrs.client_urls,
-                    is_learner: !voters.contains(id),
+                    is_learner: self.is_learner(*id, membership),
                 }
             })
             .collect();
@@ -178,14 +205,8 @@ mod tests {
 
     #[test]
     fn url_validation_follows_etcd() {
-        assert_eq!(
-            parse_url("http://localhost:2379"),
-            Ok("http://localhost:2379".into())
-        );
-        assert_eq!(
-            parse_url(" https://127.0.0.1:1/ "),
-            Ok("https://127.0.0.1:1".into())
-        );
+        assert_eq!(parse_url("http://localhost:2379"), Ok("http://localhost:2379".into()));
+        assert_eq!(parse_url(" https://127.0.0.1:1/ "), Ok("https://127.0.0.1:1".into()));
         assert!(parse_url("ftp://x:1").is_err());
         assert!(parse_url("http://host").is_err());
         assert!(parse_url("http://host:1/path").is_err());

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::cluster::{parse_url, parse_urls};
+use crate::transport::TlsFiles;
 
 /// etcd API version keel reports to clients (Status, /version). The
 /// Kubernetes API server gates features such as RequestProgress on it.
@@ -42,19 +43,13 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
         return Err("invalid duration \"\"".into());
     }
     while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         if num_end == 0 {
             return Err(format!("invalid duration {s:?}"));
         }
-        let n: f64 = rest[..num_end]
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}"))?;
+        let n: f64 = rest[..num_end].parse().map_err(|_| format!("invalid duration {s:?}"))?;
         rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let unit = &rest[..unit_end];
         rest = &rest[unit_end..];
         let scale = match unit {
@@ -137,18 +132,10 @@ pub struct Flags {
     #[arg(long, env = "ETCD_INITIAL_ELECTION_TICK_ADVANCE", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "true", action = go_bool!())]
     pub initial_election_tick_advance: bool,
     /// List of URLs to listen on for peer traffic.
-    #[arg(
-        long,
-        env = "ETCD_LISTEN_PEER_URLS",
-        default_value = "http://localhost:2380"
-    )]
+    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
     pub listen_peer_urls: String,
     /// List of URLs to listen on for client traffic.
-    #[arg(
-        long,
-        env = "ETCD_LISTEN_CLIENT_URLS",
-        default_value = "http://localhost:2379"
-    )]
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://localhost:2379")]
     pub listen_client_urls: String,
     /// Maximum number of snapshot files to retain (0 is unlimited).
     #[arg(long, env = "ETCD_MAX_SNAPSHOTS", default_value_t = 5)]
@@ -192,11 +179,7 @@ pub struct Flags {
 
     // ---- Clustering ----
     /// This member's peer URLs to advertise to the rest of the cluster.
-    #[arg(
-        long,
-        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
-        default_value = "http://localhost:2380"
-    )]
+    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
     pub initial_advertise_peer_urls: String,
     /// Initial cluster configuration for bootstrapping.
     #[arg(long, env = "ETCD_INITIAL_CLUSTER", default_value = "")]
@@ -205,18 +188,10 @@ pub struct Flags {
     #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new")]
     pub initial_cluster_state: String,
     /// Initial cluster token for the cluster during bootstrap.
-    #[arg(
-        long,
-        env = "ETCD_INITIAL_CLUSTER_TOKEN",
-        default_value = "etcd-cluster"
-    )]
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
     pub initial_cluster_token: String,
     /// This member's client URLs to advertise to the public.
-    #[arg(
-        long,
-        env = "ETCD_ADVERTISE_CLIENT_URLS",
-        default_value = "http://localhost:2379"
-    )]
+    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = "http://localhost:2379")]
     pub advertise_client_urls: String,
     /// Discovery URL used to bootstrap the cluster (not supported).
     #[arg(long, env = "ETCD_DISCOVERY", default_value = "")]
@@ -360,40 +335,15 @@ pub struct Flags {
     /// v2 proxy mode ('off' only: keel has no v2 proxy).
     #[arg(long, env = "ETCD_PROXY", default_value = "off")]
     pub proxy: String,
-    #[arg(
-        long,
-        env = "ETCD_PROXY_FAILURE_WAIT",
-        default_value_t = 5000,
-        hide = true
-    )]
+    #[arg(long, env = "ETCD_PROXY_FAILURE_WAIT", default_value_t = 5000, hide = true)]
     pub proxy_failure_wait: u64,
-    #[arg(
-        long,
-        env = "ETCD_PROXY_REFRESH_INTERVAL",
-        default_value_t = 30000,
-        hide = true
-    )]
+    #[arg(long, env = "ETCD_PROXY_REFRESH_INTERVAL", default_value_t = 30000, hide = true)]
     pub proxy_refresh_interval: u64,
-    #[arg(
-        long,
-        env = "ETCD_PROXY_DIAL_TIMEOUT",
-        default_value_t = 1000,
-        hide = true
-    )]
+    #[arg(long, env = "ETCD_PROXY_DIAL_TIMEOUT", default_value_t = 1000, hide = true)]
     pub proxy_dial_timeout: u64,
-    #[arg(
-        long,
-        env = "ETCD_PROXY_WRITE_TIMEOUT",
-        default_value_t = 5000,
-        hide = true
-    )]
+    #[arg(long, env = "ETCD_PROXY_WRITE_TIMEOUT", default_value_t = 5000, hide = true)]
     pub proxy_write_timeout: u64,
-    #[arg(
-        long,
-        env = "ETCD_PROXY_READ_TIMEOUT",
-        default_value_t = 0,
-        hide = true
-    )]
+    #[arg(long, env = "ETCD_PROXY_READ_TIMEOUT", default_value_t = 0, hide = true)]
     pub proxy_read_timeout: u64,
 
     // ---- Experimental ----
@@ -407,11 +357,7 @@ pub struct Flags {
     #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_V2V3", default_value = "")]
     pub experimental_enable_v2v3: String,
     /// bbolt freelist type (ignored).
-    #[arg(
-        long,
-        env = "ETCD_EXPERIMENTAL_BACKEND_BBOLT_FREELIST_TYPE",
-        default_value = "array"
-    )]
+    #[arg(long, env = "ETCD_EXPERIMENTAL_BACKEND_BBOLT_FREELIST_TYPE", default_value = "array")]
     pub experimental_backend_bbolt_freelist_type: String,
     /// Persist remaining lease TTLs through Raft (keel always checkpoints).
     #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
@@ -420,11 +366,7 @@ pub struct Flags {
     #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT_PERSIST", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
     pub experimental_enable_lease_checkpoint_persist: bool,
     /// Maximum revisions deleted in each compaction batch.
-    #[arg(
-        long,
-        env = "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT",
-        default_value_t = 1000
-    )]
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT", default_value_t = 1000)]
     pub experimental_compaction_batch_limit: u64,
     /// Duration of periodic watch progress notifications.
     #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_go_duration)]
@@ -433,11 +375,7 @@ pub struct Flags {
     #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_APPLY_DURATION", default_value = "100ms", value_parser = parse_go_duration)]
     pub experimental_warning_apply_duration: Duration,
     /// Entries a slow follower may catch up from the log before it needs a snapshot.
-    #[arg(
-        long,
-        env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES",
-        default_value_t = 5000
-    )]
+    #[arg(long, env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5000)]
     pub experimental_snapshot_catchup_entries: u64,
 
     // ---- Unsafe ----
@@ -495,6 +433,10 @@ pub struct Config {
     pub auto_compaction_retention: String,
     pub peer_auto_tls: bool,
     pub client_auto_tls: bool,
+    /// Client-port certificates from files (--cert-file ...).
+    pub client_tls: Option<TlsFiles>,
+    /// Peer certificates from files (--peer-cert-file ...).
+    pub peer_tls: Option<TlsFiles>,
     pub log_level: String,
     pub log_format: LogFormat,
     pub log_outputs: Vec<String>,
@@ -513,6 +455,33 @@ fn reject(msg: impl Into<String>) -> ConfigError {
     ConfigError(msg.into())
 }
 
+/// Certificate, key and CA flags of one side (client or peer).
+fn tls_files(prefix: &str, cert: &str, key: &str, ca: &str) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert.is_empty(), key.is_empty()) {
+        (true, true) => {
+            if !ca.is_empty() {
+                return Err(reject(format!(
+                    "--{prefix}trusted-ca-file needs --{prefix}cert-file and --{prefix}key-file"
+                )));
+            }
+            Ok(None)
+        }
+        (false, false) => {
+            for (flag, path) in [("cert-file", cert), ("key-file", key), ("trusted-ca-file", ca)] {
+                if !path.is_empty() && !std::path::Path::new(path).exists() {
+                    return Err(reject(format!("--{prefix}{flag}: {path}: no such file")));
+                }
+            }
+            Ok(Some(TlsFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+                trusted_ca: (!ca.is_empty()).then(|| PathBuf::from(ca)),
+            }))
+        }
+        _ => Err(reject(format!("--{prefix}cert-file and --{prefix}key-file must be given together"))),
+    }
+}
+
 fn urls(flag: &str, value: &str) -> Result<Vec<String>, ConfigError> {
     parse_urls(value).map_err(|e| reject(format!("--{flag}: {e}")))
 }
@@ -521,9 +490,7 @@ fn urls(flag: &str, value: &str) -> Result<Vec<String>, ConfigError> {
 pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, Vec<String>)>, String> {
     let mut members: Vec<(String, Vec<String>)> = Vec::new();
     for part in s.split(',').filter(|p| !p.is_empty()) {
-        let (name, url) = part
-            .split_once('=')
-            .ok_or_else(|| format!("invalid member {part:?}: want name=peerURL"))?;
+        let (name, url) = part.split_once('=').ok_or_else(|| format!("invalid member {part:?}: want name=peerURL"))?;
         let url = parse_url(url)?;
         match members.iter_mut().find(|(n, _)| n == name) {
             Some((_, urls)) => urls.push(url),
@@ -541,16 +508,15 @@ impl Flags {
             return Err(reject("--config-file is not supported by keel; pass flags or ETCD_* environment variables"));
         }
         if !self.discovery.is_empty() || !self.discovery_srv.is_empty() {
-            return Err(reject("discovery (--discovery, --discovery-srv) is not supported by keel; use --initial-cluster"));
+            return Err(reject(
+                "discovery (--discovery, --discovery-srv) is not supported by keel; use --initial-cluster",
+            ));
         }
         if self.enable_v2 || !self.experimental_enable_v2v3.is_empty() {
             return Err(reject("the etcd v2 API (--enable-v2, --experimental-enable-v2v3) is not supported by keel"));
         }
         if self.proxy != "off" {
-            return Err(reject(format!(
-                "--proxy={}: keel has no v2 proxy mode (only 'off')",
-                self.proxy
-            )));
+            return Err(reject(format!("--proxy={}: keel has no v2 proxy mode (only 'off')", self.proxy)));
         }
         if self.force_new_cluster {
             return Err(reject("--force-new-cluster is not supported by keel yet"));
@@ -558,25 +524,21 @@ impl Flags {
         if self.enable_pprof {
             return Err(reject("--enable-pprof is not supported by keel"));
         }
-        let tls_files = [
-            ("cert-file", &self.cert_file),
-            ("key-file", &self.key_file),
-            ("trusted-ca-file", &self.trusted_ca_file),
-            ("client-crl-file", &self.client_crl_file),
-            ("peer-cert-file", &self.peer_cert_file),
-            ("peer-key-file", &self.peer_key_file),
-            ("peer-trusted-ca-file", &self.peer_trusted_ca_file),
-            ("peer-crl-file", &self.peer_crl_file),
-        ];
-        if let Some((flag, _)) = tls_files.iter().find(|(_, v)| !v.is_empty()) {
-            return Err(reject(format!(
-                "--{flag}: TLS with certificate files is not supported by keel yet"
-            )));
-        }
-        if self.client_cert_auth || self.peer_client_cert_auth {
+        if !self.client_crl_file.is_empty() || !self.peer_crl_file.is_empty() {
             return Err(reject(
-                "client certificate authentication is not supported by keel yet",
+                "certificate revocation lists (--client-crl-file, --peer-crl-file) are not supported by keel yet",
             ));
+        }
+        if !self.cipher_suites.is_empty() {
+            return Err(reject("--cipher-suites is not supported by keel yet (keel uses rustls' safe defaults)"));
+        }
+        let client_tls = tls_files("", &self.cert_file, &self.key_file, &self.trusted_ca_file)?;
+        let peer_tls = tls_files("peer-", &self.peer_cert_file, &self.peer_key_file, &self.peer_trusted_ca_file)?;
+        if self.client_cert_auth && self.trusted_ca_file.is_empty() {
+            return Err(reject("--client-cert-auth needs --trusted-ca-file to verify client certificates"));
+        }
+        if self.peer_client_cert_auth && self.peer_trusted_ca_file.is_empty() {
+            return Err(reject("--peer-client-cert-auth needs --peer-trusted-ca-file to verify peer certificates"));
         }
         if self.heartbeat_interval == 0 {
             return Err(reject("--heartbeat-interval must be > 0"));
@@ -594,10 +556,7 @@ impl Flags {
             )));
         }
         if !(4..=31).contains(&self.bcrypt_cost) {
-            return Err(reject(format!(
-                "--bcrypt-cost {} out of range [4, 31]",
-                self.bcrypt_cost
-            )));
+            return Err(reject(format!("--bcrypt-cost {} out of range [4, 31]", self.bcrypt_cost)));
         }
         if self.auth_token != "simple" {
             return Err(reject(format!(
@@ -611,104 +570,65 @@ impl Flags {
         let initial_cluster_state = match self.initial_cluster_state.as_str() {
             "new" => ClusterState::New,
             "existing" => ClusterState::Existing,
-            other => {
-                return Err(reject(format!(
-                    "--initial-cluster-state {other:?}: must be 'new' or 'existing'"
-                )))
-            }
+            other => return Err(reject(format!("--initial-cluster-state {other:?}: must be 'new' or 'existing'"))),
         };
         let auto_compaction_mode = match self.auto_compaction_mode.as_str() {
             "periodic" => CompactionMode::Periodic,
             "revision" => CompactionMode::Revision,
-            other => {
-                return Err(reject(format!(
-                    "--auto-compaction-mode {other:?}: must be 'periodic' or 'revision'"
-                )))
-            }
+            other => return Err(reject(format!("--auto-compaction-mode {other:?}: must be 'periodic' or 'revision'"))),
         };
         if self.auto_compaction_retention != "0" && self.auto_compaction_retention != "0s" {
-            return Err(reject(
-                "--auto-compaction-retention: auto compaction is not supported by keel yet",
-            ));
+            return Err(reject("--auto-compaction-retention: auto compaction is not supported by keel yet"));
         }
         let log_level = match self.log_level.as_str() {
             "debug" | "info" | "warn" | "error" => self.log_level.clone(),
             "panic" | "fatal" => "error".to_string(),
             other => {
-                return Err(reject(format!(
-                    "--log-level {other:?}: must be debug, info, warn, error, panic, or fatal"
-                )))
+                return Err(reject(format!("--log-level {other:?}: must be debug, info, warn, error, panic, or fatal")))
             }
         };
-        let log_level = if self.debug {
-            "debug".to_string()
-        } else {
-            log_level
-        };
+        let log_level = if self.debug { "debug".to_string() } else { log_level };
         let log_format = match self.log_format.as_str() {
             "json" => LogFormat::Json,
             "console" => LogFormat::Console,
-            other => {
-                return Err(reject(format!(
-                    "--log-format {other:?}: must be json or console"
-                )))
-            }
+            other => return Err(reject(format!("--log-format {other:?}: must be json or console"))),
         };
         if !matches!(self.logger.as_str(), "zap" | "capnslog") {
-            return Err(reject(format!(
-                "--logger {:?}: must be 'zap' or 'capnslog'",
-                self.logger
-            )));
+            return Err(reject(format!("--logger {:?}: must be 'zap' or 'capnslog'", self.logger)));
         }
         if !matches!(self.tls_min_version.as_str(), "TLS1.2" | "TLS1.3") {
-            return Err(reject(format!(
-                "--tls-min-version {:?}: must be TLS1.2 or TLS1.3",
-                self.tls_min_version
-            )));
+            return Err(reject(format!("--tls-min-version {:?}: must be TLS1.2 or TLS1.3", self.tls_min_version)));
         }
         if !matches!(self.metrics.as_str(), "basic" | "extensive") {
-            return Err(reject(format!(
-                "--metrics {:?}: must be 'basic' or 'extensive'",
-                self.metrics
-            )));
+            return Err(reject(format!("--metrics {:?}: must be 'basic' or 'extensive'", self.metrics)));
         }
 
         let listen_peer_urls = urls("listen-peer-urls", &self.listen_peer_urls)?;
         let listen_client_urls = urls("listen-client-urls", &self.listen_client_urls)?;
         let advertise_client_urls = urls("advertise-client-urls", &self.advertise_client_urls)?;
-        let initial_advertise_peer_urls = urls(
-            "initial-advertise-peer-urls",
-            &self.initial_advertise_peer_urls,
-        )?;
+        let initial_advertise_peer_urls = urls("initial-advertise-peer-urls", &self.initial_advertise_peer_urls)?;
         let listen_metrics_urls = if self.listen_metrics_urls.is_empty() {
             Vec::new()
         } else {
             urls("listen-metrics-urls", &self.listen_metrics_urls)?
         };
-        let client_tls = listen_client_urls
-            .iter()
-            .any(|u| u.starts_with("https://") || u.starts_with("unixs://"));
-        if client_tls && !self.auto_tls {
-            return Err(reject("https client URLs need TLS certificates (--auto-tls or --cert-file); certificate files are not supported by keel yet"));
+        let secure = |u: &String| u.starts_with("https://") || u.starts_with("unixs://");
+        if listen_client_urls.iter().any(secure) && !self.auto_tls && client_tls.is_none() {
+            return Err(reject("https client URLs need TLS certificates: --cert-file and --key-file, or --auto-tls"));
         }
-        let peer_tls = listen_peer_urls
-            .iter()
-            .any(|u| u.starts_with("https://") || u.starts_with("unixs://"));
-        if peer_tls && !self.peer_auto_tls {
-            return Err(reject("https peer URLs need TLS certificates (--peer-auto-tls or --peer-cert-file); certificate files are not supported by keel yet"));
+        if listen_peer_urls.iter().any(secure) && !self.peer_auto_tls && peer_tls.is_none() {
+            return Err(reject(
+                "https peer URLs need TLS certificates: --peer-cert-file and --peer-key-file, or --peer-auto-tls",
+            ));
         }
 
         let initial_cluster_str = if self.initial_cluster.is_empty() {
-            format!(
-                "{}={}",
-                self.name,
-                initial_advertise_peer_urls.join(&format!(",{}=", self.name))
-            )
+            format!("{}={}", self.name, initial_advertise_peer_urls.join(&format!(",{}=", self.name)))
         } else {
             self.initial_cluster.clone()
         };
-        let initial_cluster = parse_initial_cluster(&initial_cluster_str)
-            .map_err(|e| reject(format!("--initial-cluster: {e}")))?;
+        let initial_cluster =
+            parse_initial_cluster(&initial_cluster_str).map_err(|e| reject(format!("--initial-cluster: {e}")))?;
         match initial_cluster.iter().find(|(n, _)| *n == self.name) {
             None => {
                 return Err(reject(format!(
@@ -736,22 +656,14 @@ impl Flags {
             }
         }
 
-        let data_dir = if self.data_dir.is_empty() {
-            format!("{}.etcd", self.name)
-        } else {
-            self.data_dir.clone()
-        };
+        let data_dir = if self.data_dir.is_empty() { format!("{}.etcd", self.name) } else { self.data_dir.clone() };
         let quota = match self.quota_backend_bytes {
             q if q < 0 => return Err(reject("--quota-backend-bytes must not be negative")),
             0 => DEFAULT_QUOTA_BYTES,
             q => q as u64,
         };
-        let log_outputs: Vec<String> = self
-            .log_outputs
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        let log_outputs: Vec<String> =
+            self.log_outputs.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
 
         Ok(Config {
             name: self.name.clone(),
@@ -780,6 +692,8 @@ impl Flags {
             auto_compaction_retention: self.auto_compaction_retention.clone(),
             peer_auto_tls: self.peer_auto_tls,
             client_auto_tls: self.auto_tls,
+            client_tls,
+            peer_tls,
             log_level,
             log_format,
             log_outputs,
@@ -796,9 +710,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let argv = normalize_args(
-            std::iter::once("keel".to_string()).chain(args.iter().map(|s| s.to_string())),
-        );
+        let argv = normalize_args(std::iter::once("keel".to_string()).chain(args.iter().map(|s| s.to_string())));
         let flags = Flags::try_parse_from(argv).map_err(|e| e.to_string())?;
         flags.validate().map_err(|e| e.to_string())
     }
@@ -809,13 +721,7 @@ mod tests {
         assert_eq!(c.name, "default");
         assert_eq!(c.data_dir, PathBuf::from("default.etcd"));
         assert_eq!(c.listen_client_urls, vec!["http://localhost:2379"]);
-        assert_eq!(
-            c.initial_cluster,
-            vec![(
-                "default".to_string(),
-                vec!["http://localhost:2380".to_string()]
-            )]
-        );
+        assert_eq!(c.initial_cluster, vec![("default".to_string(), vec!["http://localhost:2380".to_string()])]);
         assert_eq!(c.max_txn_ops, 128);
         assert_eq!(c.max_request_bytes, 1_572_864);
         assert_eq!(c.quota_backend_bytes, 2 << 30);
@@ -842,21 +748,12 @@ mod tests {
     #[test]
     fn bad_input_fails_fast_with_a_reason() {
         assert!(parse(&["--no-such-flag"]).is_err());
-        assert!(parse(&["--initial-cluster-state", "maybe"])
-            .unwrap_err()
-            .contains("new"));
-        assert!(parse(&["--election-timeout", "100"])
-            .unwrap_err()
-            .contains("5 times"));
+        assert!(parse(&["--initial-cluster-state", "maybe"]).unwrap_err().contains("new"));
+        assert!(parse(&["--election-timeout", "100"]).unwrap_err().contains("5 times"));
         assert!(parse(&["--listen-client-urls", "ftp://x:1"]).is_err());
-        assert!(parse(&[
-            "--name",
-            "a",
-            "--initial-cluster",
-            "b=http://localhost:2380"
-        ])
-        .unwrap_err()
-        .contains("local name"));
+        assert!(parse(&["--name", "a", "--initial-cluster", "b=http://localhost:2380"])
+            .unwrap_err()
+            .contains("local name"));
         assert!(parse(&["--snapshot-count", "lots"]).is_err());
     }
 

@@ -201,11 +201,9 @@ impl Error {
         match code {
             CODE_INVALID_ARGUMENT => Error::InvalidArgument(detail),
             CODE_STORAGE => Error::Storage(detail),
-            _ => APPLY_CODES
-                .iter()
-                .find(|(c, _)| *c == code)
-                .map(|(_, e)| e.clone())
-                .unwrap_or(Error::Internal(detail)),
+            _ => {
+                APPLY_CODES.iter().find(|(c, _)| *c == code).map(|(_, e)| e.clone()).unwrap_or(Error::Internal(detail))
+            }
         }
     }
 }

@@ -34,6 +34,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod logging;
+pub mod membership;
 pub mod mvcc;
 pub mod node;
 pub mod raft;
@@ -48,6 +49,7 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("received interrupt signal, shutting down"),
         _ = term.recv() => tracing::info!("received terminated signal, shutting down"),
+        _ = node.removed() => tracing::warn!("the member has been permanently removed from the cluster; shutting down"),
     }
     node.shutdown().await?;
     tracing::info!("stopped keel member");

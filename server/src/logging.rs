@@ -23,15 +23,9 @@ pub fn init(config: &Config) -> io::Result<()> {
     let filter = if config.log_level == "debug" {
         EnvFilter::new("debug")
     } else {
-        EnvFilter::new(format!(
-            "{},openraft=warn,h2=warn,hyper=warn,tower=warn",
-            config.log_level
-        ))
+        EnvFilter::new(format!("{},openraft=warn,h2=warn,hyper=warn,tower=warn", config.log_level))
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_target(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_target(false);
     let result = match config.log_format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Console => builder.try_init(),

@@ -10,12 +10,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use keel_proto::etcdserverpb::{
-    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
-    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
-use keel_proto::keelpb::{
-    internal_request, raft_peer_server::RaftPeerServer, InternalRequest, MemberAttributes,
-};
+use keel_proto::keelpb::{internal_request, raft_peer_server::RaftPeerServer, InternalRequest, MemberAttributes};
 use keel_proto::v3electionpb::election_server::ElectionServer;
 use keel_proto::v3lockpb::lock_server::LockServer;
 use tokio::sync::watch;
@@ -34,7 +32,7 @@ use crate::raft::{codec, MemberNode, Raft};
 use crate::server::Server;
 use crate::storage::rocks::RocksEngine;
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
-use crate::transport::{self, Http2Options, PeerConnector, TlsFiles};
+use crate::transport::{self, Http2Options, PeerConnector, Security, TlsFiles};
 
 /// raft_state: this member's id and its cluster's id (local facts, never
 /// replicated or overwritten by a snapshot).
@@ -67,20 +65,16 @@ struct CompactionThread {
 impl CompactionThread {
     fn start(mvcc: Arc<MvccStore>) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<CompactionJob>();
-        std::thread::Builder::new()
-            .name("mvcc-compaction".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    let rev = job.rev;
-                    match mvcc.finish_compaction(job) {
-                        Ok(()) => tracing::info!(revision = rev, "finished scheduled compaction"),
-                        Err(e) => tracing::error!(revision = rev, error = %e, "compaction failed"),
-                    }
+        std::thread::Builder::new().name("mvcc-compaction".into()).spawn(move || {
+            while let Ok(job) = rx.recv() {
+                let rev = job.rev;
+                match mvcc.finish_compaction(job) {
+                    Ok(()) => tracing::info!(revision = rev, "finished scheduled compaction"),
+                    Err(e) => tracing::error!(revision = rev, error = %e, "compaction failed"),
                 }
-            })?;
-        Ok(Self {
-            tx: std::sync::Mutex::new(tx),
-        })
+            }
+        })?;
+        Ok(Self { tx: std::sync::Mutex::new(tx) })
     }
 }
 
@@ -101,9 +95,7 @@ struct Reloader {
 
 impl Reloadable for Reloader {
     fn reload(&self) -> Result<(), StorageError> {
-        self.mvcc
-            .reload()
-            .map_err(|e| StorageError::Io(e.to_string()))?;
+        self.mvcc.reload().map_err(|e| StorageError::Io(e.to_string()))?;
         self.members.reload(&self.engine)
     }
 }
@@ -116,31 +108,70 @@ fn host_of(url: &str) -> Option<String> {
 }
 
 /// Determines this member's id and the cluster id: from the data dir when
-/// it was initialised before, else from the bootstrap flags.
-fn identity(engine: &SharedEngine, config: &Config) -> anyhow::Result<(u64, u64, bool)> {
+/// it was initialised before, from the bootstrap flags for a new cluster,
+/// or by asking the existing cluster's members (`--initial-cluster-state
+/// existing`), which know the id MemberAdd gave this member.
+async fn identity(
+    engine: &SharedEngine,
+    config: &Config,
+    peers: &PeerClients,
+) -> anyhow::Result<(u64, u64, Bootstrap)> {
     if let Some(bytes) = engine.get(Table::RaftState, LOCAL_IDENTITY)? {
         let (id, cid): (u64, u64) = codec::decode(&bytes)?;
-        return Ok((id, cid, true));
-    }
-    if config.initial_cluster_state == ClusterState::Existing {
-        return Err(anyhow!("--initial-cluster-state=existing (joining a running cluster) is not supported by keel yet"));
+        return Ok((id, cid, Bootstrap::Restart));
     }
     let token = &config.initial_cluster_token;
-    let ids: Vec<u64> = config
-        .initial_cluster
-        .iter()
-        .map(|(_, urls)| member_id(urls, token, None))
-        .collect();
+    if config.initial_cluster_state == ClusterState::Existing {
+        let mut own_urls = config.initial_advertise_peer_urls.clone();
+        own_urls.sort();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            for (name, urls) in &config.initial_cluster {
+                if *name == config.name {
+                    continue;
+                }
+                for url in urls {
+                    let Ok(info) = peers.cluster_info(url, Duration::from_secs(2)).await else { continue };
+                    let me = info.members.iter().find(|m| {
+                        let mut urls = m.peer_ur_ls.clone();
+                        urls.sort();
+                        urls == own_urls
+                    });
+                    return match me {
+                        Some(m) => Ok((m.id, info.cluster_id, Bootstrap::Join)),
+                        None => Err(anyhow!(
+                            "error validating peerURLs: member with peer URLs {} is not in the existing cluster (add it with MemberAdd first)",
+                            own_urls.join(",")
+                        )),
+                    };
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(anyhow!("cannot fetch cluster info from peer URLs in --initial-cluster"));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let ids: Vec<u64> = config.initial_cluster.iter().map(|(_, urls)| member_id(urls, token, None)).collect();
     let mut unique = ids.clone();
     unique.sort();
     unique.dedup();
     if unique.len() != ids.len() {
-        return Err(anyhow!(
-            "--initial-cluster has members with identical peer URLs"
-        ));
+        return Err(anyhow!("--initial-cluster has members with identical peer URLs"));
     }
     let id = member_id(&config.initial_advertise_peer_urls, token, None);
-    Ok((id, cluster_id(&ids), false))
+    Ok((id, cluster_id(&ids), Bootstrap::New))
+}
+
+/// How this start relates to the data dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bootstrap {
+    /// First start of a member of a new cluster.
+    New,
+    /// First start of a member added to a running cluster.
+    Join,
+    /// Restart from an existing data dir.
+    Restart,
 }
 
 fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
@@ -160,17 +191,75 @@ fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
     Ok(c.validate()?)
 }
 
+/// The TLS acceptor for one side: certificate files if given, else a
+/// self-signed certificate under `fixtures` when auto TLS is on.
+fn tls_acceptor(
+    files: &Option<TlsFiles>,
+    auto: bool,
+    fixtures: &std::path::Path,
+    listen: &[String],
+    advertise: &[String],
+) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    if let Some(files) = files {
+        return Ok(Some(transport::server_tls(files)?));
+    }
+    if !auto {
+        return Ok(None);
+    }
+    let mut hosts: Vec<String> = listen.iter().chain(advertise).filter_map(|u| host_of(u)).collect();
+    hosts.sort();
+    hosts.dedup();
+    Ok(Some(transport::server_tls(&transport::self_signed(fixtures, &hosts)?)?))
+}
+
+/// One listener per address: `http://` and `https://` URLs naming the same
+/// address share a port, as etcd allows.
+fn listeners(urls: &[String], tls: &Option<tokio_rustls::TlsAcceptor>) -> anyhow::Result<Vec<(String, Security)>> {
+    let mut by_address: Vec<(transport::Address, String, bool, bool)> = Vec::new();
+    for url in urls {
+        let (secure, address) = transport::parse_address(url)?;
+        match by_address.iter_mut().find(|(a, ..)| *a == address) {
+            Some((_, _, plain, tls)) => {
+                *plain |= !secure;
+                *tls |= secure;
+            }
+            None => by_address.push((address, url.clone(), !secure, secure)),
+        }
+    }
+    by_address
+        .into_iter()
+        .map(|(_, url, plain, secure)| {
+            let security = match (plain, secure, tls) {
+                (_, false, _) => Security::Plain,
+                (true, true, Some(a)) => Security::Both(a.clone()),
+                (false, true, Some(a)) => Security::Tls(a.clone()),
+                (_, true, None) => return Err(anyhow!("{url}: TLS is not configured")),
+            };
+            Ok((url, security))
+        })
+        .collect()
+}
+
 /// Opens storage, starts Raft and the servers, and returns once the
 /// member has joined its cluster and serves clients.
 pub async fn start(config: Config) -> anyhow::Result<Node> {
     let member_dir = config.data_dir.join("member");
     let db_dir = member_dir.join("db");
     let snap_dir = member_dir.join("snap");
-    std::fs::create_dir_all(&db_dir)
-        .with_context(|| format!("cannot create data dir {}", db_dir.display()))?;
+    std::fs::create_dir_all(&db_dir).with_context(|| format!("cannot create data dir {}", db_dir.display()))?;
     let engine: SharedEngine = Arc::new(RocksEngine::open(&db_dir)?);
 
-    let (id, cid, restarted) = identity(&engine, &config)?;
+    let peer_tls_client = match (&config.peer_tls, config.peer_auto_tls) {
+        (Some(files), _) => match &files.trusted_ca {
+            Some(ca) => Some(transport::verified_client_tls(ca, Some(files))?),
+            None => Some(transport::insecure_client_tls(Some(files))?),
+        },
+        (None, true) => Some(transport::insecure_client_tls(None)?),
+        (None, false) => None,
+    };
+    let connector = PeerConnector { tls: peer_tls_client, connect_timeout: Duration::from_secs(1) };
+    let peers = Arc::new(PeerClients::new(connector));
+    let (id, cid, bootstrap) = identity(&engine, &config, &peers).await?;
     tracing::info!(
         name = %config.name,
         data_dir = %config.data_dir.display(),
@@ -183,58 +272,26 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let mvcc = Arc::new(MvccStore::open(engine.clone())?);
     let members = Arc::new(MemberRegistry::load(&engine)?);
     let compactor: Arc<dyn Compactor> = Arc::new(CompactionThread::start(mvcc.clone())?);
-    let applier = Applier::new(
-        engine.clone(),
-        mvcc.clone(),
-        members.clone(),
-        Arc::new(NoWatchers),
-        compactor,
-    );
-    let reloader = Arc::new(Reloader {
-        engine: engine.clone(),
-        mvcc: mvcc.clone(),
-        members: members.clone(),
-    });
+    let applier = Applier::new(engine.clone(), mvcc.clone(), members.clone(), Arc::new(NoWatchers), compactor);
+    let reloader = Arc::new(Reloader { engine: engine.clone(), mvcc: mvcc.clone(), members: members.clone() });
     let state_machine = StateMachine::open(engine.clone(), applier, snap_dir, reloader)?;
     let log_store = LogStore::open(engine.clone())?;
 
-    let peer_tls_client = if config.peer_auto_tls {
-        Some(transport::insecure_client_tls()?)
-    } else {
-        None
-    };
-    let connector = PeerConnector {
-        tls: peer_tls_client,
-        connect_timeout: Duration::from_secs(1),
-    };
-    let peers = Arc::new(PeerClients::new(connector));
-    let network = NetworkFactory {
-        clients: peers.clone(),
-    };
-    let raft = Raft::new(
-        id,
-        Arc::new(raft_config(&config)?),
-        network,
-        log_store.clone(),
-        state_machine.clone(),
-    )
-    .await
-    .map_err(|e| anyhow!("cannot start raft: {e}"))?;
+    let network = NetworkFactory { clients: peers.clone() };
+    let raft = Raft::new(id, Arc::new(raft_config(&config)?), network, log_store.clone(), state_machine.clone())
+        .await
+        .map_err(|e| anyhow!("cannot start raft: {e}"))?;
 
-    if !restarted {
-        let mut nodes = BTreeMap::new();
-        for (_, urls) in &config.initial_cluster {
-            nodes.insert(
-                member_id(urls, &config.initial_cluster_token, None),
-                MemberNode {
-                    peer_urls: urls.clone(),
-                },
-            );
-        }
-        if !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {
-            raft.initialize(nodes)
-                .await
-                .map_err(|e| anyhow!("cannot bootstrap the cluster: {e}"))?;
+    if bootstrap != Bootstrap::Restart {
+        if bootstrap == Bootstrap::New && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {
+            let mut nodes = BTreeMap::new();
+            for (_, urls) in &config.initial_cluster {
+                nodes.insert(
+                    member_id(urls, &config.initial_cluster_token, None),
+                    MemberNode { peer_urls: urls.clone() },
+                );
+            }
+            raft.initialize(nodes).await.map_err(|e| anyhow!("cannot bootstrap the cluster: {e}"))?;
         }
         let mut b = WriteBatch::new();
         b.put(Table::RaftState, LOCAL_IDENTITY, codec::encode(&(id, cid))?);
@@ -252,6 +309,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         log_store,
         members,
         peers,
+        transfer_gate: tokio::sync::RwLock::new(()),
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -263,26 +321,13 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     };
 
     // Peers first: the rest of the cluster needs us to elect a leader.
-    let peer_tls = if config.peer_auto_tls {
-        let mut hosts: Vec<String> = config
-            .listen_peer_urls
-            .iter()
-            .filter_map(|u| host_of(u))
-            .collect();
-        hosts.extend(
-            config
-                .initial_advertise_peer_urls
-                .iter()
-                .filter_map(|u| host_of(u)),
-        );
-        hosts.sort();
-        hosts.dedup();
-        let files: TlsFiles =
-            transport::self_signed(&config.data_dir.join("fixtures").join("peer"), &hosts)?;
-        Some(transport::server_tls(&files)?)
-    } else {
-        None
-    };
+    let peer_tls = tls_acceptor(
+        &config.peer_tls,
+        config.peer_auto_tls,
+        &config.data_dir.join("fixtures").join("peer"),
+        &config.listen_peer_urls,
+        &config.initial_advertise_peer_urls,
+    )?;
     let peer_router = tonic::service::Routes::new(
         RaftPeerServer::new(PeerService::new(server.clone()))
             .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -291,43 +336,20 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     .prepare()
     .into_axum_router();
     let mut peer_addrs = Vec::new();
-    for url in &config.listen_peer_urls {
-        let listener = transport::bind(url)
-            .await
-            .with_context(|| format!("cannot listen on peer URL {url}"))?;
+    for (url, security) in listeners(&config.listen_peer_urls, &peer_tls)? {
+        let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on peer URL {url}"))?;
         peer_addrs.extend(listener.local_addr());
-        let secure = url.starts_with("https") || url.starts_with("unixs");
-        let tls = if secure { peer_tls.clone() } else { None };
         tracing::info!(address = %url, "listening for peers");
-        tasks.push(tokio::spawn(transport::serve(
-            listener,
-            tls,
-            peer_router.clone(),
-            http2,
-            shutdown_rx.clone(),
-        )));
+        tasks.push(tokio::spawn(transport::serve(listener, security, peer_router.clone(), http2, shutdown_rx.clone())));
     }
 
-    let client_tls = if config.client_auto_tls {
-        let mut hosts: Vec<String> = config
-            .listen_client_urls
-            .iter()
-            .filter_map(|u| host_of(u))
-            .collect();
-        hosts.extend(
-            config
-                .advertise_client_urls
-                .iter()
-                .filter_map(|u| host_of(u)),
-        );
-        hosts.sort();
-        hosts.dedup();
-        let files =
-            transport::self_signed(&config.data_dir.join("fixtures").join("client"), &hosts)?;
-        Some(transport::server_tls(&files)?)
-    } else {
-        None
-    };
+    let client_tls = tls_acceptor(
+        &config.client_tls,
+        config.client_auto_tls,
+        &config.data_dir.join("fixtures").join("client"),
+        &config.listen_client_urls,
+        &config.advertise_client_urls,
+    )?;
     let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let mut routes = tonic::service::Routes::new(
         KvServer::new(api::kv::KvService::new(server.clone()))
@@ -338,8 +360,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         .add_service(WatchServer::new(api::watch::WatchService).max_decoding_message_size(max_msg))
         .add_service(LeaseServer::new(api::lease::LeaseService).max_decoding_message_size(max_msg))
         .add_service(
-            ClusterServer::new(api::cluster::ClusterService::new(server.clone()))
-                .max_decoding_message_size(max_msg),
+            ClusterServer::new(api::cluster::ClusterService::new(server.clone())).max_decoding_message_size(max_msg),
         )
         .add_service(
             MaintenanceServer::new(api::maintenance::MaintenanceService::new(server.clone()))
@@ -347,21 +368,15 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         )
         .add_service(AuthServer::new(api::auth::AuthService).max_decoding_message_size(max_msg))
         .add_service(LockServer::new(api::lock::LockService).max_decoding_message_size(max_msg))
-        .add_service(
-            ElectionServer::new(api::election::ElectionService).max_decoding_message_size(max_msg),
-        );
+        .add_service(ElectionServer::new(api::election::ElectionService).max_decoding_message_size(max_msg));
     let client_router = routes.prepare().into_axum_router();
     let mut client_addrs = Vec::new();
-    for url in &config.listen_client_urls {
-        let listener = transport::bind(url)
-            .await
-            .with_context(|| format!("cannot listen on client URL {url}"))?;
+    for (url, security) in listeners(&config.listen_client_urls, &client_tls)? {
+        let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on client URL {url}"))?;
         client_addrs.extend(listener.local_addr());
-        let secure = url.starts_with("https") || url.starts_with("unixs");
-        let tls = if secure { client_tls.clone() } else { None };
         tasks.push(tokio::spawn(transport::serve(
             listener,
-            tls,
+            security,
             client_router.clone(),
             http2,
             shutdown_rx.clone(),
@@ -378,21 +393,17 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         let _ = raft.trigger().elect().await;
     }
 
+    {
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move { s.promote_caught_up().await }));
+    }
+
     publish(&server).await?;
-    tracing::info!(
-        cluster_version = ETCD_CLUSTER_VERSION,
-        "enabled capabilities for version {ETCD_CLUSTER_VERSION}"
-    );
+    tracing::info!(cluster_version = ETCD_CLUSTER_VERSION, "enabled capabilities for version {ETCD_CLUSTER_VERSION}");
     for url in &config.listen_client_urls {
         tracing::info!(address = %url, "ready to serve client requests");
     }
-    Ok(Node {
-        server,
-        shutdown_tx,
-        tasks,
-        client_addrs,
-        peer_addrs,
-    })
+    Ok(Node { server, shutdown_tx, tasks, client_addrs, peer_addrs })
 }
 
 /// Announces this member's name and client URLs through Raft (etcd's
@@ -402,16 +413,16 @@ async fn publish(server: &Arc<Server>) -> anyhow::Result<()> {
         member_id: server.id,
         name: server.config.name.clone(),
         client_urls: server.config.advertise_client_urls.clone(),
+        is_learner: false,
     };
-    if server.members.get(server.id).as_ref() == Some(&attrs) {
+    let current = server.members.get(server.id);
+    if current.is_some_and(|c| c.name == attrs.name && c.client_urls == attrs.client_urls) {
         tracing::info!(member_id = %format!("{:x}", server.id), "published local member to cluster");
         return Ok(());
     }
     loop {
-        let req = InternalRequest {
-            header: None,
-            request: Some(internal_request::Request::PublishMember(attrs.clone())),
-        };
+        let req =
+            InternalRequest { header: None, request: Some(internal_request::Request::PublishMember(attrs.clone())) };
         match server.propose(req).await {
             Ok(_) => {
                 tracing::info!(
@@ -422,6 +433,9 @@ async fn publish(server: &Arc<Server>) -> anyhow::Result<()> {
                 return Ok(());
             }
             Err(crate::error::Error::Stopped) => return Err(anyhow!("stopped before publishing")),
+            Err(_) if server.members.is_removed(server.id) || *server.peers.subscribe_removed().borrow() => {
+                return Err(anyhow!("the member has been permanently removed from the cluster"));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "failed to publish local member to cluster; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -434,19 +448,33 @@ impl Node {
     /// Stops serving, shuts Raft down and makes every write durable.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown_tx.send(true);
+        // Servers stop accepting at once and close connections gracefully;
+        // background loops are simply cancelled.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+            t.abort();
         }
-        self.server
-            .raft
-            .shutdown()
-            .await
-            .map_err(|e| anyhow!("raft shutdown: {e}"))?;
-        self.server.engine.sync()?;
+        self.server.raft.shutdown().await.map_err(|e| anyhow!("raft shutdown: {e}"))?;
+        self.server.engine.close()?;
         Ok(())
     }
 
     pub fn data_dir(&self) -> PathBuf {
         self.server.config.data_dir.clone()
+    }
+
+    /// Resolves once this member learns that the cluster removed it.
+    pub async fn removed(&self) {
+        let mut from_peers = self.server.peers.subscribe_removed();
+        let mut removals = self.server.members.subscribe_removals();
+        loop {
+            if *from_peers.borrow_and_update() || self.server.members.is_removed(self.server.id) {
+                return;
+            }
+            tokio::select! {
+                r = from_peers.changed() => if r.is_err() { std::future::pending::<()>().await },
+                r = removals.changed() => if r.is_err() { std::future::pending::<()>().await },
+            }
+        }
     }
 }

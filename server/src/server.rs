@@ -32,6 +32,9 @@ pub struct Server {
     pub log_store: LogStore,
     pub members: Arc<MemberRegistry>,
     pub peers: Arc<PeerClients>,
+    /// Held for writing while leadership moves to another member: new
+    /// proposals and read-index requests on this member wait meanwhile.
+    pub transfer_gate: tokio::sync::RwLock<()>,
 }
 
 impl Server {
@@ -50,12 +53,7 @@ impl Server {
 
     /// etcd's response header: cluster, member, revision, term.
     pub fn header(&self, revision: i64) -> ResponseHeader {
-        ResponseHeader {
-            cluster_id: self.cluster_id,
-            member_id: self.id,
-            revision,
-            raft_term: self.term(),
-        }
+        ResponseHeader { cluster_id: self.cluster_id, member_id: self.id, revision, raft_term: self.term() }
     }
 
     /// Fills the identity fields of a header an apply produced; a zero
@@ -94,12 +92,11 @@ impl Server {
         }
         let deadline = Instant::now() + self.request_timeout();
         let resp = loop {
-            match tokio::time::timeout_at(
-                deadline.into(),
-                self.raft.client_write(Command(req.clone())),
-            )
-            .await
-            {
+            let written = {
+                let _gate = self.transfer_gate.read().await;
+                tokio::time::timeout_at(deadline.into(), self.raft.client_write(Command(req.clone()))).await
+            };
+            match written {
                 Err(_) => return Err(Error::Timeout),
                 Ok(Ok(written)) => break written.data.0,
                 Ok(Err(RaftError::Fatal(_))) => return Err(Error::Stopped),
@@ -110,11 +107,7 @@ impl Server {
                         continue;
                     };
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    match self
-                        .peers
-                        .forward(leader, &node, req.clone(), remaining)
-                        .await
-                    {
+                    match self.peers.forward(leader, &node, req.clone(), remaining).await {
                         Ok((resp, index)) => {
                             self.wait_applied(index, deadline).await?;
                             break resp;
@@ -146,12 +139,11 @@ impl Server {
     /// returns the apply result and its log index.
     pub async fn propose_local(&self, req: InternalRequest) -> Result<(InternalResponse, u64)> {
         let deadline = Instant::now() + self.request_timeout();
+        let _gate = self.transfer_gate.read().await;
         match tokio::time::timeout_at(deadline.into(), self.raft.client_write(Command(req))).await {
             Err(_) => Err(Error::Timeout),
             Ok(Ok(written)) => Ok((written.data.0, written.log_id.index)),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(Error::NotLeader)
-            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(Error::NotLeader),
             Ok(Err(RaftError::Fatal(_))) => Err(Error::Stopped),
             Ok(Err(RaftError::APIError(e))) => Err(Error::Internal(e.to_string())),
         }
@@ -174,6 +166,7 @@ impl Server {
     /// The index a linearizable read must wait for, decided by the leader
     /// after confirming its leadership with a quorum.
     pub async fn read_index_local(&self) -> Result<u64> {
+        let _gate = self.transfer_gate.read().await;
         match self.raft.get_read_log_id().await {
             Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
             Err(RaftError::APIError(_)) => Err(Error::NotLeader),
@@ -202,14 +195,7 @@ impl Server {
                     Err(e) => return Err(e),
                 }
             } else {
-                let node = self
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .get_node(&leader)
-                    .cloned();
+                let node = self.raft.metrics().borrow().membership_config.membership().get_node(&leader).cloned();
                 let Some(node) = node else {
                     self.wait_for_leader(deadline).await?;
                     continue;

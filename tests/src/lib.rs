@@ -22,10 +22,7 @@ pub fn keel_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap_or_default();
     // target/release/deps/<test> -> target/release/keel
-    exe.parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("keel"))
-        .unwrap_or_else(|| PathBuf::from("target/release/keel"))
+    exe.parent().and_then(Path::parent).map(|d| d.join("keel")).unwrap_or_else(|| PathBuf::from("target/release/keel"))
 }
 
 /// Real etcd from Debian's etcd-server, the reference implementation.
@@ -73,12 +70,7 @@ pub struct ClusterOptions {
 
 impl ClusterOptions {
     pub fn keel(size: usize) -> Self {
-        Self {
-            size,
-            binary: keel_bin(),
-            extra_args: Vec::new(),
-            token: "keel-test".into(),
-        }
+        Self { size, binary: keel_bin(), extra_args: Vec::new(), token: "keel-test".into() }
     }
 
     pub fn args(mut self, args: &[&str]) -> Self {
@@ -111,10 +103,7 @@ impl Cluster {
                 log_offset: 0,
             });
         }
-        let initial: Vec<String> = members
-            .iter()
-            .map(|m| format!("{}={}", m.name, m.peer_url))
-            .collect();
+        let initial: Vec<String> = members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
         for m in &mut members {
             m.args = vec![
                 "--name".into(),
@@ -136,11 +125,7 @@ impl Cluster {
             ];
             m.args.extend(opts.extra_args.iter().cloned());
         }
-        let mut cluster = Cluster {
-            binary: opts.binary,
-            _dir: dir,
-            members,
-        };
+        let mut cluster = Cluster { binary: opts.binary, _dir: dir, members };
         for i in 0..cluster.members.len() {
             cluster.spawn(i)?;
         }
@@ -153,10 +138,7 @@ impl Cluster {
     fn spawn(&mut self, i: usize) -> Result<()> {
         let binary = self.binary.clone();
         let m = &mut self.members[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&m.log)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&m.log)?;
         m.log_offset = log.metadata()?.len();
         let child = Command::new(&binary)
             .args(&m.args)
@@ -183,10 +165,7 @@ impl Cluster {
             }
             if let Some(child) = m.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    bail!(
-                        "{} exited with {status} before becoming ready; log:\n{fresh}",
-                        m.name
-                    );
+                    bail!("{} exited with {status} before becoming ready; log:\n{fresh}", m.name);
                 }
             }
             if Instant::now() > deadline {
@@ -197,10 +176,7 @@ impl Cluster {
     }
 
     fn pid(&self, i: usize) -> Result<Pid> {
-        let child = self.members[i]
-            .child
-            .as_ref()
-            .ok_or_else(|| anyhow!("member {i} is not running"))?;
+        let child = self.members[i].child.as_ref().ok_or_else(|| anyhow!("member {i} is not running"))?;
         Ok(Pid::from_raw(child.id() as i32))
     }
 
@@ -216,10 +192,7 @@ impl Cluster {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self, i: usize) -> Result<std::process::ExitStatus> {
         kill(self.pid(i)?, Signal::SIGTERM)?;
-        let mut c = self.members[i]
-            .child
-            .take()
-            .ok_or_else(|| anyhow!("not running"))?;
+        let mut c = self.members[i].child.take().ok_or_else(|| anyhow!("not running"))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = c.try_wait()? {
@@ -260,38 +233,17 @@ impl Cluster {
 
     /// Client URLs of all members, comma-separated (etcdctl --endpoints).
     pub fn endpoints(&self) -> String {
-        self.members
-            .iter()
-            .map(|m| m.client_url.clone())
-            .collect::<Vec<_>>()
-            .join(",")
+        self.members.iter().map(|m| m.client_url.clone()).collect::<Vec<_>>().join(",")
     }
 
     /// Runs etcdctl (API v3) against the given members.
-    pub fn etcdctl_at(
-        &self,
-        members: &[usize],
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<Output> {
-        let endpoints: Vec<String> = members
-            .iter()
-            .map(|&i| self.members[i].client_url.clone())
-            .collect();
+    pub fn etcdctl_at(&self, members: &[usize], args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        let endpoints: Vec<String> = members.iter().map(|&i| self.members[i].client_url.clone()).collect();
         let mut cmd = Command::new(etcdctl_bin());
-        cmd.env("ETCDCTL_API", "3")
-            .arg("--endpoints")
-            .arg(endpoints.join(","))
-            .args(args);
-        cmd.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
+        cmd.env("ETCDCTL_API", "3").arg("--endpoints").arg(endpoints.join(",")).args(args);
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .context("cannot run etcdctl (install etcd-client)")?;
+        let mut child = cmd.spawn().context("cannot run etcdctl (install etcd-client)")?;
         if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
             use std::io::Write;
             pipe.write_all(input.as_bytes())?;

@@ -10,8 +10,8 @@ use keel_proto::etcdserverpb::{
     compare::{CompareTarget, TargetUnion},
     kv_client::KvClient,
     range_request::{SortOrder, SortTarget},
-    request_op, CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest,
-    RequestOp, ResponseHeader, TxnRequest,
+    request_op, CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, ResponseHeader,
+    TxnRequest,
 };
 use keel_tests::{etcd_bin, Cluster, ClusterOptions};
 use prost::Message;
@@ -39,8 +39,8 @@ impl Gen {
         // Enough keys that sorted ranges exceed 12 entries, where Go's sort
         // stops being an insertion sort and ties land in its own order.
         const KEYS: [&str; 18] = [
-            "a", "a/1", "a/2", "a/3", "a/4", "a/5", "a/6", "b", "b/x", "b/y", "c", "c/1", "c/2",
-            "d", "e", "f", "foo", "g",
+            "a", "a/1", "a/2", "a/3", "a/4", "a/5", "a/6", "b", "b/x", "b/y", "c", "c/1", "c/2", "d", "e", "f", "foo",
+            "g",
         ];
         Bytes::from(KEYS[self.rng.gen_range(0..KEYS.len())])
     }
@@ -76,45 +76,17 @@ impl Gen {
         RangeRequest {
             key,
             range_end,
-            limit: if self.rng.gen_bool(0.3) {
-                self.rng.gen_range(0..4)
-            } else {
-                0
-            },
+            limit: if self.rng.gen_bool(0.3) { self.rng.gen_range(0..4) } else { 0 },
             revision: self.revision(),
-            sort_order: if sorted {
-                self.rng.gen_range(0..3)
-            } else {
-                SortOrder::None as i32
-            },
-            sort_target: if sorted {
-                self.rng.gen_range(0..5)
-            } else {
-                SortTarget::Key as i32
-            },
+            sort_order: if sorted { self.rng.gen_range(0..3) } else { SortOrder::None as i32 },
+            sort_target: if sorted { self.rng.gen_range(0..5) } else { SortTarget::Key as i32 },
             serializable: self.rng.gen_bool(0.3),
             keys_only: self.rng.gen_bool(0.2),
             count_only: self.rng.gen_bool(0.1),
-            min_mod_revision: if self.rng.gen_bool(0.1) {
-                self.rng.gen_range(0..=self.rev)
-            } else {
-                0
-            },
-            max_mod_revision: if self.rng.gen_bool(0.1) {
-                self.rng.gen_range(0..=self.rev)
-            } else {
-                0
-            },
-            min_create_revision: if self.rng.gen_bool(0.1) {
-                self.rng.gen_range(0..=self.rev)
-            } else {
-                0
-            },
-            max_create_revision: if self.rng.gen_bool(0.1) {
-                self.rng.gen_range(0..=self.rev)
-            } else {
-                0
-            },
+            min_mod_revision: if self.rng.gen_bool(0.1) { self.rng.gen_range(0..=self.rev) } else { 0 },
+            max_mod_revision: if self.rng.gen_bool(0.1) { self.rng.gen_range(0..=self.rev) } else { 0 },
+            min_create_revision: if self.rng.gen_bool(0.1) { self.rng.gen_range(0..=self.rev) } else { 0 },
+            max_create_revision: if self.rng.gen_bool(0.1) { self.rng.gen_range(0..=self.rev) } else { 0 },
         }
     }
 
@@ -142,11 +114,7 @@ impl Gen {
         if in_txn && range_end.as_ref() == b"\0" {
             range_end = Bytes::new();
         }
-        DeleteRangeRequest {
-            key,
-            range_end,
-            prev_kv: self.rng.gen_bool(0.5),
-        }
+        DeleteRangeRequest { key, range_end, prev_kv: self.rng.gen_bool(0.5) }
     }
 
     fn compare(&mut self) -> Compare {
@@ -155,20 +123,14 @@ impl Gen {
             CompareTarget::Version => TargetUnion::Version(self.rng.gen_range(0..3)),
             CompareTarget::Create => TargetUnion::CreateRevision(self.rng.gen_range(0..=self.rev)),
             CompareTarget::Mod => TargetUnion::ModRevision(self.rng.gen_range(0..=self.rev)),
-            CompareTarget::Value => {
-                TargetUnion::Value(Bytes::from(format!("v{}", self.rng.gen_range(0..5))))
-            }
+            CompareTarget::Value => TargetUnion::Value(Bytes::from(format!("v{}", self.rng.gen_range(0..5)))),
             CompareTarget::Lease => TargetUnion::Lease(0),
         };
         let key = self.key();
         Compare {
             result: self.rng.gen_range(0..4),
             target,
-            range_end: if self.rng.gen_bool(0.2) {
-                self.range_end(&key)
-            } else {
-                Bytes::new()
-            },
+            range_end: if self.rng.gen_bool(0.2) { self.range_end(&key) } else { Bytes::new() },
             key,
             target_union: Some(target_union),
         }
@@ -184,9 +146,7 @@ impl Gen {
                     2 => request_op::Request::RequestDeleteRange(self.delete(true)),
                     _ => request_op::Request::RequestTxn(self.txn(depth + 1)),
                 };
-                RequestOp {
-                    request: Some(request),
-                }
+                RequestOp { request: Some(request) }
             })
             .collect()
     }
@@ -206,10 +166,7 @@ impl Gen {
             6..=10 => Req::Put(self.put()),
             11..=12 => Req::Delete(self.delete(false)),
             13..=18 => Req::Txn(self.txn(0)),
-            _ => Req::Compact(CompactionRequest {
-                revision: self.revision().max(1),
-                physical: self.rng.gen_bool(0.5),
-            }),
+            _ => Req::Compact(CompactionRequest { revision: self.revision().max(1), physical: self.rng.gen_bool(0.5) }),
         }
     }
 }
@@ -277,19 +234,12 @@ async fn send(client: &mut KvClient<Channel>, req: &Req) -> (Result<Vec<u8>, (i3
 }
 
 async fn compare_runs(seed: u64, steps: usize) -> anyhow::Result<usize> {
-    let etcd = etcd_bin()
-        .ok_or_else(|| anyhow::anyhow!("real etcd not found at /usr/bin/etcd: run `make deps`"))?;
+    let etcd = etcd_bin().ok_or_else(|| anyhow::anyhow!("real etcd not found at /usr/bin/etcd: run `make deps`"))?;
     let keel = Cluster::start(1)?;
-    let reference = Cluster::start_with(ClusterOptions {
-        binary: etcd,
-        ..ClusterOptions::keel(1)
-    })?;
+    let reference = Cluster::start_with(ClusterOptions { binary: etcd, ..ClusterOptions::keel(1) })?;
     let mut k = KvClient::connect(keel.members[0].client_url.clone()).await?;
     let mut e = KvClient::connect(reference.members[0].client_url.clone()).await?;
-    let mut gen = Gen {
-        rng: StdRng::seed_from_u64(seed),
-        rev: 1,
-    };
+    let mut gen = Gen { rng: StdRng::seed_from_u64(seed), rev: 1 };
     let mut compared = 0;
     for step in 0..steps {
         let req = gen.next();
@@ -298,22 +248,18 @@ async fn compare_runs(seed: u64, steps: usize) -> anyhow::Result<usize> {
         if got != want {
             let decode = |r: &Result<Vec<u8>, (i32, String)>| -> String {
                 match (r, &req) {
-                    (Ok(b), Req::Range(_)) => format!(
-                        "{:?}",
-                        keel_proto::etcdserverpb::RangeResponse::decode(b.as_slice())
-                    ),
-                    (Ok(b), Req::Txn(_)) => format!(
-                        "{:?}",
-                        keel_proto::etcdserverpb::TxnResponse::decode(b.as_slice())
-                    ),
-                    (Ok(b), Req::Put(_)) => format!(
-                        "{:?}",
-                        keel_proto::etcdserverpb::PutResponse::decode(b.as_slice())
-                    ),
-                    (Ok(b), Req::Delete(_)) => format!(
-                        "{:?}",
-                        keel_proto::etcdserverpb::DeleteRangeResponse::decode(b.as_slice())
-                    ),
+                    (Ok(b), Req::Range(_)) => {
+                        format!("{:?}", keel_proto::etcdserverpb::RangeResponse::decode(b.as_slice()))
+                    }
+                    (Ok(b), Req::Txn(_)) => {
+                        format!("{:?}", keel_proto::etcdserverpb::TxnResponse::decode(b.as_slice()))
+                    }
+                    (Ok(b), Req::Put(_)) => {
+                        format!("{:?}", keel_proto::etcdserverpb::PutResponse::decode(b.as_slice()))
+                    }
+                    (Ok(b), Req::Delete(_)) => {
+                        format!("{:?}", keel_proto::etcdserverpb::DeleteRangeResponse::decode(b.as_slice()))
+                    }
                     (other, _) => format!("{other:?}"),
                 }
             };

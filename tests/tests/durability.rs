@@ -18,14 +18,8 @@ async fn write_keys(c: &Cluster, n: usize) -> anyhow::Result<Vec<(String, i64)>>
 
 async fn check_keys(c: &Cluster, acked: &[(String, i64)]) -> anyhow::Result<i64> {
     let mut client = Client::connect([c.members[0].client_url.as_str()], None).await?;
-    let resp = client
-        .get("key-", Some(GetOptions::new().with_prefix()))
-        .await?;
-    assert_eq!(
-        resp.kvs().len(),
-        acked.len(),
-        "every acknowledged key is present"
-    );
+    let resp = client.get("key-", Some(GetOptions::new().with_prefix())).await?;
+    assert_eq!(resp.kvs().len(), acked.len(), "every acknowledged key is present");
     for (kv, (key, rev)) in resp.kvs().iter().zip(acked) {
         assert_eq!(kv.key_str()?, key);
         assert_eq!(kv.mod_revision(), *rev, "{key} keeps its revision");
@@ -83,11 +77,7 @@ async fn crash_during_continuous_writes_loses_no_acknowledged_write() -> anyhow:
     let mut client = Client::connect([c.members[0].client_url.as_str()], None).await?;
     for (key, rev) in &acked {
         let resp = client.get(key.as_str(), None).await?;
-        assert_eq!(
-            resp.kvs().first().map(|kv| kv.mod_revision()),
-            Some(*rev),
-            "{key} was acknowledged"
-        );
+        assert_eq!(resp.kvs().first().map(|kv| kv.mod_revision()), Some(*rev), "{key} was acknowledged");
     }
     Ok(())
 }

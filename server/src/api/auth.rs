@@ -2,15 +2,13 @@
 
 use keel_proto::etcdserverpb::auth_server::Auth;
 use keel_proto::etcdserverpb::{
-    AuthDisableRequest, AuthDisableResponse, AuthEnableRequest, AuthEnableResponse,
-    AuthRoleAddRequest, AuthRoleAddResponse, AuthRoleDeleteRequest, AuthRoleDeleteResponse,
-    AuthRoleGetRequest, AuthRoleGetResponse, AuthRoleGrantPermissionRequest,
-    AuthRoleGrantPermissionResponse, AuthRoleListRequest, AuthRoleListResponse,
-    AuthRoleRevokePermissionRequest, AuthRoleRevokePermissionResponse, AuthStatusRequest,
-    AuthStatusResponse, AuthUserAddRequest, AuthUserAddResponse, AuthUserChangePasswordRequest,
-    AuthUserChangePasswordResponse, AuthUserDeleteRequest, AuthUserDeleteResponse,
-    AuthUserGetRequest, AuthUserGetResponse, AuthUserGrantRoleRequest, AuthUserGrantRoleResponse,
-    AuthUserListRequest, AuthUserListResponse, AuthUserRevokeRoleRequest,
+    AuthDisableRequest, AuthDisableResponse, AuthEnableRequest, AuthEnableResponse, AuthRoleAddRequest,
+    AuthRoleAddResponse, AuthRoleDeleteRequest, AuthRoleDeleteResponse, AuthRoleGetRequest, AuthRoleGetResponse,
+    AuthRoleGrantPermissionRequest, AuthRoleGrantPermissionResponse, AuthRoleListRequest, AuthRoleListResponse,
+    AuthRoleRevokePermissionRequest, AuthRoleRevokePermissionResponse, AuthStatusRequest, AuthStatusResponse,
+    AuthUserAddRequest, AuthUserAddResponse, AuthUserChangePasswordRequest, AuthUserChangePasswordResponse,
+    AuthUserDeleteRequest, AuthUserDeleteResponse, AuthUserGetRequest, AuthUserGetResponse, AuthUserGrantRoleRequest,
+    AuthUserGrantRoleResponse, AuthUserListRequest, AuthUserListResponse, AuthUserRevokeRoleRequest,
     AuthUserRevokeRoleResponse, AuthenticateRequest, AuthenticateResponse,
 };
 use tonic::{Request, Response, Status};
@@ -21,52 +19,31 @@ pub struct AuthService;
 
 #[tonic::async_trait]
 impl Auth for AuthService {
-    async fn auth_enable(
-        &self,
-        _r: Request<AuthEnableRequest>,
-    ) -> Result<Response<AuthEnableResponse>, Status> {
+    async fn auth_enable(&self, _r: Request<AuthEnableRequest>) -> Result<Response<AuthEnableResponse>, Status> {
         Err(unimplemented("Auth.AuthEnable"))
     }
 
-    async fn auth_disable(
-        &self,
-        _r: Request<AuthDisableRequest>,
-    ) -> Result<Response<AuthDisableResponse>, Status> {
+    async fn auth_disable(&self, _r: Request<AuthDisableRequest>) -> Result<Response<AuthDisableResponse>, Status> {
         Err(unimplemented("Auth.AuthDisable"))
     }
 
-    async fn auth_status(
-        &self,
-        _r: Request<AuthStatusRequest>,
-    ) -> Result<Response<AuthStatusResponse>, Status> {
+    async fn auth_status(&self, _r: Request<AuthStatusRequest>) -> Result<Response<AuthStatusResponse>, Status> {
         Err(unimplemented("Auth.AuthStatus"))
     }
 
-    async fn authenticate(
-        &self,
-        _r: Request<AuthenticateRequest>,
-    ) -> Result<Response<AuthenticateResponse>, Status> {
+    async fn authenticate(&self, _r: Request<AuthenticateRequest>) -> Result<Response<AuthenticateResponse>, Status> {
         Err(unimplemented("Auth.Authenticate"))
     }
 
-    async fn user_add(
-        &self,
-        _r: Request<AuthUserAddRequest>,
-    ) -> Result<Response<AuthUserAddResponse>, Status> {
+    async fn user_add(&self, _r: Request<AuthUserAddRequest>) -> Result<Response<AuthUserAddResponse>, Status> {
         Err(unimplemented("Auth.UserAdd"))
     }
 
-    async fn user_get(
-        &self,
-        _r: Request<AuthUserGetRequest>,
-    ) -> Result<Response<AuthUserGetResponse>, Status> {
+    async fn user_get(&self, _r: Request<AuthUserGetRequest>) -> Result<Response<AuthUserGetResponse>, Status> {
         Err(unimplemented("Auth.UserGet"))
     }
 
-    async fn user_list(
-        &self,
-        _r: Request<AuthUserListRequest>,
-    ) -> Result<Response<AuthUserListResponse>, Status> {
+    async fn user_list(&self, _r: Request<AuthUserListRequest>) -> Result<Response<AuthUserListResponse>, Status> {
         Err(unimplemented("Auth.UserList"))
     }
 
@@ -98,24 +75,15 @@ impl Auth for AuthService {
         Err(unimplemented("Auth.UserRevokeRole"))
     }
 
-    async fn role_add(
-        &self,
-        _r: Request<AuthRoleAddRequest>,
-    ) -> Result<Response<AuthRoleAddResponse>, Status> {
+    async fn role_add(&self, _r: Request<AuthRoleAddRequest>) -> Result<Response<AuthRoleAddResponse>, Status> {
         Err(unimplemented("Auth.RoleAdd"))
     }
 
-    async fn role_get(
-        &self,
-        _r: Request<AuthRoleGetRequest>,
-    ) -> Result<Response<AuthRoleGetResponse>, Status> {
+    async fn role_get(&self, _r: Request<AuthRoleGetRequest>) -> Result<Response<AuthRoleGetResponse>, Status> {
         Err(unimplemented("Auth.RoleGet"))
     }
 
-    async fn role_list(
-        &self,
-        _r: Request<AuthRoleListRequest>,
-    ) -> Result<Response<AuthRoleListResponse>, Status> {
+    async fn role_list(&self, _r: Request<AuthRoleListRequest>) -> Result<Response<AuthRoleListResponse>, Status> {
         Err(unimplemented("Auth.RoleList"))
     }
 

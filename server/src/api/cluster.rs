@@ -1,18 +1,18 @@
-//! etcdserverpb.Cluster: the member list from Raft's membership and the
-//! published member attributes.
+//! etcdserverpb.Cluster: membership changes run on the leader (see
+//! `membership.rs`); the member list combines Raft's membership with the
+//! published member records.
 
 use std::sync::Arc;
 
 use keel_proto::etcdserverpb::cluster_server::Cluster;
 use keel_proto::etcdserverpb::{
-    MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
-    MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse,
-    MemberUpdateRequest, MemberUpdateResponse,
+    MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
+    MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
 };
 use tonic::{Request, Response, Status};
 
-use super::errors::unimplemented;
 use crate::server::Server;
+use keel_proto::keelpb::{cluster_change_request::Change, ClusterChangeRequest};
 
 pub struct ClusterService {
     server: Arc<Server>,
@@ -24,54 +24,50 @@ impl ClusterService {
     }
 }
 
+impl ClusterService {
+    fn member_list(&self) -> Vec<keel_proto::etcdserverpb::Member> {
+        let membership = self.server.raft.metrics().borrow().membership_config.membership().clone();
+        self.server.members.members(&membership)
+    }
+
+    async fn change(&self, change: Change) -> Result<Option<keel_proto::etcdserverpb::Member>, Status> {
+        Ok(self.server.cluster_change(ClusterChangeRequest { change: Some(change) }).await?)
+    }
+
+    fn header(&self) -> Option<keel_proto::etcdserverpb::ResponseHeader> {
+        Some(self.server.header(self.server.mvcc.current_rev()))
+    }
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn member_add(
-        &self,
-        _req: Request<MemberAddRequest>,
-    ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(unimplemented("Cluster.MemberAdd"))
+    async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        let member = self.change(Change::Add(req.into_inner())).await?;
+        Ok(Response::new(MemberAddResponse { header: self.header(), member, members: self.member_list() }))
     }
 
-    async fn member_remove(
-        &self,
-        _req: Request<MemberRemoveRequest>,
-    ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(unimplemented("Cluster.MemberRemove"))
+    async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.change(Change::Remove(req.into_inner())).await?;
+        Ok(Response::new(MemberRemoveResponse { header: self.header(), members: self.member_list() }))
     }
 
-    async fn member_update(
-        &self,
-        _req: Request<MemberUpdateRequest>,
-    ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(unimplemented("Cluster.MemberUpdate"))
+    async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.change(Change::Update(req.into_inner())).await?;
+        Ok(Response::new(MemberUpdateResponse { header: self.header(), members: self.member_list() }))
     }
 
-    async fn member_list(
-        &self,
-        req: Request<MemberListRequest>,
-    ) -> Result<Response<MemberListResponse>, Status> {
+    async fn member_list(&self, req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
         if req.get_ref().linearizable {
             self.server.linearizable_barrier().await?;
         }
-        let membership = self
-            .server
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .clone();
-        Ok(Response::new(MemberListResponse {
-            header: Some(self.server.header(self.server.mvcc.current_rev())),
-            members: self.server.members.members(&membership),
-        }))
+        Ok(Response::new(MemberListResponse { header: self.header(), members: self.member_list() }))
     }
 
     async fn member_promote(
         &self,
-        _req: Request<MemberPromoteRequest>,
+        req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(unimplemented("Cluster.MemberPromote"))
+        self.change(Change::Promote(req.into_inner())).await?;
+        Ok(Response::new(MemberPromoteResponse { header: self.header(), members: self.member_list() }))
     }
 }

@@ -5,8 +5,8 @@ use std::pin::Pin;
 use futures::Stream;
 use keel_proto::v3electionpb::election_server::Election;
 use keel_proto::v3electionpb::{
-    CampaignRequest, CampaignResponse, LeaderRequest, LeaderResponse, ProclaimRequest,
-    ProclaimResponse, ResignRequest, ResignResponse,
+    CampaignRequest, CampaignResponse, LeaderRequest, LeaderResponse, ProclaimRequest, ProclaimResponse, ResignRequest,
+    ResignResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -16,17 +16,11 @@ pub struct ElectionService;
 
 #[tonic::async_trait]
 impl Election for ElectionService {
-    async fn campaign(
-        &self,
-        _r: Request<CampaignRequest>,
-    ) -> Result<Response<CampaignResponse>, Status> {
+    async fn campaign(&self, _r: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
         Err(unimplemented("Election.Campaign"))
     }
 
-    async fn proclaim(
-        &self,
-        _r: Request<ProclaimRequest>,
-    ) -> Result<Response<ProclaimResponse>, Status> {
+    async fn proclaim(&self, _r: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
         Err(unimplemented("Election.Proclaim"))
     }
 
@@ -36,10 +30,7 @@ impl Election for ElectionService {
 
     type ObserveStream = Pin<Box<dyn Stream<Item = Result<LeaderResponse, Status>> + Send>>;
 
-    async fn observe(
-        &self,
-        _r: Request<LeaderRequest>,
-    ) -> Result<Response<Self::ObserveStream>, Status> {
+    async fn observe(&self, _r: Request<LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
         Err(unimplemented("Election.Observe"))
     }
 

@@ -14,26 +14,11 @@ pub fn code_and_message(e: &Error) -> (Code, String) {
         Error::KeyNotFound => (InvalidArgument, "etcdserver: key not found"),
         Error::ValueProvided => (InvalidArgument, "etcdserver: value is provided"),
         Error::LeaseProvided => (InvalidArgument, "etcdserver: lease is provided"),
-        Error::TooManyOps => (
-            InvalidArgument,
-            "etcdserver: too many operations in txn request",
-        ),
-        Error::DuplicateKey => (
-            InvalidArgument,
-            "etcdserver: duplicate key given in txn request",
-        ),
-        Error::Compacted => (
-            OutOfRange,
-            "etcdserver: mvcc: required revision has been compacted",
-        ),
-        Error::FutureRevision => (
-            OutOfRange,
-            "etcdserver: mvcc: required revision is a future revision",
-        ),
-        Error::NoSpace => (
-            ResourceExhausted,
-            "etcdserver: mvcc: database space exceeded",
-        ),
+        Error::TooManyOps => (InvalidArgument, "etcdserver: too many operations in txn request"),
+        Error::DuplicateKey => (InvalidArgument, "etcdserver: duplicate key given in txn request"),
+        Error::Compacted => (OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
+        Error::FutureRevision => (OutOfRange, "etcdserver: mvcc: required revision is a future revision"),
+        Error::NoSpace => (ResourceExhausted, "etcdserver: mvcc: database space exceeded"),
         Error::RequestTooLarge => (InvalidArgument, "etcdserver: request is too large"),
         Error::TooManyRequests => (ResourceExhausted, "etcdserver: too many requests"),
         Error::LeaseNotFound => (NotFound, "etcdserver: requested lease not found"),
@@ -41,52 +26,29 @@ pub fn code_and_message(e: &Error) -> (Code, String) {
         Error::LeaseTtlTooLarge => (OutOfRange, "etcdserver: too large lease TTL"),
         Error::MemberExists => (FailedPrecondition, "etcdserver: member ID already exist"),
         Error::PeerUrlExists => (FailedPrecondition, "etcdserver: Peer URLs already exists"),
-        Error::MemberNotEnoughStarted => (
-            FailedPrecondition,
-            "etcdserver: re-configuration failed due to not enough started members",
-        ),
+        Error::MemberNotEnoughStarted => {
+            (FailedPrecondition, "etcdserver: re-configuration failed due to not enough started members")
+        }
         Error::MemberBadUrls => (InvalidArgument, "etcdserver: given member URLs are invalid"),
         Error::MemberNotFound => (NotFound, "etcdserver: member not found"),
-        Error::MemberNotLearner => (
-            FailedPrecondition,
-            "etcdserver: can only promote a learner member",
-        ),
-        Error::LearnerNotReady => (
-            FailedPrecondition,
-            "etcdserver: can only promote a learner member which is in sync with leader",
-        ),
-        Error::TooManyLearners => (
-            FailedPrecondition,
-            "etcdserver: too many learner members in cluster",
-        ),
+        Error::MemberNotLearner => (FailedPrecondition, "etcdserver: can only promote a learner member"),
+        Error::LearnerNotReady => {
+            (FailedPrecondition, "etcdserver: can only promote a learner member which is in sync with leader")
+        }
+        Error::TooManyLearners => (FailedPrecondition, "etcdserver: too many learner members in cluster"),
         Error::RootUserNotExist => (FailedPrecondition, "etcdserver: root user does not exist"),
-        Error::RootRoleNotExist => (
-            FailedPrecondition,
-            "etcdserver: root user does not have root role",
-        ),
+        Error::RootRoleNotExist => (FailedPrecondition, "etcdserver: root user does not have root role"),
         Error::UserAlreadyExists => (FailedPrecondition, "etcdserver: user name already exists"),
         Error::UserEmpty => (InvalidArgument, "etcdserver: user name is empty"),
         Error::UserNotFound => (FailedPrecondition, "etcdserver: user name not found"),
         Error::RoleAlreadyExists => (FailedPrecondition, "etcdserver: role name already exists"),
         Error::RoleNotFound => (FailedPrecondition, "etcdserver: role name not found"),
         Error::RoleEmpty => (InvalidArgument, "etcdserver: role name is empty"),
-        Error::AuthFailed => (
-            InvalidArgument,
-            "etcdserver: authentication failed, invalid user ID or password",
-        ),
+        Error::AuthFailed => (InvalidArgument, "etcdserver: authentication failed, invalid user ID or password"),
         Error::PermissionDenied => (PermissionDenied, "etcdserver: permission denied"),
-        Error::RoleNotGranted => (
-            FailedPrecondition,
-            "etcdserver: role is not granted to the user",
-        ),
-        Error::PermissionNotGranted => (
-            FailedPrecondition,
-            "etcdserver: permission is not granted to the role",
-        ),
-        Error::AuthNotEnabled => (
-            FailedPrecondition,
-            "etcdserver: authentication is not enabled",
-        ),
+        Error::RoleNotGranted => (FailedPrecondition, "etcdserver: role is not granted to the user"),
+        Error::PermissionNotGranted => (FailedPrecondition, "etcdserver: permission is not granted to the role"),
+        Error::AuthNotEnabled => (FailedPrecondition, "etcdserver: authentication is not enabled"),
         Error::InvalidAuthToken => (Unauthenticated, "etcdserver: invalid auth token"),
         Error::InvalidAuthMgmt => (InvalidArgument, "etcdserver: invalid auth management"),
         Error::AuthOldRevision => (InvalidArgument, "etcdserver: revision of auth store is old"),
@@ -96,17 +58,14 @@ pub fn code_and_message(e: &Error) -> (Code, String) {
         Error::NotCapable => (Unavailable, "etcdserver: not capable"),
         Error::Stopped => (Unavailable, "etcdserver: server stopped"),
         Error::Timeout => (Unavailable, "etcdserver: request timed out"),
-        Error::TimeoutDueToLeaderFail => (
-            Unavailable,
-            "etcdserver: request timed out, possibly due to previous leader failure",
-        ),
+        Error::TimeoutDueToLeaderFail => {
+            (Unavailable, "etcdserver: request timed out, possibly due to previous leader failure")
+        }
         Error::Unhealthy => (Unavailable, "etcdserver: unhealthy cluster"),
         Error::Corrupt => (DataLoss, "etcdserver: corrupt cluster"),
         Error::NotSupportedForLearner => (Unavailable, "etcdserver: rpc not supported for learner"),
         Error::BadLeaderTransferee => (FailedPrecondition, "etcdserver: bad leader transferee"),
-        Error::Unimplemented(rpc) => {
-            return (Unimplemented, format!("{rpc} is not implemented by keel"))
-        }
+        Error::Unimplemented(rpc) => return (Unimplemented, format!("{rpc} is not implemented by keel")),
         Error::InvalidArgument(m) => return (InvalidArgument, m.clone()),
         Error::Storage(m) => return (Internal, format!("etcdserver: storage: {m}")),
         Error::Internal(m) => return (Internal, format!("etcdserver: {m}")),

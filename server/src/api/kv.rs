@@ -6,13 +6,10 @@ use std::sync::Arc;
 
 use keel_proto::etcdserverpb::kv_server::Kv;
 use keel_proto::etcdserverpb::{
-    request_op::Request, CompactionRequest, CompactionResponse, DeleteRangeRequest,
-    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
-    TxnRequest, TxnResponse,
+    request_op::Request, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
 };
-use keel_proto::keelpb::{
-    internal_request, internal_response::Response as Applied, InternalRequest,
-};
+use keel_proto::keelpb::{internal_request, internal_response::Response as Applied, InternalRequest};
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use crate::apply::kv as semantics;
@@ -108,14 +105,9 @@ fn check_intervals<'a>(ops: &'a [RequestOp]) -> Result<(Vec<&'a [u8]>, Vec<Inter
     let mut dels: Vec<Interval<'a>> = ops
         .iter()
         .filter_map(|op| match &op.request {
-            Some(Request::RequestDeleteRange(d)) => Some(Interval {
-                start: &d.key,
-                end: if d.range_end.is_empty() {
-                    None
-                } else {
-                    Some(&d.range_end)
-                },
-            }),
+            Some(Request::RequestDeleteRange(d)) => {
+                Some(Interval { start: &d.key, end: if d.range_end.is_empty() { None } else { Some(&d.range_end) } })
+            }
             _ => None,
         })
         .collect();
@@ -156,10 +148,7 @@ fn check_intervals<'a>(ops: &'a [RequestOp]) -> Result<(Vec<&'a [u8]>, Vec<Inter
 }
 
 fn internal(req: internal_request::Request) -> InternalRequest {
-    InternalRequest {
-        header: None,
-        request: Some(req),
-    }
+    InternalRequest { header: None, request: Some(req) }
 }
 
 impl KvService {
@@ -185,48 +174,32 @@ impl KvService {
                 self.server.linearizable_barrier().await?;
             }
             let mvcc = self.server.mvcc.clone();
-            let mut resp =
-                tokio::task::spawn_blocking(move || semantics::txn_read(&mvcc.read()?, &t))
-                    .await
-                    .map_err(|e| Error::Internal(e.to_string()))??;
+            let mut resp = tokio::task::spawn_blocking(move || semantics::txn_read(&mvcc.read()?, &t))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
             self.server.fill_header(&mut resp.header);
             return Ok(resp);
         }
-        match self
-            .server
-            .propose(internal(internal_request::Request::Txn(t)))
-            .await?
-            .response
-        {
+        match self.server.propose(internal(internal_request::Request::Txn(t))).await?.response {
             Some(Applied::Txn(mut resp)) => {
                 self.server.fill_header(&mut resp.header);
                 Ok(resp)
             }
-            other => Err(Error::Internal(format!(
-                "unexpected apply result {other:?}"
-            ))),
+            other => Err(Error::Internal(format!("unexpected apply result {other:?}"))),
         }
     }
 }
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn range(
-        &self,
-        req: GrpcRequest<RangeRequest>,
-    ) -> Result<Response<RangeResponse>, Status> {
+    async fn range(&self, req: GrpcRequest<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         Ok(Response::new(self.range_inner(req.into_inner()).await?))
     }
 
     async fn put(&self, req: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let p = req.into_inner();
         check_put(&p)?;
-        match self
-            .server
-            .propose(internal(internal_request::Request::Put(p)))
-            .await?
-            .response
-        {
+        match self.server.propose(internal(internal_request::Request::Put(p))).await?.response {
             Some(Applied::Put(mut resp)) => {
                 self.server.fill_header(&mut resp.header);
                 Ok(Response::new(resp))
@@ -241,12 +214,7 @@ impl Kv for KvService {
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         let d = req.into_inner();
         check_delete(&d)?;
-        match self
-            .server
-            .propose(internal(internal_request::Request::DeleteRange(d)))
-            .await?
-            .response
-        {
+        match self.server.propose(internal(internal_request::Request::DeleteRange(d))).await?.response {
             Some(Applied::DeleteRange(mut resp)) => {
                 self.server.fill_header(&mut resp.header);
                 Ok(Response::new(resp))
@@ -259,18 +227,10 @@ impl Kv for KvService {
         Ok(Response::new(self.txn_inner(req.into_inner()).await?))
     }
 
-    async fn compact(
-        &self,
-        req: GrpcRequest<CompactionRequest>,
-    ) -> Result<Response<CompactionResponse>, Status> {
+    async fn compact(&self, req: GrpcRequest<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let c = req.into_inner();
         let physical = c.physical;
-        match self
-            .server
-            .propose(internal(internal_request::Request::Compaction(c)))
-            .await?
-            .response
-        {
+        match self.server.propose(internal(internal_request::Request::Compaction(c))).await?.response {
             Some(Applied::Compaction(mut resp)) => {
                 if physical {
                     let mvcc = self.server.mvcc.clone();
@@ -293,12 +253,7 @@ mod tests {
     use keel_proto::etcdserverpb::Compare;
 
     fn put(k: &str) -> RequestOp {
-        RequestOp {
-            request: Some(Request::RequestPut(PutRequest {
-                key: k.to_string().into(),
-                ..Default::default()
-            })),
-        }
+        RequestOp { request: Some(Request::RequestPut(PutRequest { key: k.to_string().into(), ..Default::default() })) }
     }
 
     fn del(k: &str, end: &str) -> RequestOp {
@@ -312,51 +267,26 @@ mod tests {
     }
 
     fn txn(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
-        RequestOp {
-            request: Some(Request::RequestTxn(TxnRequest {
-                compare: vec![],
-                success,
-                failure,
-            })),
-        }
+        RequestOp { request: Some(Request::RequestTxn(TxnRequest { compare: vec![], success, failure })) }
     }
 
     #[test]
     fn duplicate_puts_and_put_in_deleted_range_are_rejected() {
-        assert_eq!(
-            check_intervals(&[put("a"), put("a")]).err(),
-            Some(Error::DuplicateKey)
-        );
-        assert_eq!(
-            check_intervals(&[del("a", "c"), put("b")]).err(),
-            Some(Error::DuplicateKey)
-        );
+        assert_eq!(check_intervals(&[put("a"), put("a")]).err(), Some(Error::DuplicateKey));
+        assert_eq!(check_intervals(&[del("a", "c"), put("b")]).err(), Some(Error::DuplicateKey));
         assert!(check_intervals(&[del("a", "c"), put("c")]).is_ok());
-        assert_eq!(
-            check_intervals(&[put("a"), txn(vec![put("a")], vec![])]).err(),
-            Some(Error::DuplicateKey)
-        );
+        assert_eq!(check_intervals(&[put("a"), txn(vec![put("a")], vec![])]).err(), Some(Error::DuplicateKey));
         // Both branches of a nested txn may write the same key.
         assert!(check_intervals(&[txn(vec![put("a")], vec![put("a")])]).is_ok());
-        assert_eq!(
-            check_intervals(&[del("a", ""), txn(vec![put("a")], vec![])]).err(),
-            Some(Error::DuplicateKey)
-        );
+        assert_eq!(check_intervals(&[del("a", ""), txn(vec![put("a")], vec![])]).err(), Some(Error::DuplicateKey));
     }
 
     #[test]
     fn op_count_limit_counts_the_widest_branch() {
-        let t = TxnRequest {
-            compare: vec![],
-            success: (0..3).map(|i| put(&i.to_string())).collect(),
-            failure: vec![],
-        };
+        let t = TxnRequest { compare: vec![], success: (0..3).map(|i| put(&i.to_string())).collect(), failure: vec![] };
         assert!(check_txn(&t, 3).is_ok());
         assert_eq!(check_txn(&t, 2).err(), Some(Error::TooManyOps));
-        let empty_compare = TxnRequest {
-            compare: vec![Compare::default()],
-            ..Default::default()
-        };
+        let empty_compare = TxnRequest { compare: vec![Compare::default()], ..Default::default() };
         assert_eq!(check_txn(&empty_compare, 10).err(), Some(Error::EmptyKey));
     }
 }

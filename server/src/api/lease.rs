@@ -5,9 +5,8 @@ use std::pin::Pin;
 use futures::Stream;
 use keel_proto::etcdserverpb::lease_server::Lease;
 use keel_proto::etcdserverpb::{
-    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
-    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
-    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
+    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -17,22 +16,15 @@ pub struct LeaseService;
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
-    async fn lease_grant(
-        &self,
-        _r: Request<LeaseGrantRequest>,
-    ) -> Result<Response<LeaseGrantResponse>, Status> {
+    async fn lease_grant(&self, _r: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
         Err(unimplemented("Lease.LeaseGrant"))
     }
 
-    async fn lease_revoke(
-        &self,
-        _r: Request<LeaseRevokeRequest>,
-    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+    async fn lease_revoke(&self, _r: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
         Err(unimplemented("Lease.LeaseRevoke"))
     }
 
-    type LeaseKeepAliveStream =
-        Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+    type LeaseKeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
 
     async fn lease_keep_alive(
         &self,
@@ -48,10 +40,7 @@ impl Lease for LeaseService {
         Err(unimplemented("Lease.LeaseTimeToLive"))
     }
 
-    async fn lease_leases(
-        &self,
-        _r: Request<LeaseLeasesRequest>,
-    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+    async fn lease_leases(&self, _r: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
         Err(unimplemented("Lease.LeaseLeases"))
     }
 }

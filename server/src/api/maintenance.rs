@@ -7,9 +7,9 @@ use std::sync::Arc;
 use futures::Stream;
 use keel_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_proto::etcdserverpb::{
-    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest,
-    DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
-    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest, DowngradeResponse,
+    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -36,24 +36,13 @@ impl Maintenance for MaintenanceService {
         Err(unimplemented("Maintenance.Alarm"))
     }
 
-    async fn status(
-        &self,
-        _req: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let s = &self.server;
         let size = s.engine.size().map_err(Error::from)?;
         let metrics = s.raft.metrics().borrow().clone();
-        let is_learner = !metrics
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|id| id == s.id);
-        let raft_index = s
-            .log_store
-            .last_index()
-            .map_err(Error::from)?
-            .unwrap_or(0)
-            .max(s.state_machine.applied_index());
+        let is_learner = s.members.is_learner(s.id, metrics.membership_config.membership());
+        let raft_index =
+            s.log_store.last_index().map_err(Error::from)?.unwrap_or(0).max(s.state_machine.applied_index());
         Ok(Response::new(StatusResponse {
             header: Some(s.header(s.mvcc.current_rev())),
             version: ETCD_API_VERSION.to_string(),
@@ -70,10 +59,7 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn defragment(
-        &self,
-        _req: Request<DefragmentRequest>,
-    ) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         Err(unimplemented("Maintenance.Defragment"))
     }
 
@@ -81,33 +67,22 @@ impl Maintenance for MaintenanceService {
         Err(unimplemented("Maintenance.Hash"))
     }
 
-    async fn hash_kv(
-        &self,
-        _req: Request<HashKvRequest>,
-    ) -> Result<Response<HashKvResponse>, Status> {
+    async fn hash_kv(&self, _req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
         Err(unimplemented("Maintenance.HashKV"))
     }
 
     type SnapshotStream = SnapshotStream;
 
-    async fn snapshot(
-        &self,
-        _req: Request<SnapshotRequest>,
-    ) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         Err(unimplemented("Maintenance.Snapshot"))
     }
 
-    async fn move_leader(
-        &self,
-        _req: Request<MoveLeaderRequest>,
-    ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(unimplemented("Maintenance.MoveLeader"))
+    async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.server.move_leader(req.into_inner().target_id).await?;
+        Ok(Response::new(MoveLeaderResponse { header: Some(self.server.header(self.server.mvcc.current_rev())) }))
     }
 
-    async fn downgrade(
-        &self,
-        _req: Request<DowngradeRequest>,
-    ) -> Result<Response<DowngradeResponse>, Status> {
+    async fn downgrade(&self, _req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
         Err(unimplemented("Maintenance.Downgrade"))
     }
 }

@@ -15,10 +15,7 @@ pub struct WatchService;
 impl Watch for WatchService {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
-    async fn watch(
-        &self,
-        _r: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, _r: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         Err(unimplemented("Watch.Watch"))
     }
 }

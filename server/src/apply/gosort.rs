@@ -109,11 +109,7 @@ impl<T, F: Fn(&T, &T) -> bool> Sorter<'_, T, F> {
                 pivot = (b - 1) - (pivot - a);
                 hint = Hint::Increasing;
             }
-            if was_balanced
-                && was_partitioned
-                && hint == Hint::Increasing
-                && self.partial_insertion_sort(a, b)
-            {
+            if was_balanced && was_partitioned && hint == Hint::Increasing && self.partial_insertion_sort(a, b) {
                 return;
             }
             if a > 0 && !self.less(a - 1, pivot) {
@@ -323,9 +319,9 @@ mod tests {
     }
 
     const GO_TIE_ORDER: [u16; 60] = [
-        40, 30, 55, 10, 20, 5, 50, 0, 35, 45, 15, 25, 38, 13, 58, 23, 8, 33, 18, 48, 53, 43, 28, 3,
-        31, 36, 26, 1, 56, 51, 21, 6, 46, 11, 41, 16, 49, 24, 14, 39, 59, 34, 54, 4, 44, 9, 29, 19,
-        47, 7, 37, 32, 52, 17, 42, 2, 22, 57, 27, 12,
+        40, 30, 55, 10, 20, 5, 50, 0, 35, 45, 15, 25, 38, 13, 58, 23, 8, 33, 18, 48, 53, 43, 28, 3, 31, 36, 26, 1, 56,
+        51, 21, 6, 46, 11, 41, 16, 49, 24, 14, 39, 59, 34, 54, 4, 44, 9, 29, 19, 47, 7, 37, 32, 52, 17, 42, 2, 22, 57,
+        27, 12,
     ];
 
     /// A larger input sorted in reverse (sort.Reverse), with many ties and
@@ -335,11 +331,7 @@ mod tests {
     fn large_reverse_sort_matches_go() {
         let mut w: Vec<(u64, u64)> = (0..1000u64)
             .map(|i| {
-                let k = if i > 600 {
-                    (1000 - i) % 3
-                } else {
-                    (i * i * 31 + 7) % 11
-                };
+                let k = if i > 600 { (1000 - i) % 3 } else { (i * i * 31 + 7) % 11 };
                 (k, i)
             })
             .collect();

@@ -12,8 +12,8 @@ use keel_proto::etcdserverpb::{
     range_request::{SortOrder, SortTarget},
     request_op::Request,
     response_op::Response,
-    Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
-    RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
+    ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use keel_proto::mvccpb::KeyValue;
 
@@ -37,38 +37,22 @@ pub fn range_end(end: &[u8]) -> Option<&[u8]> {
 }
 
 fn header(rev: i64) -> Option<ResponseHeader> {
-    Some(ResponseHeader {
-        revision: rev,
-        ..Default::default()
-    })
+    Some(ResponseHeader { revision: rev, ..Default::default() })
 }
 
 /// Serves a RangeRequest from `view` exactly as etcd's applier does.
 pub fn range(view: &impl ReadView, r: &RangeRequest) -> Result<RangeResponse> {
     let sort_order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
     let sort_target = SortTarget::try_from(r.sort_target).unwrap_or(SortTarget::Key);
-    let filtered = r.min_mod_revision != 0
-        || r.max_mod_revision != 0
-        || r.min_create_revision != 0
-        || r.max_create_revision != 0;
+    let filtered =
+        r.min_mod_revision != 0 || r.max_mod_revision != 0 || r.min_create_revision != 0 || r.max_create_revision != 0;
     // Results come back in ascending key order; anything else needs every
     // key before truncating. One extra key tells whether there is `more`.
     let fetch_all = sort_order != SortOrder::None || filtered;
-    let limit = if fetch_all || r.limit <= 0 {
-        0
-    } else {
-        r.limit as usize + 1
-    };
+    let limit = if fetch_all || r.limit <= 0 { 0 } else { r.limit as usize + 1 };
 
-    let mut rr = view.range(
-        &r.key,
-        range_end(&r.range_end),
-        RangeOptions {
-            limit,
-            rev: r.revision,
-            count_only: r.count_only,
-        },
-    )?;
+    let mut rr =
+        view.range(&r.key, range_end(&r.range_end), RangeOptions { limit, rev: r.revision, count_only: r.count_only })?;
 
     if r.max_mod_revision != 0 {
         rr.kvs.retain(|kv| kv.mod_revision <= r.max_mod_revision);
@@ -77,19 +61,14 @@ pub fn range(view: &impl ReadView, r: &RangeRequest) -> Result<RangeResponse> {
         rr.kvs.retain(|kv| kv.mod_revision >= r.min_mod_revision);
     }
     if r.max_create_revision != 0 {
-        rr.kvs
-            .retain(|kv| kv.create_revision <= r.max_create_revision);
+        rr.kvs.retain(|kv| kv.create_revision <= r.max_create_revision);
     }
     if r.min_create_revision != 0 {
-        rr.kvs
-            .retain(|kv| kv.create_revision >= r.min_create_revision);
+        rr.kvs.retain(|kv| kv.create_revision >= r.min_create_revision);
     }
 
-    let order = if sort_target != SortTarget::Key && sort_order == SortOrder::None {
-        SortOrder::Ascend
-    } else {
-        sort_order
-    };
+    let order =
+        if sort_target != SortTarget::Key && sort_order == SortOrder::None { SortOrder::Ascend } else { sort_order };
     if order != SortOrder::None {
         let cmp = |a: &KeyValue, b: &KeyValue| -> Ordering {
             match sort_target {
@@ -116,21 +95,12 @@ pub fn range(view: &impl ReadView, r: &RangeRequest) -> Result<RangeResponse> {
             kv.value = Bytes::new();
         }
     }
-    Ok(RangeResponse {
-        header: header(rr.rev),
-        kvs: rr.kvs,
-        more,
-        count: rr.count,
-    })
+    Ok(RangeResponse { header: header(rr.rev), kvs: rr.kvs, more, count: rr.count })
 }
 
 /// The latest value of a single key as the view sees it.
 fn current(view: &impl ReadView, key: &[u8]) -> Result<Option<KeyValue>> {
-    Ok(view
-        .range(key, None, RangeOptions::default())?
-        .kvs
-        .into_iter()
-        .next())
+    Ok(view.range(key, None, RangeOptions::default())?.kvs.into_iter().next())
 }
 
 /// Applies a PutRequest inside `txn`. Lease existence must be checked by
@@ -138,11 +108,7 @@ fn current(view: &impl ReadView, key: &[u8]) -> Result<Option<KeyValue>> {
 pub fn put(txn: &mut WriteTxn<'_>, p: &PutRequest) -> Result<PutResponse> {
     let mut value = p.value.clone();
     let mut lease = p.lease;
-    let prev = if p.ignore_value || p.ignore_lease || p.prev_kv {
-        current(txn, &p.key)?
-    } else {
-        None
-    };
+    let prev = if p.ignore_value || p.ignore_lease || p.prev_kv { current(txn, &p.key)? } else { None };
     if p.ignore_value || p.ignore_lease {
         let Some(prev) = &prev else {
             return Err(Error::KeyNotFound);
@@ -155,25 +121,14 @@ pub fn put(txn: &mut WriteTxn<'_>, p: &PutRequest) -> Result<PutResponse> {
         }
     }
     txn.put(&p.key, value, lease);
-    Ok(PutResponse {
-        header: header(txn.write_rev()),
-        prev_kv: if p.prev_kv { prev } else { None },
-    })
+    Ok(PutResponse { header: header(txn.write_rev()), prev_kv: if p.prev_kv { prev } else { None } })
 }
 
 pub fn delete_range(txn: &mut WriteTxn<'_>, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
     let end = range_end(&d.range_end);
-    let prev_kvs = if d.prev_kv {
-        txn.range(&d.key, end, RangeOptions::default())?.kvs
-    } else {
-        Vec::new()
-    };
+    let prev_kvs = if d.prev_kv { txn.range(&d.key, end, RangeOptions::default())?.kvs } else { Vec::new() };
     let deleted = txn.delete_range(&d.key, end);
-    Ok(DeleteRangeResponse {
-        header: header(txn.write_rev()),
-        deleted,
-        prev_kvs,
-    })
+    Ok(DeleteRangeResponse { header: header(txn.write_rev()), deleted, prev_kvs })
 }
 
 /// The checks etcd makes before applying a put: ignore_* need an existing
@@ -202,21 +157,15 @@ fn check_range(view: &impl ReadView, r: &RangeRequest) -> Result<()> {
 
 /// Whether a txn can only read (etcd's isTxnReadonly: both branches).
 pub fn is_txn_readonly(t: &TxnRequest) -> bool {
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .all(|op| matches!(op.request, Some(Request::RequestRange(_))))
+    t.success.iter().chain(&t.failure).all(|op| matches!(op.request, Some(Request::RequestRange(_))))
 }
 
 /// Whether every range of a read-only txn is serializable.
 pub fn is_txn_serializable(t: &TxnRequest) -> bool {
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .all(|op| match &op.request {
-            Some(Request::RequestRange(r)) => r.serializable,
-            _ => false,
-        })
+    t.success.iter().chain(&t.failure).all(|op| match &op.request {
+        Some(Request::RequestRange(r)) => r.serializable,
+        _ => false,
+    })
 }
 
 fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
@@ -285,11 +234,7 @@ fn compare_path(view: &impl ReadView, t: &TxnRequest, path: &mut Vec<bool>) {
 
 /// Visits the requests on the taken path; returns how many path entries
 /// (nested txns) were consumed.
-fn visit_path(
-    t: &TxnRequest,
-    path: &[bool],
-    f: &mut dyn FnMut(&RequestOp) -> Result<()>,
-) -> Result<usize> {
+fn visit_path(t: &TxnRequest, path: &[bool], f: &mut dyn FnMut(&RequestOp) -> Result<()>) -> Result<usize> {
     let ops = if path[0] { &t.success } else { &t.failure };
     let mut used = 1;
     for op in ops {
@@ -311,10 +256,7 @@ pub fn txn_read(view: &impl ReadView, t: &TxnRequest) -> Result<TxnResponse> {
         _ => Ok(()),
     })?;
     let (resp, _) = exec_read(view, t, &path)?;
-    Ok(TxnResponse {
-        header: header(view.rev()),
-        ..resp
-    })
+    Ok(TxnResponse { header: header(view.rev()), ..resp })
 }
 
 fn exec_read(view: &impl ReadView, t: &TxnRequest, path: &[bool]) -> Result<(TxnResponse, usize)> {
@@ -327,33 +269,19 @@ fn exec_read(view: &impl ReadView, t: &TxnRequest, path: &[bool]) -> Result<(Txn
             Some(Request::RequestTxn(inner)) => {
                 let (resp, n) = exec_read(view, inner, &path[used..])?;
                 used += n;
-                Some(Response::ResponseTxn(TxnResponse {
-                    header: Some(ResponseHeader::default()),
-                    ..resp
-                }))
+                Some(Response::ResponseTxn(TxnResponse { header: Some(ResponseHeader::default()), ..resp }))
             }
             _ => None,
         };
         responses.push(ResponseOp { response });
     }
-    Ok((
-        TxnResponse {
-            header: None,
-            succeeded: path[0],
-            responses,
-        },
-        used,
-    ))
+    Ok((TxnResponse { header: None, succeeded: path[0], responses }, used))
 }
 
 /// Applies a txn that may write, inside the write transaction of its log
 /// entry. Every check runs before the first write, so a failing txn
 /// changes nothing.
-pub fn txn_write(
-    txn: &mut WriteTxn<'_>,
-    t: &TxnRequest,
-    leases: &impl LeaseLookup,
-) -> Result<TxnResponse> {
+pub fn txn_write(txn: &mut WriteTxn<'_>, t: &TxnRequest, leases: &impl LeaseLookup) -> Result<TxnResponse> {
     let mut path = Vec::new();
     compare_path(txn, t, &mut path);
     if !is_txn_readonly(t) {
@@ -371,17 +299,10 @@ pub fn txn_write(
         })?;
     }
     let (resp, _) = exec_write(txn, t, &path)?;
-    Ok(TxnResponse {
-        header: header(txn.write_rev()),
-        ..resp
-    })
+    Ok(TxnResponse { header: header(txn.write_rev()), ..resp })
 }
 
-fn exec_write(
-    txn: &mut WriteTxn<'_>,
-    t: &TxnRequest,
-    path: &[bool],
-) -> Result<(TxnResponse, usize)> {
+fn exec_write(txn: &mut WriteTxn<'_>, t: &TxnRequest, path: &[bool]) -> Result<(TxnResponse, usize)> {
     let ops = if path[0] { &t.success } else { &t.failure };
     let mut used = 1;
     let mut responses = Vec::with_capacity(ops.len());
@@ -389,27 +310,15 @@ fn exec_write(
         let response = match &op.request {
             Some(Request::RequestRange(r)) => Some(Response::ResponseRange(range(txn, r)?)),
             Some(Request::RequestPut(p)) => Some(Response::ResponsePut(put(txn, p)?)),
-            Some(Request::RequestDeleteRange(d)) => {
-                Some(Response::ResponseDeleteRange(delete_range(txn, d)?))
-            }
+            Some(Request::RequestDeleteRange(d)) => Some(Response::ResponseDeleteRange(delete_range(txn, d)?)),
             Some(Request::RequestTxn(inner)) => {
                 let (resp, n) = exec_write(txn, inner, &path[used..])?;
                 used += n;
-                Some(Response::ResponseTxn(TxnResponse {
-                    header: Some(ResponseHeader::default()),
-                    ..resp
-                }))
+                Some(Response::ResponseTxn(TxnResponse { header: Some(ResponseHeader::default()), ..resp }))
             }
             None => None,
         };
         responses.push(ResponseOp { response });
     }
-    Ok((
-        TxnResponse {
-            header: None,
-            succeeded: path[0],
-            responses,
-        },
-        used,
-    ))
+    Ok((TxnResponse { header: None, succeeded: path[0], responses }, used))
 }

@@ -10,14 +10,12 @@
 pub mod gosort;
 pub mod kv;
 
-use kv::LeaseLookup;
-
 use std::sync::Arc;
 
 use keel_proto::etcdserverpb::{CompactionResponse, ResponseHeader};
 use keel_proto::keelpb::{
-    internal_request::Request, internal_response::Response, ApplyError, Empty, InternalRequest,
-    InternalResponse,
+    internal_request::Request, internal_response::Response, ApplyError, Empty, InternalRequest, InternalResponse,
+    MemberAttributes,
 };
 use keel_proto::mvccpb::Event;
 
@@ -27,6 +25,7 @@ use crate::mvcc::{CompactionJob, MvccStore, WriteTxn};
 use crate::raft::{codec, LogId, StoredMembership};
 use crate::storage::keys::{META_APPLIED, META_MEMBERSHIP};
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
+use kv::LeaseLookup;
 
 /// Told about every committed revision, in order (the watch hub).
 pub trait CommitObserver: Send + Sync {
@@ -57,10 +56,7 @@ impl kv::LeaseLookup for NoLeases {
 
 fn error_response(e: &Error, rev: i64) -> InternalResponse {
     let (kind, detail) = e.apply_code();
-    InternalResponse {
-        response: Some(Response::Error(ApplyError { kind, detail })),
-        revision: rev,
-    }
+    InternalResponse { response: Some(Response::Error(ApplyError { kind, detail })), revision: rev }
 }
 
 fn storage_fatal(e: Error) -> StorageError {
@@ -84,13 +80,7 @@ impl Applier {
         observer: Arc<dyn CommitObserver>,
         compactor: Arc<dyn Compactor>,
     ) -> Self {
-        Self {
-            engine,
-            mvcc,
-            members,
-            observer,
-            compactor,
-        }
+        Self { engine, mvcc, members, observer, compactor }
     }
 
     pub fn mvcc(&self) -> &Arc<MvccStore> {
@@ -104,19 +94,43 @@ impl Applier {
         self.engine.write(b, false)
     }
 
-    pub fn apply_membership(
-        &self,
-        log_id: &LogId,
-        m: &StoredMembership,
-    ) -> Result<(), StorageError> {
+    /// Applies a membership entry: members that left it are recorded as
+    /// removed (and lose their records) in the same batch.
+    pub fn apply_membership(&self, log_id: &LogId, m: &StoredMembership) -> Result<(), StorageError> {
+        let previous: Option<StoredMembership> = match self.engine.get(Table::Meta, META_MEMBERSHIP)? {
+            Some(v) => Some(codec::decode(&v).map_err(|e| StorageError::Corruption(e.to_string()))?),
+            None => None,
+        };
         let mut b = WriteBatch::new();
         applied_put(&mut b, log_id)?;
-        b.put(
-            Table::Meta,
-            META_MEMBERSHIP,
-            codec::encode(m).map_err(|e| StorageError::Io(e.to_string()))?,
-        );
-        self.engine.write(b, false)
+        b.put(Table::Meta, META_MEMBERSHIP, codec::encode(m).map_err(|e| StorageError::Io(e.to_string()))?);
+        let removed: Vec<u64> = match &previous {
+            Some(prev) => prev
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .filter(|id| m.membership().get_node(id).is_none())
+                .collect(),
+            None => Vec::new(),
+        };
+        self.members.record_removed(&removed, &mut b);
+        self.engine.write(b, false)?;
+        if !removed.is_empty() {
+            let ids: Vec<String> = removed.iter().map(|id| format!("{id:x}")).collect();
+            tracing::info!(removed = ?ids, "removed members from the cluster");
+        }
+        self.members.reload(&self.engine)
+    }
+
+    /// Writes a member record change (publish, add, promote) with the
+    /// entry's applied id.
+    fn apply_member_record(&self, log_id: &LogId, attrs: MemberAttributes) -> Result<InternalResponse, StorageError> {
+        let mut b = WriteBatch::new();
+        applied_put(&mut b, log_id)?;
+        self.members.put(&attrs, &mut b);
+        self.engine.write(b, false)?;
+        self.members.reload(&self.engine)?;
+        Ok(InternalResponse { response: Some(Response::Empty(Empty {})), revision: self.mvcc.current_rev() })
     }
 
     /// Runs a KV write inside one write transaction; an etcd error leaves
@@ -148,21 +162,14 @@ impl Applier {
             self.observer.committed(committed.rev, &committed.events);
         }
         Ok(match outcome {
-            Ok(resp) => InternalResponse {
-                response: Some(resp),
-                revision: committed.rev,
-            },
+            Ok(resp) => InternalResponse { response: Some(resp), revision: committed.rev },
             Err(e) => error_response(&e, committed.rev),
         })
     }
 
     /// Applies one normal entry. `Err` means the member's storage failed
     /// and it must stop; etcd-level failures are in the response.
-    pub fn apply(
-        &self,
-        log_id: &LogId,
-        req: &InternalRequest,
-    ) -> Result<InternalResponse, StorageError> {
+    pub fn apply(&self, log_id: &LogId, req: &InternalRequest) -> Result<InternalResponse, StorageError> {
         let leases = NoLeases;
         match &req.request {
             Some(Request::Put(p)) => self.kv_write(log_id, |txn| {
@@ -173,12 +180,10 @@ impl Applier {
                 }
                 Ok(Response::Put(kv::put(txn, p)?))
             }),
-            Some(Request::DeleteRange(d)) => self.kv_write(log_id, |txn| {
-                Ok(Response::DeleteRange(kv::delete_range(txn, d)?))
-            }),
-            Some(Request::Txn(t)) => self.kv_write(log_id, |txn| {
-                Ok(Response::Txn(kv::txn_write(txn, t, &leases)?))
-            }),
+            Some(Request::DeleteRange(d)) => {
+                self.kv_write(log_id, |txn| Ok(Response::DeleteRange(kv::delete_range(txn, d)?)))
+            }
+            Some(Request::Txn(t)) => self.kv_write(log_id, |txn| Ok(Response::Txn(kv::txn_write(txn, t, &leases)?))),
             Some(Request::Compaction(c)) => {
                 let mut b = WriteBatch::new();
                 applied_put(&mut b, log_id)?;
@@ -190,10 +195,7 @@ impl Applier {
                         self.compactor.schedule(job);
                         InternalResponse {
                             response: Some(Response::Compaction(CompactionResponse {
-                                header: Some(ResponseHeader {
-                                    revision: rev,
-                                    ..Default::default()
-                                }),
+                                header: Some(ResponseHeader { revision: rev, ..Default::default() }),
                             })),
                             revision: rev,
                         }
@@ -203,15 +205,15 @@ impl Applier {
                 })
             }
             Some(Request::PublishMember(attrs)) => {
-                let mut b = WriteBatch::new();
-                applied_put(&mut b, log_id)?;
-                self.members.publish(attrs, &mut b);
-                self.engine.write(b, false)?;
-                self.members.apply_published(attrs);
-                Ok(InternalResponse {
-                    response: Some(Response::Empty(Empty {})),
-                    revision: self.mvcc.current_rev(),
-                })
+                // Publishing sets name and client URLs; the learner flag
+                // stays what MemberAdd/MemberPromote made it.
+                let is_learner = self.members.get(attrs.member_id).is_some_and(|a| a.is_learner);
+                self.apply_member_record(log_id, MemberAttributes { is_learner, ..attrs.clone() })
+            }
+            Some(Request::AddMember(attrs)) => self.apply_member_record(log_id, attrs.clone()),
+            Some(Request::PromoteMember(attrs)) => {
+                let current = self.members.get(attrs.member_id).unwrap_or_else(|| attrs.clone());
+                self.apply_member_record(log_id, MemberAttributes { is_learner: false, ..current })
             }
             other => {
                 self.apply_noop(log_id)?;
@@ -219,10 +221,7 @@ impl Applier {
                     None => "empty request",
                     Some(_) => "this request",
                 };
-                Ok(error_response(
-                    &Error::Unimplemented(name),
-                    self.mvcc.current_rev(),
-                ))
+                Ok(error_response(&Error::Unimplemented(name), self.mvcc.current_rev()))
             }
         }
     }

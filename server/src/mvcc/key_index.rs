@@ -55,29 +55,18 @@ pub struct KeyAt {
 
 impl Default for KeyIndex {
     fn default() -> Self {
-        Self {
-            modified: Revision::default(),
-            generations: vec![Generation::default()],
-            lease: 0,
-        }
+        Self { modified: Revision::default(), generations: vec![Generation::default()], lease: 0 }
     }
 }
 
 impl KeyIndex {
     /// Records a put at `rev`.
     pub fn put(&mut self, rev: Revision) {
-        debug_assert!(
-            rev > self.modified,
-            "revision {rev} not newer than {}",
-            self.modified
-        );
+        debug_assert!(rev > self.modified, "revision {rev} not newer than {}", self.modified);
         if self.generations.is_empty() {
             self.generations.push(Generation::default());
         }
-        let g = self
-            .generations
-            .last_mut()
-            .expect("at least one generation");
+        let g = self.generations.last_mut().expect("at least one generation");
         if g.revs.is_empty() {
             g.created = rev;
         }
@@ -89,11 +78,7 @@ impl KeyIndex {
     /// Rebuilds state for the first surviving revision of a key after
     /// compaction, when earlier revisions of the generation are gone.
     pub fn restore(&mut self, created: Revision, modified: Revision, version: i64) {
-        self.generations = vec![Generation {
-            version,
-            created,
-            revs: vec![modified],
-        }];
+        self.generations = vec![Generation { version, created, revs: vec![modified] }];
         self.modified = modified;
     }
 
@@ -156,11 +141,7 @@ impl KeyIndex {
     pub fn get(&self, at: i64) -> Option<KeyAt> {
         let g = self.generation_at(at)?;
         let n = g.newest_at(at)?;
-        Some(KeyAt {
-            modified: g.revs[n],
-            created: g.created,
-            version: g.version - (g.revs.len() - n - 1) as i64,
-        })
+        Some(KeyAt { modified: g.revs[n], created: g.created, version: g.version - (g.revs.len() - n - 1) as i64 })
     }
 
     /// Locates the generation and revision a compaction at `at` keeps:
@@ -222,10 +203,7 @@ impl KeyIndex {
 
     /// Every revision with `main >= since`, oldest first.
     pub fn revisions_since(&self, since: i64) -> impl Iterator<Item = Revision> + '_ {
-        self.generations
-            .iter()
-            .flat_map(|g| g.revs.iter().copied())
-            .filter(move |r| r.main >= since)
+        self.generations.iter().flat_map(|g| g.revs.iter().copied()).filter(move |r| r.main >= since)
     }
 }
 
@@ -237,10 +215,7 @@ pub struct TreeIndex {
 
 /// Bounds of a key range as etcd means them: no end is a single key, an
 /// empty end is "every key >= start".
-pub fn range_bounds<'a>(
-    start: &'a [u8],
-    end: Option<&'a [u8]>,
-) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
+pub fn range_bounds<'a>(start: &'a [u8], end: Option<&'a [u8]>) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
     match end {
         None => (Bound::Included(start), Bound::Included(start)),
         Some([]) => (Bound::Included(start), Bound::Unbounded),
@@ -266,12 +241,7 @@ impl TreeIndex {
     }
 
     /// Live keys in range at the latest revision, with their leases.
-    pub fn visit_live(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        mut f: impl FnMut(&[u8], &KeyIndex),
-    ) {
+    pub fn visit_live(&self, start: &[u8], end: Option<&[u8]>, mut f: impl FnMut(&[u8], &KeyIndex)) {
         if let Some(e) = end {
             if !e.is_empty() && e <= start {
                 return;
@@ -326,13 +296,7 @@ impl TreeIndex {
 
     /// Visits keys in `[start, end)` (see [`range_bounds`]) in key order
     /// that existed at revision `at`; stop by returning false.
-    pub fn visit_at(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        at: i64,
-        mut f: impl FnMut(&[u8], KeyAt) -> bool,
-    ) {
+    pub fn visit_at(&self, start: &[u8], end: Option<&[u8]>, at: i64, mut f: impl FnMut(&[u8], KeyAt) -> bool) {
         if let Some(e) = end {
             if !e.is_empty() && e <= start {
                 return;
@@ -403,49 +367,14 @@ mod tests {
     fn get_follows_generations() {
         let ki = sample();
         assert_eq!(ki.get(1), None);
-        assert_eq!(
-            ki.get(2),
-            Some(KeyAt {
-                modified: r(2),
-                created: r(2),
-                version: 1
-            })
-        );
-        assert_eq!(
-            ki.get(5),
-            Some(KeyAt {
-                modified: r(4),
-                created: r(2),
-                version: 2
-            })
-        );
+        assert_eq!(ki.get(2), Some(KeyAt { modified: r(2), created: r(2), version: 1 }));
+        assert_eq!(ki.get(5), Some(KeyAt { modified: r(4), created: r(2), version: 2 }));
         assert_eq!(ki.get(6), None, "deleted at 6");
         assert_eq!(ki.get(7), None);
-        assert_eq!(
-            ki.get(9),
-            Some(KeyAt {
-                modified: r(8),
-                created: r(8),
-                version: 1
-            })
-        );
-        assert_eq!(
-            ki.get(11),
-            Some(KeyAt {
-                modified: r(10),
-                created: r(8),
-                version: 2
-            })
-        );
+        assert_eq!(ki.get(9), Some(KeyAt { modified: r(8), created: r(8), version: 1 }));
+        assert_eq!(ki.get(11), Some(KeyAt { modified: r(10), created: r(8), version: 2 }));
         assert_eq!(ki.get(12), None);
-        assert_eq!(
-            ki.get(100),
-            Some(KeyAt {
-                modified: r(14),
-                created: r(14),
-                version: 1
-            })
-        );
+        assert_eq!(ki.get(100), Some(KeyAt { modified: r(14), created: r(14), version: 1 }));
     }
 
     #[test]
@@ -465,11 +394,7 @@ mod tests {
         ki.compact(5, &mut removed);
         assert_eq!(removed, vec![r(2)]);
         assert_eq!(ki.get(5).map(|k| k.modified), Some(r(4)));
-        assert_eq!(
-            ki.get(5).map(|k| k.version),
-            Some(2),
-            "version survives compaction"
-        );
+        assert_eq!(ki.get(5).map(|k| k.version), Some(2), "version survives compaction");
 
         // Compacting at the tombstone drops the whole first generation.
         removed.clear();
@@ -507,11 +432,7 @@ mod tests {
             compacted.compact(at, &mut removed);
             let all: Vec<Revision> = ki.revisions_since(0).collect();
             for rev in all.iter().filter(|rev| rev.main <= at) {
-                assert_eq!(
-                    keep.contains(rev),
-                    !removed.contains(rev),
-                    "at {at}, rev {rev}"
-                );
+                assert_eq!(keep.contains(rev), !removed.contains(rev), "at {at}, rev {rev}");
             }
         }
     }
@@ -523,19 +444,12 @@ mod tests {
             tree.put(*k, r(i as i64 + 1));
         }
         let keys = |end: Option<&[u8]>| -> Vec<Vec<u8>> {
-            tree.range_at(b"b", end, 10)
-                .into_iter()
-                .map(|(k, _)| k.to_vec())
-                .collect()
+            tree.range_at(b"b", end, 10).into_iter().map(|(k, _)| k.to_vec()).collect()
         };
         assert_eq!(keys(None), vec![b"b".to_vec()]);
         assert_eq!(keys(Some(b"")), vec![b"b".to_vec(), b"c".to_vec()]);
         assert_eq!(keys(Some(b"c")), vec![b"b".to_vec()]);
         assert!(keys(Some(b"a")).is_empty());
-        assert_eq!(
-            tree.range_at(b"a", Some(b""), 2).len(),
-            2,
-            "c did not exist at 2"
-        );
+        assert_eq!(tree.range_at(b"a", Some(b""), 2).len(), 2, "c did not exist at 2");
     }
 }

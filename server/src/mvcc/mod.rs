@@ -10,6 +10,4 @@ pub mod store;
 mod model_tests;
 
 pub use revision::Revision;
-pub use store::{
-    Committed, CompactionJob, MvccStore, RangeOptions, RangeResult, ReadTxn, ReadView, WriteTxn,
-};
+pub use store::{Committed, CompactionJob, MvccStore, RangeOptions, RangeResult, ReadTxn, ReadView, WriteTxn};

@@ -82,10 +82,7 @@ struct Model {
 impl Model {
     fn new() -> Self {
         // Revision 0 does not exist; a new store is at revision 1.
-        Self {
-            states: vec![BTreeMap::new(), BTreeMap::new()],
-            compact: -1,
-        }
+        Self { states: vec![BTreeMap::new(), BTreeMap::new()], compact: -1 }
     }
 
     fn rev(&self) -> i64 {
@@ -121,14 +118,7 @@ impl Model {
                 value: v,
                 lease,
             },
-            None => KeyValue {
-                key: k.clone(),
-                create_revision: rev,
-                mod_revision: rev,
-                version: 1,
-                value: v,
-                lease,
-            },
+            None => KeyValue { key: k.clone(), create_revision: rev, mod_revision: rev, version: 1, value: v, lease },
         };
         state.insert(k, kv);
     }
@@ -154,76 +144,43 @@ impl Model {
             .collect();
         let count = all.len() as i64;
         let more = limit > 0 && all.len() > limit as usize;
-        let kvs = if limit > 0 {
-            all.into_iter().take(limit as usize).collect()
-        } else {
-            all
-        };
+        let kvs = if limit > 0 { all.into_iter().take(limit as usize).collect() } else { all };
         Ok((kvs, count, more))
     }
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let engine: SharedEngine = Arc::new(MemoryEngine::new());
-    let mut store =
-        MvccStore::open(engine.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut store = MvccStore::open(engine.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut model = Model::new();
     for op in ops {
         match op {
-            Op::Put {
-                key: k,
-                value,
-                lease,
-            } => {
-                let req = PutRequest {
-                    key: key(k),
-                    value: Bytes::from(vec![value]),
-                    lease,
-                    ..Default::default()
-                };
-                let mut txn = store
-                    .write()
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let resp =
-                    kv::put(&mut txn, &req).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                txn.commit()
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            Op::Put { key: k, value, lease } => {
+                let req = PutRequest { key: key(k), value: Bytes::from(vec![value]), lease, ..Default::default() };
+                let mut txn = store.write().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let resp = kv::put(&mut txn, &req).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                txn.commit().map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let mut next = model.cur().clone();
                 model.put(&mut next, key(k), Bytes::from(vec![value]), lease);
                 model.commit(next, true);
                 prop_assert_eq!(resp.header.map(|h| h.revision), Some(model.rev()));
             }
             Op::Delete { key: k, end } => {
-                let req = DeleteRangeRequest {
-                    key: key(k),
-                    range_end: end.map(key).unwrap_or_default(),
-                    prev_kv: true,
-                };
-                let mut txn = store
-                    .write()
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let resp = kv::delete_range(&mut txn, &req)
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                txn.commit()
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let req =
+                    DeleteRangeRequest { key: key(k), range_end: end.map(key).unwrap_or_default(), prev_kv: true };
+                let mut txn = store.write().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let resp = kv::delete_range(&mut txn, &req).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                txn.commit().map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let mut next = model.cur().clone();
-                let doomed: Vec<Bytes> = next
-                    .keys()
-                    .filter(|kk| Model::in_range(kk, &key(k), &end.map(key)))
-                    .cloned()
-                    .collect();
+                let doomed: Vec<Bytes> =
+                    next.keys().filter(|kk| Model::in_range(kk, &key(k), &end.map(key))).cloned().collect();
                 let prev: Vec<KeyValue> = doomed.iter().filter_map(|d| next.remove(d)).collect();
                 model.commit(next, !prev.is_empty());
                 prop_assert_eq!(resp.deleted, prev.len() as i64);
                 prop_assert_eq!(resp.prev_kvs, prev);
                 prop_assert_eq!(resp.header.map(|h| h.revision), Some(model.rev()));
             }
-            Op::Txn {
-                key: k,
-                version,
-                put,
-                del,
-            } => {
+            Op::Txn { key: k, version, put, del } => {
                 let req = TxnRequest {
                     compare: vec![keel_proto::etcdserverpb::Compare {
                         result: compare::CompareResult::Equal as i32,
@@ -240,21 +197,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         })),
                     }],
                     failure: vec![RequestOp {
-                        request: Some(request_op::Request::RequestDeleteRange(
-                            DeleteRangeRequest {
-                                key: key(del),
-                                ..Default::default()
-                            },
-                        )),
+                        request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                            key: key(del),
+                            ..Default::default()
+                        })),
                     }],
                 };
-                let mut txn = store
-                    .write()
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let resp = kv::txn_write(&mut txn, &req, &AnyLease)
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                txn.commit()
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let mut txn = store.write().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let resp = kv::txn_write(&mut txn, &req, &AnyLease).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                txn.commit().map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let cur_version = model.cur().get(&key(k)).map_or(0, |kv| kv.version);
                 let mut next = model.cur().clone();
                 let ok = cur_version == version;
@@ -272,31 +223,18 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let at = model.rev() - back;
                 let mut b = WriteBatch::new();
                 let got = store.compact(at, &mut b);
-                let want = if at <= model.compact {
-                    Err(Error::Compacted)
-                } else {
-                    Ok(())
-                };
+                let want = if at <= model.compact { Err(Error::Compacted) } else { Ok(()) };
                 match got {
                     Ok(job) => {
                         prop_assert_eq!(want, Ok(()));
-                        engine
-                            .write(b, false)
-                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                        store
-                            .finish_compaction(job)
-                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        engine.write(b, false).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        store.finish_compaction(job).map_err(|e| TestCaseError::fail(e.to_string()))?;
                         model.compact = at;
                     }
                     Err(e) => prop_assert_eq!(want, Err(e)),
                 }
             }
-            Op::Range {
-                key: k,
-                end,
-                back,
-                limit,
-            } => {
+            Op::Range { key: k, end, back, limit } => {
                 let rev = if back < 0 {
                     model.rev() + 1
                 } else if back == 0 {
@@ -311,12 +249,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     limit,
                     ..Default::default()
                 };
-                let got = kv::range(
-                    &store
-                        .read()
-                        .map_err(|e| TestCaseError::fail(e.to_string()))?,
-                    &req,
-                );
+                let got = kv::range(&store.read().map_err(|e| TestCaseError::fail(e.to_string()))?, &req);
                 let want = model.range(&key(k), &end.map(key), rev, limit);
                 match (got, want) {
                     (Ok(g), Ok((kvs, count, more))) => {
@@ -326,18 +259,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         prop_assert_eq!(g.header.map(|h| h.revision), Some(model.rev()));
                     }
                     (Err(g), Err(w)) => prop_assert_eq!(g, w),
-                    (g, w) => prop_assert!(
-                        false,
-                        "store {:?} vs model {:?}",
-                        g.map(|r| r.count),
-                        w.map(|r| r.1)
-                    ),
+                    (g, w) => prop_assert!(false, "store {:?} vs model {:?}", g.map(|r| r.count), w.map(|r| r.1)),
                 }
             }
             Op::Reopen => {
                 drop(store);
-                store = MvccStore::open(engine.clone())
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                store = MvccStore::open(engine.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(store.current_rev(), model.rev());
             }
         }

@@ -54,12 +54,7 @@ mod tests {
 
     #[test]
     fn key_order_matches_revision_order() {
-        let revs = [
-            Revision::new(1, 0),
-            Revision::new(1, 1),
-            Revision::new(2, 0),
-            Revision::new(256, 3),
-        ];
+        let revs = [Revision::new(1, 0), Revision::new(1, 1), Revision::new(2, 0), Revision::new(256, 3)];
         for w in revs.windows(2) {
             assert!(w[0] < w[1]);
             assert!(w[0].to_key() < w[1].to_key());

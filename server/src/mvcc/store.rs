@@ -94,8 +94,7 @@ fn is_tombstone(kv: &KeyValue) -> bool {
 }
 
 fn decode_kv(bytes: &[u8]) -> Result<KeyValue> {
-    KeyValue::decode(bytes)
-        .map_err(|e| Error::Storage(format!("undecodable key-value record: {e}")))
+    KeyValue::decode(bytes).map_err(|e| Error::Storage(format!("undecodable key-value record: {e}")))
 }
 
 impl MvccStore {
@@ -106,10 +105,7 @@ impl MvccStore {
         let store = Self {
             engine,
             inner: RwLock::new(inner),
-            progress: Arc::new(CompactionProgress {
-                finished: Mutex::new(finished),
-                done: Condvar::new(),
-            }),
+            progress: Arc::new(CompactionProgress { finished: Mutex::new(finished), done: Condvar::new() }),
         };
         store.finish_interrupted(pending)?;
         Ok(store)
@@ -137,15 +133,11 @@ impl MvccStore {
     }
 
     fn read_inner(&self) -> Result<RwLockReadGuard<'_, Inner>> {
-        self.inner
-            .read()
-            .map_err(|_| Error::Internal("mvcc index lock poisoned".into()))
+        self.inner.read().map_err(|_| Error::Internal("mvcc index lock poisoned".into()))
     }
 
     fn write_inner(&self) -> Result<RwLockWriteGuard<'_, Inner>> {
-        self.inner
-            .write()
-            .map_err(|_| Error::Internal("mvcc index lock poisoned".into()))
+        self.inner.write().map_err(|_| Error::Internal("mvcc index lock poisoned".into()))
     }
 
     pub fn engine(&self) -> &SharedEngine {
@@ -170,11 +162,7 @@ impl MvccStore {
     /// A read view at the latest revision.
     pub fn read(&self) -> Result<ReadTxn<'_>> {
         let inner = self.read_inner()?;
-        Ok(ReadTxn {
-            store: self,
-            rev: inner.current_rev,
-            compact_rev: inner.compact_rev,
-        })
+        Ok(ReadTxn { store: self, rev: inner.current_rev, compact_rev: inner.compact_rev })
     }
 
     /// Starts the single write transaction. Writers must not overlap; the
@@ -250,16 +238,8 @@ impl MvccStore {
             }
             true
         });
-        let kvs = if opts.count_only {
-            Vec::new()
-        } else {
-            self.fetch(&selected, pending)?
-        };
-        Ok(RangeResult {
-            kvs,
-            count,
-            rev: cur_rev,
-        })
+        let kvs = if opts.count_only { Vec::new() } else { self.fetch(&selected, pending)? };
+        Ok(RangeResult { kvs, count, rev: cur_rev })
     }
 
     /// Waits until the background deletion of a compaction at `rev` (or a
@@ -298,11 +278,7 @@ impl MvccStore {
         }
         inner.compact_rev = rev;
         let removed = inner.index.compact(rev);
-        batch.put(
-            Table::Meta,
-            META_COMPACT_SCHEDULED,
-            rev.to_be_bytes().to_vec(),
-        );
+        batch.put(Table::Meta, META_COMPACT_SCHEDULED, rev.to_be_bytes().to_vec());
         Ok(CompactionJob { rev, removed })
     }
 
@@ -320,16 +296,10 @@ impl MvccStore {
 
     /// Live keys in range with their lease, for lease bookkeeping and
     /// range permission checks.
-    pub fn live_keys_with_lease(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-    ) -> Result<Vec<(Bytes, i64)>> {
+    pub fn live_keys_with_lease(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<(Bytes, i64)>> {
         let inner = self.read_inner()?;
         let mut out = Vec::new();
-        inner.index.visit_live(start, end, |k, ki| {
-            out.push((Bytes::copy_from_slice(k), ki.lease()))
-        });
+        inner.index.visit_live(start, end, |k, ki| out.push((Bytes::copy_from_slice(k), ki.lease())));
         Ok(out)
     }
 }
@@ -342,34 +312,23 @@ type PendingCompaction = (i64, Vec<Revision>);
 /// state, the finished compaction revision, and a compaction to redo
 /// (revision and orphaned tombstones) when a crash interrupted one.
 fn load(engine: &SharedEngine) -> Result<(Inner, i64, Option<PendingCompaction>)> {
-    let scheduled = engine
-        .get(Table::Meta, META_COMPACT_SCHEDULED)?
-        .and_then(|v| decode_i64(&v));
-    let finished = engine
-        .get(Table::Meta, META_COMPACT_FINISHED)?
-        .and_then(|v| decode_i64(&v));
+    let scheduled = engine.get(Table::Meta, META_COMPACT_SCHEDULED)?.and_then(|v| decode_i64(&v));
+    let finished = engine.get(Table::Meta, META_COMPACT_FINISHED)?.and_then(|v| decode_i64(&v));
     let mut index = TreeIndex::default();
     let mut current_rev = 1;
     let mut orphans = Vec::new();
     engine.scan(Table::Kv, &[], None, &mut |k, v| {
-        let rev = Revision::from_key(k).ok_or_else(|| {
-            crate::storage::StorageError::Corruption("bad revision key in kv table".into())
-        })?;
-        let kv = KeyValue::decode(v).map_err(|e| {
-            crate::storage::StorageError::Corruption(format!("bad kv record at {rev}: {e}"))
-        })?;
+        let rev = Revision::from_key(k)
+            .ok_or_else(|| crate::storage::StorageError::Corruption("bad revision key in kv table".into()))?;
+        let kv = KeyValue::decode(v)
+            .map_err(|e| crate::storage::StorageError::Corruption(format!("bad kv record at {rev}: {e}")))?;
         if is_tombstone(&kv) {
             if !index.tombstone(&kv.key, rev) {
                 // Its generation was physically compacted before a crash.
                 orphans.push(rev);
             }
         } else {
-            index.restore(
-                &kv.key,
-                Revision::new(kv.create_revision, 0),
-                rev,
-                kv.version,
-            );
+            index.restore(&kv.key, Revision::new(kv.create_revision, 0), rev, kv.version);
             if let Some(ki) = index.key_mut(&kv.key) {
                 ki.set_lease(kv.lease);
             }
@@ -383,15 +342,7 @@ fn load(engine: &SharedEngine) -> Result<(Inner, i64, Option<PendingCompaction>)
         Some(at) if finished != Some(at) => Some((at, orphans)),
         _ => None,
     };
-    Ok((
-        Inner {
-            index,
-            current_rev,
-            compact_rev,
-        },
-        finished.unwrap_or(-1),
-        pending,
-    ))
+    Ok((Inner { index, current_rev, compact_rev }, finished.unwrap_or(-1), pending))
 }
 
 /// Deletes `removed` revisions in batches, then records `rev` as finished.
@@ -404,11 +355,7 @@ fn delete_revisions(engine: &SharedEngine, removed: &[Revision], rev: i64) -> Re
         engine.write(batch, false)?;
     }
     let mut batch = WriteBatch::new();
-    batch.put(
-        Table::Meta,
-        META_COMPACT_FINISHED,
-        rev.to_be_bytes().to_vec(),
-    );
+    batch.put(Table::Meta, META_COMPACT_FINISHED, rev.to_be_bytes().to_vec());
     engine.write(batch, false)?;
     Ok(())
 }
@@ -483,9 +430,7 @@ impl WriteTxn<'_> {
         let rev = self.next_rev();
         let (created, version, old_lease) = match self.inner.index.key(key) {
             Some(ki) if ki.is_live() => {
-                let at = ki
-                    .get(self.begin_rev + 1)
-                    .map(|a| (a.created.main, a.version));
+                let at = ki.get(self.begin_rev + 1).map(|a| (a.created.main, a.version));
                 let (c, v) = at.unwrap_or((rev.main, 0));
                 (c, v + 1, ki.lease())
             }
@@ -506,8 +451,7 @@ impl WriteTxn<'_> {
         if old_lease != lease {
             self.lease_changes.push((kv.key.clone(), old_lease, lease));
         }
-        self.batch
-            .put(Table::Kv, rev.to_key().to_vec(), kv.encode_to_vec());
+        self.batch.put(Table::Kv, rev.to_key().to_vec(), kv.encode_to_vec());
         self.pending.insert(rev, kv.clone());
         self.changes.push(kv);
     }
@@ -529,16 +473,9 @@ impl WriteTxn<'_> {
             if old_lease != 0 {
                 self.lease_changes.push((k.clone(), old_lease, 0));
             }
-            let tomb = KeyValue {
-                key: k.clone(),
-                ..Default::default()
-            };
-            self.batch
-                .put(Table::Kv, rev.to_key().to_vec(), tomb.encode_to_vec());
-            self.changes.push(KeyValue {
-                mod_revision: rev.main,
-                ..tomb
-            });
+            let tomb = KeyValue { key: k.clone(), ..Default::default() };
+            self.batch.put(Table::Kv, rev.to_key().to_vec(), tomb.encode_to_vec());
+            self.changes.push(KeyValue { mod_revision: rev.main, ..tomb });
         }
         doomed.len() as i64
     }
@@ -559,23 +496,11 @@ impl WriteTxn<'_> {
             .changes
             .drain(..)
             .map(|kv| {
-                let ty = if is_tombstone(&kv) {
-                    EventType::Delete
-                } else {
-                    EventType::Put
-                };
-                Event {
-                    r#type: ty as i32,
-                    kv: Some(kv),
-                    prev_kv: None,
-                }
+                let ty = if is_tombstone(&kv) { EventType::Delete } else { EventType::Put };
+                Event { r#type: ty as i32, kv: Some(kv), prev_kv: None }
             })
             .collect();
-        Ok(Committed {
-            rev,
-            events,
-            lease_changes: std::mem::take(&mut self.lease_changes),
-        })
+        Ok(Committed { rev, events, lease_changes: std::mem::take(&mut self.lease_changes) })
     }
 }
 
@@ -589,13 +514,6 @@ impl ReadView for WriteTxn<'_> {
     }
 
     fn range(&self, key: &[u8], end: Option<&[u8]>, opts: RangeOptions) -> Result<RangeResult> {
-        self.store.range_at(
-            &self.inner,
-            self.write_rev(),
-            key,
-            end,
-            opts,
-            Some(&self.pending),
-        )
+        self.store.range_at(&self.inner, self.write_rev(), key, end, opts, Some(&self.pending))
     }
 }

@@ -34,19 +34,14 @@ pub fn encode_entry(entry: &Entry) -> Result<Vec<u8>, bincode::Error> {
 
 pub fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StorageError> {
     if bytes.len() < 4 {
-        return Err(StorageError::Corruption(format!(
-            "raft log entry {index} is truncated"
-        )));
+        return Err(StorageError::Corruption(format!("raft log entry {index} is truncated")));
     }
     let (crc, body) = bytes.split_at(4);
     let want = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
     if crc32fast::hash(body) != want {
-        return Err(StorageError::Corruption(format!(
-            "raft log entry {index} fails its checksum"
-        )));
+        return Err(StorageError::Corruption(format!("raft log entry {index} fails its checksum")));
     }
-    codec::decode(body)
-        .map_err(|e| StorageError::Corruption(format!("raft log entry {index}: {e}")))
+    codec::decode(body).map_err(|e| StorageError::Corruption(format!("raft log entry {index}: {e}")))
 }
 
 type FlushRequest = LogFlushed<TypeConfig>;
@@ -59,22 +54,17 @@ struct Syncer {
 impl Syncer {
     fn start(engine: SharedEngine) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<FlushRequest>();
-        std::thread::Builder::new()
-            .name("raft-log-sync".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut waiting = vec![first];
-                    waiting.extend(rx.try_iter());
-                    let res = engine.sync();
-                    for cb in waiting {
-                        let r = res
-                            .as_ref()
-                            .map(|_| ())
-                            .map_err(|e| std::io::Error::other(e.to_string()));
-                        cb.log_io_completed(r);
-                    }
+        std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut waiting = vec![first];
+                waiting.extend(rx.try_iter());
+                let res = engine.sync();
+                for cb in waiting {
+                    let r = res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+                    cb.log_io_completed(r);
                 }
-            })?;
+            }
+        })?;
         Ok(Self { tx })
     }
 }
@@ -103,10 +93,7 @@ impl LogStore {
         Ok(Self { engine, syncer })
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> Result<Option<T>, RaftStorageError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, RaftStorageError> {
         match self.engine.get(Table::RaftState, key).map_err(read_err)? {
             Some(bytes) => Ok(Some(codec::decode(&bytes).map_err(read_err)?)),
             None => Ok(None),
@@ -119,9 +106,7 @@ impl LogStore {
 
     /// Index of the last entry in the log, if any (for status reporting).
     pub fn last_index(&self) -> Result<Option<u64>, StorageError> {
-        let last = self
-            .engine
-            .last_in_range(Table::RaftLog, &log_key(0), &log_key(u64::MAX))?;
+        let last = self.engine.last_in_range(Table::RaftLog, &log_key(0), &log_key(u64::MAX))?;
         Ok(last.and_then(|(k, _)| crate::storage::keys::decode_u64(&k)))
     }
 }
@@ -144,17 +129,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let end_key = end.map(log_key);
         let mut entries = Vec::new();
         self.engine
-            .scan(
-                Table::RaftLog,
-                &log_key(start),
-                end_key.as_ref().map(|k| k.as_slice()),
-                &mut |k, v| {
-                    let index = crate::storage::keys::decode_u64(k)
-                        .ok_or_else(|| StorageError::Corruption("bad raft log key".into()))?;
-                    entries.push(decode_entry(index, v)?);
-                    Ok(true)
-                },
-            )
+            .scan(Table::RaftLog, &log_key(start), end_key.as_ref().map(|k| k.as_slice()), &mut |k, v| {
+                let index = crate::storage::keys::decode_u64(k)
+                    .ok_or_else(|| StorageError::Corruption("bad raft log key".into()))?;
+                entries.push(decode_entry(index, v)?);
+                Ok(true)
+            })
             .map_err(read_err)?;
         Ok(entries)
     }
@@ -165,22 +145,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
         let last_purged = self.last_purged()?;
-        let last = self
-            .engine
-            .last_in_range(Table::RaftLog, &log_key(0), &log_key(u64::MAX))
-            .map_err(read_err)?;
+        let last = self.engine.last_in_range(Table::RaftLog, &log_key(0), &log_key(u64::MAX)).map_err(read_err)?;
         let last_log_id = match last {
             Some((k, v)) => {
-                let index = crate::storage::keys::decode_u64(&k)
-                    .ok_or_else(|| read_err("bad raft log key"))?;
+                let index = crate::storage::keys::decode_u64(&k).ok_or_else(|| read_err("bad raft log key"))?;
                 Some(decode_entry(index, &v).map_err(read_err)?.log_id)
             }
             None => last_purged,
         };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -189,11 +162,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
         let mut b = WriteBatch::new();
-        b.put(
-            Table::RaftState,
-            RAFT_VOTE,
-            codec::encode(vote).map_err(vote_err)?,
-        );
+        b.put(Table::RaftState, RAFT_VOTE, codec::encode(vote).map_err(vote_err)?);
         self.engine.write(b, true).map_err(vote_err)
     }
 
@@ -203,11 +172,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
         let mut b = WriteBatch::new();
-        b.put(
-            Table::RaftState,
-            RAFT_COMMITTED,
-            codec::encode(&committed).map_err(write_err)?,
-        );
+        b.put(Table::RaftState, RAFT_COMMITTED, codec::encode(&committed).map_err(write_err)?);
         self.engine.write(b, false).map_err(write_err)
     }
 
@@ -215,28 +180,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>(RAFT_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), RaftStorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftStorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut b = WriteBatch::new();
         for entry in entries {
-            b.put(
-                Table::RaftLog,
-                log_key(entry.log_id.index),
-                encode_entry(&entry).map_err(write_err)?,
-            );
+            b.put(Table::RaftLog, log_key(entry.log_id.index), encode_entry(&entry).map_err(write_err)?);
         }
         self.engine.write(b, false).map_err(write_err)?;
-        self.syncer
-            .tx
-            .send(callback)
-            .map_err(|_| write_err("raft log syncer stopped"))
+        self.syncer.tx.send(callback).map_err(|_| write_err("raft log syncer stopped"))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
@@ -247,11 +201,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
         let mut b = WriteBatch::new();
-        b.put(
-            Table::RaftState,
-            RAFT_LAST_PURGED,
-            codec::encode(&log_id).map_err(write_err)?,
-        );
+        b.put(Table::RaftState, RAFT_LAST_PURGED, codec::encode(&log_id).map_err(write_err)?);
         b.delete_range(Table::RaftLog, log_key(0), log_key(log_id.index + 1));
         self.engine.write(b, false).map_err(write_err)
     }

@@ -70,9 +70,7 @@ fn serialize_message<M: Message, S: Serializer>(m: &M, s: S) -> Result<S::Ok, S:
     s.serialize_bytes(&m.encode_to_vec())
 }
 
-fn deserialize_message<'de, M: Message + Default, D: Deserializer<'de>>(
-    d: D,
-) -> Result<M, D::Error> {
+fn deserialize_message<'de, M: Message + Default, D: Deserializer<'de>>(d: D) -> Result<M, D::Error> {
     let bytes: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
     M::decode(bytes.as_slice()).map_err(serde::de::Error::custom)
 }
@@ -124,11 +122,7 @@ mod tests {
     fn command_round_trips_through_bincode() -> Result<(), bincode::Error> {
         let cmd = Command(InternalRequest {
             header: None,
-            request: Some(Request::Put(PutRequest {
-                key: "k".into(),
-                value: "v".into(),
-                ..Default::default()
-            })),
+            request: Some(Request::Put(PutRequest { key: "k".into(), value: "v".into(), ..Default::default() })),
         });
         let entry = Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(3, 1), 7),

@@ -8,17 +8,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use keel_proto::etcdserverpb::Member;
 use keel_proto::keelpb::raft_peer_client::RaftPeerClient;
 use keel_proto::keelpb::{
-    ForwardRequest, InternalRequest, InternalResponse, RaftPayload, ReadIndexRequest,
+    ClusterChangeRequest, ClusterInfoRequest, ClusterInfoResponse, Empty, ForwardRequest, InternalRequest,
+    InternalResponse, RaftPayload, ReadIndexRequest,
 };
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -35,34 +35,23 @@ pub const MAX_PEER_MESSAGE: usize = 64 << 20;
 pub struct PeerClients {
     connector: PeerConnector,
     clients: Mutex<HashMap<(NodeId, String), RaftPeerClient<Channel>>>,
+    removed: tokio::sync::watch::Sender<bool>,
 }
 
 impl PeerClients {
     pub fn new(connector: PeerConnector) -> Self {
-        Self {
-            connector,
-            clients: Mutex::new(HashMap::new()),
-        }
+        Self { connector, clients: Mutex::new(HashMap::new()), removed: tokio::sync::watch::Sender::new(false) }
     }
 
     /// The client for `id` at the first of `node`'s peer URLs.
     pub fn client(&self, id: NodeId, node: &MemberNode) -> Result<RaftPeerClient<Channel>, Error> {
-        let url = node
-            .peer_urls
-            .first()
-            .cloned()
-            .ok_or_else(|| Error::Internal(format!("member {id:x} has no peer URL")))?;
-        let mut clients = self
-            .clients
-            .lock()
-            .map_err(|_| Error::Internal("peer client lock poisoned".into()))?;
+        let url =
+            node.peer_urls.first().cloned().ok_or_else(|| Error::Internal(format!("member {id:x} has no peer URL")))?;
+        let mut clients = self.clients.lock().map_err(|_| Error::Internal("peer client lock poisoned".into()))?;
         if let Some(c) = clients.get(&(id, url.clone())) {
             return Ok(c.clone());
         }
-        let channel = self
-            .connector
-            .channel(&url)
-            .map_err(|e| Error::Internal(format!("peer URL {url}: {e}")))?;
+        let channel = self.connector.channel(&url).map_err(|e| Error::Internal(format!("peer URL {url}: {e}")))?;
         let client = RaftPeerClient::new(channel)
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE);
@@ -91,12 +80,7 @@ impl PeerClients {
     }
 
     /// Asks the leader for a linearizable read index.
-    pub async fn read_index(
-        &self,
-        leader: NodeId,
-        node: &MemberNode,
-        timeout: Duration,
-    ) -> Result<u64, Error> {
+    pub async fn read_index(&self, leader: NodeId, node: &MemberNode, timeout: Duration) -> Result<u64, Error> {
         let mut client = self.client(leader, node)?;
         let mut request = tonic::Request::new(ReadIndexRequest {});
         request.set_timeout(timeout);
@@ -107,14 +91,64 @@ impl PeerClients {
     }
 }
 
+impl PeerClients {
+    /// Runs a Cluster-service change on the leader; returns the added
+    /// member (MemberAdd) and the change's log index.
+    pub async fn cluster_change(
+        &self,
+        leader: NodeId,
+        node: &MemberNode,
+        req: ClusterChangeRequest,
+        timeout: Duration,
+    ) -> Result<(Option<Member>, u64), Error> {
+        let mut client = self.client(leader, node)?;
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(timeout);
+        let resp = client.cluster_change(request).await.map_err(peer_status_error)?.into_inner();
+        match resp.error {
+            Some(e) => Err(Error::from_apply_code(e.kind, e.detail)),
+            None => Ok((resp.member, resp.log_index)),
+        }
+    }
+
+    /// Asks a member to start an election now.
+    pub async fn campaign(&self, id: NodeId, node: &MemberNode, timeout: Duration) -> Result<(), Error> {
+        let mut client = self.client(id, node)?;
+        let mut request = tonic::Request::new(Empty {});
+        request.set_timeout(timeout);
+        client.campaign(request).await.map_err(peer_status_error)?;
+        Ok(())
+    }
+
+    /// Asks the member at `url` which cluster it belongs to (used by a
+    /// member joining an existing cluster).
+    pub async fn cluster_info(&self, url: &str, timeout: Duration) -> Result<ClusterInfoResponse, Error> {
+        let channel = self.connector.channel(url).map_err(|e| Error::Internal(format!("peer URL {url}: {e}")))?;
+        let mut client = RaftPeerClient::new(channel);
+        let mut request = tonic::Request::new(ClusterInfoRequest {});
+        request.set_timeout(timeout);
+        Ok(client.cluster_info(request).await.map_err(peer_status_error)?.into_inner())
+    }
+
+    /// Fires when a peer told us that this member was removed.
+    pub fn subscribe_removed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.removed.subscribe()
+    }
+
+    fn mark_removed(&self) {
+        self.removed.send_replace(true);
+    }
+}
+
+/// The status a member answers peers it has removed from the cluster.
+pub const MEMBER_REMOVED: &str = "the member has been permanently removed from the cluster";
+
 /// Maps a peer's gRPC failure to what the proposer should do.
 fn peer_status_error(status: tonic::Status) -> Error {
     match status.code() {
         tonic::Code::FailedPrecondition if status.message() == "not leader" => Error::NotLeader,
         tonic::Code::DeadlineExceeded => Error::Timeout,
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
-            Error::Unhealthy
-        }
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => Error::Unhealthy,
         _ => Error::Internal(format!("peer: {}", status.message())),
     }
 }
@@ -129,11 +163,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> PeerNetwork {
-        PeerNetwork {
-            target,
-            node: node.clone(),
-            clients: self.clients.clone(),
-        }
+        PeerNetwork { target, node: node.clone(), clients: self.clients.clone() }
     }
 }
 
@@ -150,12 +180,7 @@ struct TransportError(String);
 type RpcResult<T, E> = Result<T, RPCError<NodeId, MemberNode, RaftError<NodeId, E>>>;
 
 impl PeerNetwork {
-    async fn call<Req, Resp, E, F, Fut>(
-        &self,
-        req: &Req,
-        option: &RPCOption,
-        send: F,
-    ) -> RpcResult<Resp, E>
+    async fn call<Req, Resp, E, F, Fut>(&self, req: &Req, option: &RPCOption, send: F) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -171,23 +196,18 @@ impl PeerNetwork {
         let mut request = tonic::Request::new(RaftPayload { data: data.into() });
         request.set_timeout(option.hard_ttl());
         let reply = send(client, request).await.map_err(|status| {
+            if status.code() == tonic::Code::FailedPrecondition && status.message() == MEMBER_REMOVED {
+                self.clients.mark_removed();
+            }
             let err = TransportError(format!("{}: {}", status.code(), status.message()));
             match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown => {
-                    RPCError::Unreachable(Unreachable::new(&err))
-                }
+                tonic::Code::Unavailable | tonic::Code::Unknown => RPCError::Unreachable(Unreachable::new(&err)),
                 _ => RPCError::Network(NetworkError::new(&err)),
             }
         })?;
-        let result: Result<Resp, RaftError<NodeId, E>> = codec::decode(&reply.into_inner().data)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| {
-            RPCError::RemoteError(RemoteError::new_with_node(
-                self.target,
-                self.node.clone(),
-                e,
-            ))
-        })
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            codec::decode(&reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
     }
 }
 
@@ -197,10 +217,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(&rpc, &option, |mut c, r| async move {
-            c.append_entries(r).await
-        })
-        .await
+        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
     }
 
     async fn install_snapshot(
@@ -208,10 +225,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(&rpc, &option, |mut c, r| async move {
-            c.install_snapshot(r).await
-        })
-        .await
+        self.call(&rpc, &option, |mut c, r| async move { c.install_snapshot(r).await }).await
     }
 
     async fn vote(
@@ -219,7 +233,6 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await })
-            .await
+        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
     }
 }

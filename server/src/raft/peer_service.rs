@@ -8,11 +8,14 @@ use keel_proto::etcdserverpb::{
 };
 use keel_proto::keelpb::raft_peer_server::RaftPeer;
 use keel_proto::keelpb::{
+    ApplyError, ClusterChangeRequest, ClusterChangeResponse, ClusterInfoRequest, ClusterInfoResponse, Empty,
     ForwardRequest, ForwardResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
-use super::codec;
+use super::network::MEMBER_REMOVED;
+use super::{codec, NodeId, TypeConfig};
 use crate::error::Error;
 use crate::server::Server;
 
@@ -27,8 +30,7 @@ impl PeerService {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(p: &RaftPayload) -> Result<T, Status> {
-    codec::decode(&p.data)
-        .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
+    codec::decode(&p.data).map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
@@ -46,48 +48,76 @@ fn to_status(e: Error) -> Status {
     }
 }
 
+impl PeerService {
+    /// Refuses Raft traffic from a member this cluster removed, telling it
+    /// so (it then shuts down, as etcd's removed members do).
+    fn check_sender(&self, sender: NodeId) -> Result<(), Status> {
+        if self.server.members.is_removed(sender) {
+            return Err(Status::failed_precondition(MEMBER_REMOVED));
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
-    async fn append_entries(
-        &self,
-        req: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(req.get_ref())?;
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
+        self.check_sender(rpc.vote.leader_id().voted_for().unwrap_or_default())?;
         encode(&self.server.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(req.get_ref())?;
+        let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
+        self.check_sender(rpc.vote.leader_id().voted_for().unwrap_or_default())?;
         encode(&self.server.raft.vote(rpc).await)
     }
 
-    async fn install_snapshot(
-        &self,
-        req: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(req.get_ref())?;
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        self.check_sender(rpc.vote.leader_id().voted_for().unwrap_or_default())?;
         encode(&self.server.raft.install_snapshot(rpc).await)
     }
 
-    async fn forward(
+    async fn cluster_change(
         &self,
-        req: Request<ForwardRequest>,
-    ) -> Result<Response<ForwardResponse>, Status> {
-        let inner = req
-            .into_inner()
-            .request
-            .ok_or_else(|| Status::invalid_argument("empty forwarded request"))?;
-        let (response, log_index) = self.server.propose_local(inner).await.map_err(to_status)?;
-        Ok(Response::new(ForwardResponse {
-            response: Some(response),
-            log_index,
+        req: Request<ClusterChangeRequest>,
+    ) -> Result<Response<ClusterChangeResponse>, Status> {
+        match self.server.cluster_change_local(req.into_inner()).await {
+            Ok((member, log_index)) => Ok(Response::new(ClusterChangeResponse { error: None, member, log_index })),
+            Err(Error::NotLeader) => Err(Status::failed_precondition("not leader")),
+            Err(e) => {
+                let (kind, detail) = e.apply_code();
+                Ok(Response::new(ClusterChangeResponse {
+                    error: Some(ApplyError { kind, detail }),
+                    member: None,
+                    log_index: 0,
+                }))
+            }
+        }
+    }
+
+    async fn cluster_info(&self, _req: Request<ClusterInfoRequest>) -> Result<Response<ClusterInfoResponse>, Status> {
+        let membership = self.server.raft.metrics().borrow().membership_config.membership().clone();
+        Ok(Response::new(ClusterInfoResponse {
+            cluster_id: self.server.cluster_id,
+            members: self.server.members.members(&membership),
         }))
     }
 
-    async fn read_index(
-        &self,
-        _req: Request<ReadIndexRequest>,
-    ) -> Result<Response<ReadIndexResponse>, Status> {
+    async fn campaign(&self, _req: Request<Empty>) -> Result<Response<Empty>, Status> {
+        tracing::info!("starting an election to take over leadership");
+        self.server.raft.trigger().elect().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn forward(&self, req: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+        let inner = req.into_inner().request.ok_or_else(|| Status::invalid_argument("empty forwarded request"))?;
+        let (response, log_index) = self.server.propose_local(inner).await.map_err(to_status)?;
+        Ok(Response::new(ForwardResponse { response: Some(response), log_index }))
+    }
+
+    async fn read_index(&self, _req: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
         let read_index = self.server.read_index_local().await.map_err(to_status)?;
         Ok(Response::new(ReadIndexResponse { read_index }))
     }
@@ -96,17 +126,13 @@ impl RaftPeer for PeerService {
         &self,
         _req: Request<LeaseKeepAliveRequest>,
     ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
-        Err(Status::unimplemented(
-            "RaftPeer.LeaseKeepAlive is not implemented by keel yet",
-        ))
+        Err(Status::unimplemented("RaftPeer.LeaseKeepAlive is not implemented by keel yet"))
     }
 
     async fn lease_time_to_live(
         &self,
         _req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        Err(Status::unimplemented(
-            "RaftPeer.LeaseTimeToLive is not implemented by keel yet",
-        ))
+        Err(Status::unimplemented("RaftPeer.LeaseTimeToLive is not implemented by keel yet"))
     }
 }

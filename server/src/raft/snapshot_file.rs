@@ -30,12 +30,7 @@ pub struct SnapshotWriter<W: Write> {
 
 impl<W: Write> SnapshotWriter<W> {
     pub fn new(out: W) -> io::Result<Self> {
-        let mut w = Self {
-            out,
-            crc: crc32fast::Hasher::new(),
-            records: 0,
-            bytes: 0,
-        };
+        let mut w = Self { out, crc: crc32fast::Hasher::new(), records: 0, bytes: 0 };
         w.put(MAGIC)?;
         w.put(&VERSION.to_le_bytes())?;
         Ok(w)
@@ -50,10 +45,7 @@ impl<W: Write> SnapshotWriter<W> {
     pub fn record(&mut self, table: Table, key: &[u8], value: &[u8]) -> io::Result<()> {
         let (kl, vl) = (u32::try_from(key.len()), u32::try_from(value.len()));
         let (Ok(kl), Ok(vl)) = (kl, vl) else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "snapshot record too large",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "snapshot record too large"));
         };
         self.put(&[table.tag()])?;
         self.put(&kl.to_le_bytes())?;
@@ -96,12 +88,7 @@ pub struct SnapshotReader<R: Read> {
 
 impl<R: Read> SnapshotReader<R> {
     pub fn new(input: R) -> io::Result<Self> {
-        let mut r = Self {
-            input,
-            crc: crc32fast::Hasher::new(),
-            records: 0,
-            done: false,
-        };
+        let mut r = Self { input, crc: crc32fast::Hasher::new(), records: 0, done: false };
         let mut magic = [0u8; 8];
         r.take(&mut magic)?;
         if &magic != MAGIC {
@@ -110,10 +97,7 @@ impl<R: Read> SnapshotReader<R> {
         let mut version = [0u8; 4];
         r.take(&mut version)?;
         if u32::from_le_bytes(version) != VERSION {
-            return Err(corrupt(format!(
-                "unsupported snapshot version {}",
-                u32::from_le_bytes(version)
-            )));
+            return Err(corrupt(format!("unsupported snapshot version {}", u32::from_le_bytes(version))));
         }
         Ok(r)
     }
@@ -148,9 +132,7 @@ impl<R: Read> SnapshotReader<R> {
             self.take(&mut count)?;
             let expected = self.crc.clone().finalize();
             let mut crc = [0u8; 4];
-            self.input
-                .read_exact(&mut crc)
-                .map_err(|_| corrupt("snapshot is truncated"))?;
+            self.input.read_exact(&mut crc).map_err(|_| corrupt("snapshot is truncated"))?;
             if u32::from_le_bytes(crc) != expected {
                 return Err(corrupt("snapshot checksum mismatch"));
             }
@@ -160,8 +142,7 @@ impl<R: Read> SnapshotReader<R> {
             self.done = true;
             return Ok(None);
         }
-        let table = Table::from_tag(tag[0])
-            .ok_or_else(|| corrupt(format!("unknown table tag {}", tag[0])))?;
+        let table = Table::from_tag(tag[0]).ok_or_else(|| corrupt(format!("unknown table tag {}", tag[0])))?;
         let kl = self.take_u32()?;
         let vl = self.take_u32()?;
         if kl > MAX_FIELD || vl > MAX_FIELD {
@@ -203,14 +184,8 @@ mod tests {
     fn round_trip() -> io::Result<()> {
         let bytes = sample()?;
         let mut r = SnapshotReader::new(bytes.as_slice())?;
-        assert_eq!(
-            r.next_record()?,
-            Some((Table::Kv, b"k1".to_vec(), b"v1".to_vec()))
-        );
-        assert_eq!(
-            r.next_record()?,
-            Some((Table::Meta, b"applied".to_vec(), vec![1, 2, 3]))
-        );
+        assert_eq!(r.next_record()?, Some((Table::Kv, b"k1".to_vec(), b"v1".to_vec())));
+        assert_eq!(r.next_record()?, Some((Table::Meta, b"applied".to_vec(), vec![1, 2, 3])));
         assert_eq!(r.next_record()?, None);
         assert_eq!(verify(bytes.as_slice())?, 2);
         Ok(())

@@ -22,10 +22,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftLogId, Snapshot, StorageIOError};
 
 use super::snapshot_file::{SnapshotReader, SnapshotWriter};
-use super::{
-    codec, CommandResult, Entry, LogId, RaftStorageError, SnapshotMeta, StoredMembership,
-    TypeConfig,
-};
+use super::{codec, CommandResult, Entry, LogId, RaftStorageError, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::apply::Applier;
 use crate::storage::keys::{META_APPLIED, META_MEMBERSHIP};
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
@@ -66,15 +63,11 @@ fn read_meta_prefix<R: Read>(r: &mut R) -> std::io::Result<SnapshotMeta> {
     r.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > 64 << 20 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "snapshot meta too large",
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "snapshot meta too large"));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf)?;
-    codec::decode(&buf)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+    codec::decode(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -104,10 +97,9 @@ impl StateMachine {
         let sm = Self { core };
         let current = sm.core.snap_dir.join(CURRENT);
         if current.exists() {
-            let meta = read_meta_prefix(
-                &mut std::fs::File::open(&current).map_err(|e| StorageError::Io(e.to_string()))?,
-            )
-            .map_err(|e| StorageError::Corruption(format!("{}: {e}", current.display())))?;
+            let meta =
+                read_meta_prefix(&mut std::fs::File::open(&current).map_err(|e| StorageError::Io(e.to_string()))?)
+                    .map_err(|e| StorageError::Corruption(format!("{}: {e}", current.display())))?;
             if meta.last_log_id > applied {
                 tracing::warn!(snapshot = %meta, "finishing an interrupted snapshot install");
                 sm.core.install_file(&current, &meta)?;
@@ -128,9 +120,7 @@ impl StateMachine {
 
 fn read_applied(engine: &SharedEngine) -> Result<Option<LogId>, StorageError> {
     match engine.get(Table::Meta, META_APPLIED)? {
-        Some(v) => Ok(Some(
-            codec::decode(&v).map_err(|e| StorageError::Corruption(e.to_string()))?,
-        )),
+        Some(v) => Ok(Some(codec::decode(&v).map_err(|e| StorageError::Corruption(e.to_string()))?)),
         None => Ok(None),
     }
 }
@@ -146,34 +136,24 @@ impl StateMachineCore {
     fn build(&self) -> Result<(SnapshotMeta, PathBuf), StorageError> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let io = |e: std::io::Error| StorageError::Io(e.to_string());
-        let body_path = self
-            .snap_dir
-            .join(format!("build-{}.body", std::process::id()));
+        let body_path = self.snap_dir.join(format!("build-{}.body", std::process::id()));
         let mut applied: Option<LogId> = None;
         let mut membership = StoredMembership::default();
         {
             let file = std::fs::File::create(&body_path).map_err(io)?;
             let mut w = SnapshotWriter::new(BufWriter::new(file)).map_err(io)?;
-            self.engine
-                .scan_consistent(&Table::STATE_MACHINE, &mut |table, k, v| {
-                    if table == Table::Meta && k == META_APPLIED {
-                        applied = Some(
-                            codec::decode(v)
-                                .map_err(|e| StorageError::Corruption(e.to_string()))?,
-                        );
-                    }
-                    if table == Table::Meta && k == META_MEMBERSHIP {
-                        membership = codec::decode(v)
-                            .map_err(|e| StorageError::Corruption(e.to_string()))?;
-                    }
-                    w.record(table, k, v).map_err(io)?;
-                    Ok(true)
-                })?;
+            self.engine.scan_consistent(&Table::STATE_MACHINE, &mut |table, k, v| {
+                if table == Table::Meta && k == META_APPLIED {
+                    applied = Some(codec::decode(v).map_err(|e| StorageError::Corruption(e.to_string()))?);
+                }
+                if table == Table::Meta && k == META_MEMBERSHIP {
+                    membership = codec::decode(v).map_err(|e| StorageError::Corruption(e.to_string()))?;
+                }
+                w.record(table, k, v).map_err(io)?;
+                Ok(true)
+            })?;
             let (buf, _, _) = w.finish().map_err(io)?;
-            buf.into_inner()
-                .map_err(|e| StorageError::Io(e.to_string()))?
-                .sync_all()
-                .map_err(io)?;
+            buf.into_inner().map_err(|e| StorageError::Io(e.to_string()))?.sync_all().map_err(io)?;
         }
         let snapshot_id = format!(
             "{}-{}-{}",
@@ -181,26 +161,15 @@ impl StateMachineCore {
             applied.map_or(0, |l| l.index),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        let tmp = self
-            .snap_dir
-            .join(format!("build-{}.snap", std::process::id()));
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        let tmp = self.snap_dir.join(format!("build-{}.snap", std::process::id()));
         {
             let meta_bytes = codec::encode(&meta).map_err(|e| StorageError::Io(e.to_string()))?;
             let mut out = BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-            out.write_all(&(meta_bytes.len() as u32).to_le_bytes())
-                .map_err(io)?;
+            out.write_all(&(meta_bytes.len() as u32).to_le_bytes()).map_err(io)?;
             out.write_all(&meta_bytes).map_err(io)?;
-            std::io::copy(&mut std::fs::File::open(&body_path).map_err(io)?, &mut out)
-                .map_err(io)?;
-            out.into_inner()
-                .map_err(|e| StorageError::Io(e.to_string()))?
-                .sync_all()
-                .map_err(io)?;
+            std::io::copy(&mut std::fs::File::open(&body_path).map_err(io)?, &mut out).map_err(io)?;
+            out.into_inner().map_err(|e| StorageError::Io(e.to_string()))?.sync_all().map_err(io)?;
         }
         let _ = std::fs::remove_file(&body_path);
         let current = self.snap_dir.join(CURRENT);
@@ -212,9 +181,7 @@ impl StateMachineCore {
     /// Replaces the state machine with the snapshot in `path` (already
     /// durable at that path).
     fn install_file(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StorageError> {
-        let io = |e: std::io::Error| {
-            StorageError::Corruption(format!("snapshot {}: {e}", path.display()))
-        };
+        let io = |e: std::io::Error| StorageError::Corruption(format!("snapshot {}: {e}", path.display()));
         // Verify everything before touching the state machine.
         {
             let mut f = BufReader::new(std::fs::File::open(path).map_err(io)?);
@@ -242,9 +209,7 @@ impl StateMachineCore {
         }
         let applied_value = match applied_value {
             Some(v) => v,
-            None => {
-                codec::encode(&meta.last_log_id).map_err(|e| StorageError::Io(e.to_string()))?
-            }
+            None => codec::encode(&meta.last_log_id).map_err(|e| StorageError::Io(e.to_string()))?,
         };
         batch.put(Table::Meta, META_APPLIED, applied_value);
         self.engine.write(batch, true)?;
@@ -263,32 +228,20 @@ pub struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
         let core = self.core.clone();
-        let (meta, path) = tokio::task::spawn_blocking(move || core.build())
-            .await
-            .map_err(snap_err)?
-            .map_err(snap_err)?;
+        let (meta, path) =
+            tokio::task::spawn_blocking(move || core.build()).await.map_err(snap_err)?.map_err(snap_err)?;
         tracing::info!(snapshot = %meta, "built snapshot");
         let file = SnapshotFile::open(path).await.map_err(snap_err)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
         let applied = read_applied(&self.core.engine).map_err(sm_err)?;
-        let membership = match self
-            .core
-            .engine
-            .get(Table::Meta, META_MEMBERSHIP)
-            .map_err(sm_err)?
-        {
+        let membership = match self.core.engine.get(Table::Meta, META_MEMBERSHIP).map_err(sm_err)? {
             Some(v) => codec::decode(&v).map_err(sm_err)?,
             None => StoredMembership::default(),
         };
@@ -309,15 +262,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     self.core.applier.apply_noop(&log_id).map_err(sm_err)?;
                     CommandResult::default()
                 }
-                EntryPayload::Normal(cmd) => {
-                    CommandResult(self.core.applier.apply(&log_id, &cmd.0).map_err(sm_err)?)
-                }
+                EntryPayload::Normal(cmd) => CommandResult(self.core.applier.apply(&log_id, &cmd.0).map_err(sm_err)?),
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(log_id), m.clone());
-                    self.core
-                        .applier
-                        .apply_membership(&log_id, &stored)
-                        .map_err(sm_err)?;
+                    self.core.applier.apply_membership(&log_id, &stored).map_err(sm_err)?;
                     CommandResult::default()
                 }
             };
@@ -331,20 +279,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            core: self.core.clone(),
-        }
+        SnapshotBuilder { core: self.core.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, RaftStorageError> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
-        let path = self
-            .core
-            .snap_dir
-            .join(format!("recv-{}.tmp", SEQ.fetch_add(1, Ordering::Relaxed)));
-        Ok(Box::new(
-            SnapshotFile::create(path).await.map_err(snap_err)?,
-        ))
+        let path = self.core.snap_dir.join(format!("recv-{}.tmp", SEQ.fetch_add(1, Ordering::Relaxed)));
+        Ok(Box::new(SnapshotFile::create(path).await.map_err(snap_err)?))
     }
 
     async fn install_snapshot(
@@ -352,10 +293,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: Box<SnapshotFile>,
     ) -> Result<(), RaftStorageError> {
-        let SnapshotFile {
-            file,
-            path: received,
-        } = *snapshot;
+        let SnapshotFile { file, path: received } = *snapshot;
         file.sync_all().await.map_err(snap_err)?;
         drop(file);
         let core = self.core.clone();
@@ -372,9 +310,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(sm_err)
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
         let path = self.core.snap_dir.join(CURRENT);
         if !path.exists() {
             return Ok(None);
@@ -384,10 +320,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             read_meta_prefix(&mut f).map_err(snap_err)?
         };
         let file = SnapshotFile::open(path).await.map_err(snap_err)?;
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        }))
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
     }
 }
 
@@ -400,20 +333,11 @@ pub struct SnapshotFile {
 
 impl SnapshotFile {
     async fn open(path: PathBuf) -> std::io::Result<Self> {
-        Ok(Self {
-            file: tokio::fs::File::open(&path).await?,
-            path,
-        })
+        Ok(Self { file: tokio::fs::File::open(&path).await?, path })
     }
 
     async fn create(path: PathBuf) -> std::io::Result<Self> {
-        let file = tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .await?;
+        let file = tokio::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).await?;
         Ok(Self { file, path })
     }
 }
@@ -429,11 +353,7 @@ impl tokio::io::AsyncRead for SnapshotFile {
 }
 
 impl tokio::io::AsyncWrite for SnapshotFile {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.file).poll_write(cx, buf)
     }
 

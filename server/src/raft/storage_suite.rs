@@ -41,24 +41,12 @@ fn storage_err(e: impl std::fmt::Display) -> RaftStorageError {
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for RocksBuilder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), RaftStorageError> {
         let dir = tempfile::tempdir().map_err(storage_err)?;
-        let engine: SharedEngine =
-            Arc::new(RocksEngine::open(&dir.path().join("db")).map_err(storage_err)?);
+        let engine: SharedEngine = Arc::new(RocksEngine::open(&dir.path().join("db")).map_err(storage_err)?);
         let mvcc = Arc::new(MvccStore::open(engine.clone()).map_err(storage_err)?);
         let members = Arc::new(MemberRegistry::load(&engine).map_err(storage_err)?);
-        let applier = Applier::new(
-            engine.clone(),
-            mvcc.clone(),
-            members,
-            Arc::new(Nothing),
-            Arc::new(Nothing),
-        );
-        let sm = StateMachine::open(
-            engine.clone(),
-            applier,
-            dir.path().join("snap"),
-            Arc::new(ReloadMvcc(mvcc)),
-        )
-        .map_err(storage_err)?;
+        let applier = Applier::new(engine.clone(), mvcc.clone(), members, Arc::new(Nothing), Arc::new(Nothing));
+        let sm = StateMachine::open(engine.clone(), applier, dir.path().join("snap"), Arc::new(ReloadMvcc(mvcc)))
+            .map_err(storage_err)?;
         let log = LogStore::open(engine).map_err(storage_err)?;
         Ok((dir, log, sm))
     }

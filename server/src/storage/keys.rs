@@ -24,14 +24,7 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 6] = [
-        Table::RaftLog,
-        Table::RaftState,
-        Table::Kv,
-        Table::Lease,
-        Table::Auth,
-        Table::Meta,
-    ];
+    pub const ALL: [Table; 6] = [Table::RaftLog, Table::RaftState, Table::Kv, Table::Lease, Table::Auth, Table::Meta];
 
     /// The tables that make up the replicated state machine.
     pub const STATE_MACHINE: [Table; 4] = [Table::Kv, Table::Lease, Table::Auth, Table::Meta];
@@ -87,6 +80,8 @@ pub const META_REVISION: &[u8] = b"revision";
 pub const META_CLUSTER_ID: &[u8] = b"cluster_id";
 /// meta: prefix of published member attributes, followed by member id.
 pub const META_MEMBER_PREFIX: &[u8] = b"member/";
+/// meta: prefix of removed member ids (member id u64 BE, empty value).
+pub const META_REMOVED_PREFIX: &[u8] = b"removed/";
 /// meta: prefix of raised alarms: `alarm/` + member id + alarm type.
 pub const META_ALARM_PREFIX: &[u8] = b"alarm/";
 /// meta: auth enabled flag and auth revision.

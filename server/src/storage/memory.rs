@@ -6,9 +6,7 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{
-    Engine, Result, SizeStats, StorageError, Table, TableVisitor, Visitor, WriteBatch, WriteOp,
-};
+use super::{Engine, Result, SizeStats, StorageError, Table, TableVisitor, Visitor, WriteBatch, WriteOp};
 
 type Tables = HashMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
 type Rows = Vec<(Vec<u8>, Vec<u8>)>;
@@ -24,17 +22,12 @@ impl MemoryEngine {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Tables>> {
-        self.tables
-            .lock()
-            .map_err(|_| StorageError::Io("memory engine lock poisoned".into()))
+        self.tables.lock().map_err(|_| StorageError::Io("memory engine lock poisoned".into()))
     }
 }
 
 fn range_bounds<'a>(start: &'a [u8], end: Option<&'a [u8]>) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
-    (
-        Bound::Included(start),
-        end.map_or(Bound::Unbounded, Bound::Excluded),
-    )
+    (Bound::Included(start), end.map_or(Bound::Unbounded, Bound::Excluded))
 }
 
 impl Engine for MemoryEngine {
@@ -42,22 +35,13 @@ impl Engine for MemoryEngine {
         Ok(self.lock()?.get(&table).and_then(|t| t.get(key).cloned()))
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        start: &[u8],
-        end: Option<&[u8]>,
-        visit: &mut Visitor<'_>,
-    ) -> Result<()> {
+    fn scan(&self, table: Table, start: &[u8], end: Option<&[u8]>, visit: &mut Visitor<'_>) -> Result<()> {
         if end.is_some_and(|e| e <= start) {
             return Ok(());
         }
         // Copy out first so the visitor may call back into the engine.
         let entries: Vec<(Vec<u8>, Vec<u8>)> = match self.lock()?.get(&table) {
-            Some(t) => t
-                .range::<[u8], _>(range_bounds(start, end))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            Some(t) => t.range::<[u8], _>(range_bounds(start, end)).map(|(k, v)| (k.clone(), v.clone())).collect(),
             None => Vec::new(),
         };
         for (k, v) in entries {
@@ -68,19 +52,12 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    fn last_in_range(
-        &self,
-        table: Table,
-        start: &[u8],
-        end: &[u8],
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    fn last_in_range(&self, table: Table, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         if end <= start {
             return Ok(None);
         }
         Ok(self.lock()?.get(&table).and_then(|t| {
-            t.range::<[u8], _>(range_bounds(start, Some(end)))
-                .next_back()
-                .map(|(k, v)| (k.clone(), v.clone()))
+            t.range::<[u8], _>(range_bounds(start, Some(end))).next_back().map(|(k, v)| (k.clone(), v.clone()))
         }))
     }
 
@@ -97,10 +74,8 @@ impl Engine for MemoryEngine {
                 WriteOp::DeleteRange { table, start, end } => {
                     let t = tables.entry(table).or_default();
                     if start < end {
-                        let doomed: Vec<Vec<u8>> = t
-                            .range::<[u8], _>(range_bounds(&start, Some(&end)))
-                            .map(|(k, _)| k.clone())
-                            .collect();
+                        let doomed: Vec<Vec<u8>> =
+                            t.range::<[u8], _>(range_bounds(&start, Some(&end))).map(|(k, _)| k.clone()).collect();
                         for k in doomed {
                             t.remove(&k);
                         }
@@ -121,10 +96,8 @@ impl Engine for MemoryEngine {
             tables
                 .iter()
                 .map(|t| {
-                    let rows = all
-                        .get(t)
-                        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                        .unwrap_or_default();
+                    let rows =
+                        all.get(t).map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
                     (*t, rows)
                 })
                 .collect()
@@ -140,15 +113,8 @@ impl Engine for MemoryEngine {
     }
 
     fn size(&self) -> Result<SizeStats> {
-        let bytes: usize = self
-            .lock()?
-            .values()
-            .flat_map(|t| t.iter().map(|(k, v)| k.len() + v.len()))
-            .sum();
-        Ok(SizeStats {
-            total_bytes: bytes as u64,
-            live_bytes: bytes as u64,
-        })
+        let bytes: usize = self.lock()?.values().flat_map(|t| t.iter().map(|(k, v)| k.len() + v.len())).sum();
+        Ok(SizeStats { total_bytes: bytes as u64, live_bytes: bytes as u64 })
     }
 
     fn defragment(&self) -> Result<()> {
@@ -156,9 +122,7 @@ impl Engine for MemoryEngine {
     }
 
     fn checkpoint(&self, _dir: &Path) -> Result<()> {
-        Err(StorageError::Io(
-            "the memory engine cannot write checkpoints".into(),
-        ))
+        Err(StorageError::Io("the memory engine cannot write checkpoints".into()))
     }
 }
 

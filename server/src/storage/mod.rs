@@ -66,31 +66,15 @@ impl WriteBatch {
     }
 
     pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.ops.push(WriteOp::Put {
-            table,
-            key: key.into(),
-            value: value.into(),
-        });
+        self.ops.push(WriteOp::Put { table, key: key.into(), value: value.into() });
     }
 
     pub fn delete(&mut self, table: Table, key: impl Into<Vec<u8>>) {
-        self.ops.push(WriteOp::Delete {
-            table,
-            key: key.into(),
-        });
+        self.ops.push(WriteOp::Delete { table, key: key.into() });
     }
 
-    pub fn delete_range(
-        &mut self,
-        table: Table,
-        start: impl Into<Vec<u8>>,
-        end: impl Into<Vec<u8>>,
-    ) {
-        self.ops.push(WriteOp::DeleteRange {
-            table,
-            start: start.into(),
-            end: end.into(),
-        });
+    pub fn delete_range(&mut self, table: Table, start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) {
+        self.ops.push(WriteOp::DeleteRange { table, start: start.into(), end: end.into() });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -137,21 +121,10 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Visits `start <= key < end` (no `end`: to the end of the table) in
     /// ascending key order.
-    fn scan(
-        &self,
-        table: Table,
-        start: &[u8],
-        end: Option<&[u8]>,
-        visit: &mut Visitor<'_>,
-    ) -> Result<()>;
+    fn scan(&self, table: Table, start: &[u8], end: Option<&[u8]>, visit: &mut Visitor<'_>) -> Result<()>;
 
     /// The entry with the greatest key in `[start, end)`, if any.
-    fn last_in_range(
-        &self,
-        table: Table,
-        start: &[u8],
-        end: &[u8],
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
+    fn last_in_range(&self, table: Table, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
 
     /// Applies `batch` atomically. With `sync`, the batch (and everything
     /// written before it) is on stable storage when this returns.
@@ -193,6 +166,13 @@ pub trait Engine: Send + Sync + 'static {
     /// Writes a consistent copy of the whole engine into `dir`, which must
     /// not exist yet.
     fn checkpoint(&self, dir: &Path) -> Result<()>;
+
+    /// Makes everything durable and stops background work, so the process
+    /// can exit while other threads still hold the engine. No writes may
+    /// follow.
+    fn close(&self) -> Result<()> {
+        self.sync()
+    }
 }
 
 pub type SharedEngine = Arc<dyn Engine>;
@@ -202,12 +182,7 @@ pub type SharedEngine = Arc<dyn Engine>;
 pub(crate) mod tests {
     use super::*;
 
-    fn collect(
-        engine: &dyn Engine,
-        table: Table,
-        start: &[u8],
-        end: Option<&[u8]>,
-    ) -> Result<Vec<Vec<u8>>> {
+    fn collect(engine: &dyn Engine, table: Table, start: &[u8], end: Option<&[u8]>) -> Result<Vec<Vec<u8>>> {
         let mut keys = Vec::new();
         engine.scan(table, start, end, &mut |k, _| {
             keys.push(k.to_vec());
@@ -230,14 +205,8 @@ pub(crate) mod tests {
         assert_eq!(engine.get(Table::Kv, b"a")?, Some(b"a".to_vec()));
         assert_eq!(engine.get(Table::Lease, b"a")?, None);
 
-        assert_eq!(
-            collect(engine, Table::Kv, b"b", None)?,
-            vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]
-        );
-        assert_eq!(
-            collect(engine, Table::Kv, b"b", Some(b"d"))?,
-            vec![b"b".to_vec(), b"c".to_vec()]
-        );
+        assert_eq!(collect(engine, Table::Kv, b"b", None)?, vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]);
+        assert_eq!(collect(engine, Table::Kv, b"b", Some(b"d"))?, vec![b"b".to_vec(), b"c".to_vec()]);
         assert!(collect(engine, Table::Kv, b"c", Some(b"b"))?.is_empty());
 
         let mut first = Vec::new();
@@ -245,16 +214,9 @@ pub(crate) mod tests {
             first.push(k.to_vec());
             Ok(false)
         })?;
-        assert_eq!(
-            first,
-            vec![b"a".to_vec()],
-            "a visitor returning false stops the scan"
-        );
+        assert_eq!(first, vec![b"a".to_vec()], "a visitor returning false stops the scan");
 
-        assert_eq!(
-            engine.last_in_range(Table::Kv, b"a", b"d")?.map(|(k, _)| k),
-            Some(b"c".to_vec())
-        );
+        assert_eq!(engine.last_in_range(Table::Kv, b"a", b"d")?.map(|(k, _)| k), Some(b"c".to_vec()));
         assert_eq!(engine.last_in_range(Table::Kv, b"x", b"z")?, None);
 
         let got = engine.multi_get(Table::Kv, &[b"d".to_vec(), b"zz".to_vec(), b"a".to_vec()])?;
@@ -265,24 +227,14 @@ pub(crate) mod tests {
         b.delete(Table::Kv, b"a".to_vec());
         b.put(Table::Kv, b"e".to_vec(), b"e".to_vec());
         engine.write(b, true)?;
-        assert_eq!(
-            collect(engine, Table::Kv, b"", None)?,
-            vec![b"d".to_vec(), b"e".to_vec()]
-        );
+        assert_eq!(collect(engine, Table::Kv, b"", None)?, vec![b"d".to_vec(), b"e".to_vec()]);
 
         let mut seen = Vec::new();
         engine.scan_consistent(&[Table::Kv, Table::Meta], &mut |t, k, _| {
             seen.push((t, k.to_vec()));
             Ok(true)
         })?;
-        assert_eq!(
-            seen,
-            vec![
-                (Table::Kv, b"d".to_vec()),
-                (Table::Kv, b"e".to_vec()),
-                (Table::Meta, b"a".to_vec())
-            ]
-        );
+        assert_eq!(seen, vec![(Table::Kv, b"d".to_vec()), (Table::Kv, b"e".to_vec()), (Table::Meta, b"a".to_vec())]);
         engine.defragment()?;
         assert_eq!(engine.get(Table::Kv, b"e")?, Some(b"e".to_vec()));
         Ok(())

@@ -5,22 +5,34 @@
 //! write-ahead log orders every write (recovery yields a prefix of history).
 
 use std::path::Path;
+use std::sync::{RwLock, RwLockReadGuard};
 
 use rocksdb::{
-    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamilyDescriptor, CompactOptions,
-    DBCompressionType, ErrorKind, Options, ReadOptions, WriteOptions, DB,
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamilyDescriptor, CompactOptions, DBCompressionType,
+    ErrorKind, Options, ReadOptions, WriteOptions, DB,
 };
 
-use super::{
-    Engine, Result, SizeStats, StorageError, Table, TableVisitor, Visitor, WriteBatch, WriteOp,
-};
+use super::{Engine, Result, SizeStats, StorageError, Table, TableVisitor, Visitor, WriteBatch, WriteOp};
 
 /// Block cache shared by every column family. Kept small: the OS page cache
 /// does the rest, and keel's memory target is half of etcd's.
 const BLOCK_CACHE_BYTES: usize = 64 << 20;
 
 pub struct RocksEngine {
-    db: DB,
+    /// `None` once closed: the database is dropped (closed cleanly) even
+    /// while other threads still hold the engine; they then get errors.
+    db: RwLock<Option<DB>>,
+}
+
+/// A read guard on the open database.
+struct Open<'a>(RwLockReadGuard<'a, Option<DB>>);
+
+impl std::ops::Deref for Open<'_> {
+    type Target = DB;
+    fn deref(&self) -> &DB {
+        // Checked when the guard was made.
+        self.0.as_ref().unwrap_or_else(|| unreachable!("Open is only built for an open database"))
+    }
 }
 
 fn io_err(e: rocksdb::Error) -> StorageError {
@@ -60,51 +72,49 @@ impl RocksEngine {
             ColumnFamilyDescriptor::new(t.name(), cf_opts)
         });
         let db = DB::open_cf_descriptors(&opts, path, descriptors).map_err(io_err)?;
-        Ok(Self { db })
+        Ok(Self { db: RwLock::new(Some(db)) })
     }
 
-    fn cf(&self, table: Table) -> Result<&rocksdb::ColumnFamily> {
-        self.db.cf_handle(table.name()).ok_or_else(|| {
-            StorageError::Corruption(format!("column family {} missing", table.name()))
-        })
+    fn open_db(&self) -> Result<Open<'_>> {
+        let guard = self.db.read().map_err(|_| StorageError::Io("engine lock poisoned".into()))?;
+        if guard.is_none() {
+            return Err(StorageError::Io("storage engine is closed".into()));
+        }
+        Ok(Open(guard))
     }
+}
 
-    fn int_property(&self, table: Table, name: &str) -> Result<u64> {
-        let cf = self.cf(table)?;
-        Ok(self
-            .db
-            .property_int_value_cf(cf, name)
-            .map_err(io_err)?
-            .unwrap_or(0))
-    }
+fn cf(db: &DB, table: Table) -> Result<&rocksdb::ColumnFamily> {
+    db.cf_handle(table.name())
+        .ok_or_else(|| StorageError::Corruption(format!("column family {} missing", table.name())))
+}
+
+fn int_property(db: &DB, table: Table, name: &str) -> Result<u64> {
+    Ok(db.property_int_value_cf(cf(db, table)?, name).map_err(io_err)?.unwrap_or(0))
 }
 
 impl Engine for RocksEngine {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.db.get_cf(self.cf(table)?, key).map_err(io_err)
+        let db = self.open_db()?;
+        db.get_cf(cf(&db, table)?, key).map_err(io_err)
     }
 
     fn multi_get(&self, table: Table, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
-        let cf = self.cf(table)?;
-        self.db
-            .batched_multi_get_cf(cf, keys.iter(), false)
+        let db = self.open_db()?;
+        let cf = cf(&db, table)?;
+        db.batched_multi_get_cf(cf, keys.iter(), false)
             .into_iter()
             .map(|r| r.map(|v| v.map(|s| s.to_vec())).map_err(io_err))
             .collect()
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        start: &[u8],
-        end: Option<&[u8]>,
-        visit: &mut Visitor<'_>,
-    ) -> Result<()> {
+    fn scan(&self, table: Table, start: &[u8], end: Option<&[u8]>, visit: &mut Visitor<'_>) -> Result<()> {
+        let db = self.open_db()?;
         let mut ro = ReadOptions::default();
         if let Some(end) = end {
             ro.set_iterate_upper_bound(end.to_vec());
         }
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(table)?, ro);
+        let mut it = db.raw_iterator_cf_opt(cf(&db, table)?, ro);
         it.seek(start);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if !visit(k, v)? {
@@ -115,16 +125,12 @@ impl Engine for RocksEngine {
         it.status().map_err(io_err)
     }
 
-    fn last_in_range(
-        &self,
-        table: Table,
-        start: &[u8],
-        end: &[u8],
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    fn last_in_range(&self, table: Table, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let db = self.open_db()?;
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(start.to_vec());
         ro.set_iterate_upper_bound(end.to_vec());
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(table)?, ro);
+        let mut it = db.raw_iterator_cf_opt(cf(&db, table)?, ro);
         it.seek_to_last();
         let found = match (it.key(), it.value()) {
             (Some(k), Some(v)) => Some((k.to_vec(), v.to_vec())),
@@ -135,24 +141,24 @@ impl Engine for RocksEngine {
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        let db = self.open_db()?;
         let mut wb = rocksdb::WriteBatch::default();
         for op in batch.into_ops() {
             match op {
-                WriteOp::Put { table, key, value } => wb.put_cf(self.cf(table)?, key, value),
-                WriteOp::Delete { table, key } => wb.delete_cf(self.cf(table)?, key),
-                WriteOp::DeleteRange { table, start, end } => {
-                    wb.delete_range_cf(self.cf(table)?, start, end)
-                }
+                WriteOp::Put { table, key, value } => wb.put_cf(cf(&db, table)?, key, value),
+                WriteOp::Delete { table, key } => wb.delete_cf(cf(&db, table)?, key),
+                WriteOp::DeleteRange { table, start, end } => wb.delete_range_cf(cf(&db, table)?, start, end),
             }
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(wb, &wo).map_err(io_err)
+        db.write_opt(wb, &wo).map_err(io_err)
     }
 
     fn clear(&self, table: Table) -> Result<()> {
-        let cf = self.cf(table)?;
-        let mut it = self.db.raw_iterator_cf(cf);
+        let db = self.open_db()?;
+        let cf = cf(&db, table)?;
+        let mut it = db.raw_iterator_cf(cf);
         it.seek_to_first();
         let first = it.key().map(|k| k.to_vec());
         it.seek_to_last();
@@ -163,21 +169,23 @@ impl Engine for RocksEngine {
             let mut wb = rocksdb::WriteBatch::default();
             wb.delete_range_cf(cf, &first, &last);
             wb.delete_cf(cf, &last);
-            self.db.write(wb).map_err(io_err)?;
+            db.write(wb).map_err(io_err)?;
         }
         Ok(())
     }
 
     fn sync(&self) -> Result<()> {
-        self.db.flush_wal(true).map_err(io_err)
+        let db = self.open_db()?;
+        db.flush_wal(true).map_err(io_err)
     }
 
     fn scan_consistent(&self, tables: &[Table], visit: &mut TableVisitor<'_>) -> Result<()> {
-        let snapshot = self.db.snapshot();
+        let db = self.open_db()?;
+        let snapshot = db.snapshot();
         for &table in tables {
             let mut ro = ReadOptions::default();
             ro.set_snapshot(&snapshot);
-            let mut it = self.db.raw_iterator_cf_opt(self.cf(table)?, ro);
+            let mut it = db.raw_iterator_cf_opt(cf(&db, table)?, ro);
             it.seek_to_first();
             while let (Some(k), Some(v)) = (it.key(), it.value()) {
                 if !visit(table, k, v)? {
@@ -191,28 +199,41 @@ impl Engine for RocksEngine {
     }
 
     fn size(&self) -> Result<SizeStats> {
+        let db = self.open_db()?;
         let mut stats = SizeStats::default();
         for table in Table::ALL {
-            let mem = self.int_property(table, "rocksdb.size-all-mem-tables")?;
-            stats.total_bytes += self.int_property(table, "rocksdb.total-sst-files-size")? + mem;
-            stats.live_bytes += self.int_property(table, "rocksdb.estimate-live-data-size")? + mem;
+            let mem = int_property(&db, table, "rocksdb.size-all-mem-tables")?;
+            stats.total_bytes += int_property(&db, table, "rocksdb.total-sst-files-size")? + mem;
+            stats.live_bytes += int_property(&db, table, "rocksdb.estimate-live-data-size")? + mem;
         }
         stats.live_bytes = stats.live_bytes.min(stats.total_bytes);
         Ok(stats)
     }
 
     fn defragment(&self) -> Result<()> {
+        let db = self.open_db()?;
         let mut co = CompactOptions::default();
         co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
         for table in Table::ALL {
-            self.db
-                .compact_range_cf_opt(self.cf(table)?, None::<&[u8]>, None::<&[u8]>, &co);
+            db.compact_range_cf_opt(cf(&db, table)?, None::<&[u8]>, None::<&[u8]>, &co);
+        }
+        Ok(())
+    }
+
+    fn close(&self) -> Result<()> {
+        let mut guard = self.db.write().map_err(|_| StorageError::Io("engine lock poisoned".into()))?;
+        if let Some(db) = guard.take() {
+            db.flush_wal(true).map_err(io_err)?;
+            // Dropping closes the database and joins RocksDB's background
+            // threads, which must not outlive the C++ runtime at exit.
+            drop(db);
         }
         Ok(())
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<()> {
-        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(io_err)?;
+        let db = self.open_db()?;
+        let cp = rocksdb::checkpoint::Checkpoint::new(&*db).map_err(io_err)?;
         cp.create_checkpoint(dir).map_err(io_err)
     }
 }

@@ -114,8 +114,7 @@ impl<S> AuthorityFix<S> {
                         }
                         return Ok(());
                     }
-                    self.output
-                        .extend_from_slice(&self.input.split_to(PREFACE.len()));
+                    self.output.extend_from_slice(&self.input.split_to(PREFACE.len()));
                     self.mode = Mode::H2;
                 }
                 Mode::Passthrough => {
@@ -139,17 +138,13 @@ impl<S> AuthorityFix<S> {
                     let header = self.input.split_to(FRAME_HEADER_LEN);
                     let payload = self.input.split_to(len);
                     let (ty, flags) = (header[3], header[4]);
-                    let stream_id =
-                        u32::from_be_bytes([header[5], header[6], header[7], header[8]])
-                            & 0x7fff_ffff;
+                    let stream_id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
                     match ty {
                         TYPE_HEADERS => self.on_headers(flags, stream_id, &payload)?,
                         TYPE_CONTINUATION => self.on_continuation(flags, stream_id, &payload)?,
                         _ => {
                             if self.pending.is_some() {
-                                return Err(invalid(
-                                    "HTTP/2 frame interleaved with a header block",
-                                ));
+                                return Err(invalid("HTTP/2 frame interleaved with a header block"));
                             }
                             self.output.extend_from_slice(&header);
                             self.output.extend_from_slice(&payload);
@@ -187,12 +182,7 @@ impl<S> AuthorityFix<S> {
             return Err(invalid("bad HEADERS padding"));
         }
         let block = p[..p.len() - pad].to_vec();
-        self.pending = Some(PendingHeaders {
-            stream_id,
-            end_stream: flags & FLAG_END_STREAM != 0,
-            priority,
-            block,
-        });
+        self.pending = Some(PendingHeaders { stream_id, end_stream: flags & FLAG_END_STREAM != 0, priority, block });
         if flags & FLAG_END_HEADERS != 0 {
             self.flush_headers()?;
         }
@@ -200,10 +190,7 @@ impl<S> AuthorityFix<S> {
     }
 
     fn on_continuation(&mut self, flags: u8, stream_id: u32, payload: &[u8]) -> io::Result<()> {
-        let pending = self
-            .pending
-            .as_mut()
-            .ok_or_else(|| invalid("CONTINUATION without HEADERS"))?;
+        let pending = self.pending.as_mut().ok_or_else(|| invalid("CONTINUATION without HEADERS"))?;
         if pending.stream_id != stream_id {
             return Err(invalid("CONTINUATION on another stream"));
         }
@@ -223,10 +210,7 @@ impl<S> AuthorityFix<S> {
         let Some(pending) = self.pending.take() else {
             return Ok(());
         };
-        let mut headers = self
-            .decoder
-            .decode(&pending.block)
-            .map_err(|e| invalid(format!("HPACK: {e:?}")))?;
+        let mut headers = self.decoder.decode(&pending.block).map_err(|e| invalid(format!("HPACK: {e:?}")))?;
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority" {
                 if let Some(fixed) = repaired_authority(value) {
@@ -234,41 +218,26 @@ impl<S> AuthorityFix<S> {
                 }
             }
         }
-        let block = self
-            .encoder
-            .encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let block = self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
 
         let prio_len = if pending.priority.is_some() { 5 } else { 0 };
         let first_room = MAX_FRAME - prio_len;
         let (first, rest) = block.split_at(block.len().min(first_room));
-        let mut flags = if pending.end_stream {
-            FLAG_END_STREAM
-        } else {
-            0
-        };
+        let mut flags = if pending.end_stream { FLAG_END_STREAM } else { 0 };
         if rest.is_empty() {
             flags |= FLAG_END_HEADERS;
         }
         if pending.priority.is_some() {
             flags |= FLAG_PRIORITY;
         }
-        self.put_frame_header(
-            first.len() + prio_len,
-            TYPE_HEADERS,
-            flags,
-            pending.stream_id,
-        );
+        self.put_frame_header(first.len() + prio_len, TYPE_HEADERS, flags, pending.stream_id);
         if let Some(prio) = pending.priority {
             self.output.extend_from_slice(&prio);
         }
         self.output.extend_from_slice(first);
         let chunks: Vec<&[u8]> = rest.chunks(MAX_FRAME).collect();
         for (i, chunk) in chunks.iter().enumerate() {
-            let flags = if i + 1 == chunks.len() {
-                FLAG_END_HEADERS
-            } else {
-                0
-            };
+            let flags = if i + 1 == chunks.len() { FLAG_END_HEADERS } else { 0 };
             self.put_frame_header(chunk.len(), TYPE_CONTINUATION, flags, pending.stream_id);
             self.output.extend_from_slice(chunk);
         }
@@ -286,11 +255,7 @@ impl<S> AuthorityFix<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if !this.output.is_empty() {
@@ -328,11 +293,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -353,28 +314,13 @@ mod tests {
     #[test]
     fn repairs_only_what_hyper_rejects() {
         assert_eq!(repaired_authority(b"localhost:2379"), None);
-        assert_eq!(
-            repaired_authority(b"http://127.0.0.1:2379"),
-            Some(b"127.0.0.1:2379".to_vec())
-        );
-        assert_eq!(
-            repaired_authority(b"https://h:1/path"),
-            Some(b"h:1".to_vec())
-        );
-        assert_eq!(
-            repaired_authority(b"unix:///tmp/sock"),
-            Some(b"localhost".to_vec())
-        );
+        assert_eq!(repaired_authority(b"http://127.0.0.1:2379"), Some(b"127.0.0.1:2379".to_vec()));
+        assert_eq!(repaired_authority(b"https://h:1/path"), Some(b"h:1".to_vec()));
+        assert_eq!(repaired_authority(b"unix:///tmp/sock"), Some(b"localhost".to_vec()));
     }
 
     fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![
-            (payload.len() >> 16) as u8,
-            (payload.len() >> 8) as u8,
-            payload.len() as u8,
-            ty,
-            flags,
-        ];
+        let mut f = vec![(payload.len() >> 16) as u8, (payload.len() >> 8) as u8, payload.len() as u8, ty, flags];
         f.extend_from_slice(&stream.to_be_bytes());
         f.extend_from_slice(payload);
         f
@@ -407,9 +353,7 @@ mod tests {
         assert_eq!(h[3], TYPE_HEADERS);
         assert_eq!(h[4] & FLAG_END_HEADERS, FLAG_END_HEADERS);
         let mut dec = loona_hpack::Decoder::new();
-        let headers = dec
-            .decode(&h[9..9 + len])
-            .map_err(|e| invalid(format!("{e:?}")))?;
+        let headers = dec.decode(&h[9..9 + len]).map_err(|e| invalid(format!("{e:?}")))?;
         assert!(headers.contains(&(b":authority".to_vec(), b"127.0.0.1:2379".to_vec())));
         assert_eq!(&h[9 + len..], &frame(0x0, FLAG_END_STREAM, 1, b"data")[..]);
         Ok(())

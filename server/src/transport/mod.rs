@@ -41,17 +41,8 @@ pub fn parse_address(url: &str) -> io::Result<(bool, Address)> {
     match scheme {
         "http" | "https" => {
             let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            Ok((
-                secure,
-                Address::Tcp {
-                    host,
-                    port: port.parse().map_err(|_| bad())?,
-                },
-            ))
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            Ok((secure, Address::Tcp { host, port: port.parse().map_err(|_| bad())? }))
         }
         "unix" | "unixs" => Ok((secure, Address::Unix(PathBuf::from(rest)))),
         _ => Err(bad()),
@@ -63,10 +54,7 @@ async fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
     let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
     // Like Go's resolver for "localhost": prefer IPv4.
     addrs.sort_by_key(|a| !a.is_ipv4());
-    addrs
-        .into_iter()
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {host}")))
+    addrs.into_iter().next().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {host}")))
 }
 
 pub enum Listener {
@@ -79,11 +67,8 @@ pub async fn bind(url: &str) -> io::Result<Listener> {
     match parse_address(url)?.1 {
         Address::Tcp { host, port } => {
             let addr = resolve(&host, port).await?;
-            let socket = if addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
+            let socket =
+                if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
             socket.set_reuseaddr(true)?;
             socket.bind(addr)?;
             Ok(Listener::Tcp(socket.listen(1024)?))
@@ -157,21 +142,13 @@ macro_rules! delegate {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         delegate!(self, s => s.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         delegate!(self, s => s.poll_write(cx, buf))
     }
 
@@ -192,10 +169,36 @@ pub struct Http2Options {
     pub keepalive_timeout: Duration,
 }
 
+/// What a listener accepts.
+#[derive(Clone)]
+pub enum Security {
+    Plain,
+    Tls(TlsAcceptor),
+    /// Both on one port (etcd's `http://` and `https://` URLs for the same
+    /// address): a TLS handshake is told apart by its first byte.
+    Both(TlsAcceptor),
+}
+
+/// The first byte of a TLS record carrying a handshake.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The first byte a TCP client sent, without consuming it. Unix sockets
+/// cannot be peeked here; they are taken to speak TLS.
+async fn peek_first_byte(stream: &Stream) -> io::Result<Option<u8>> {
+    match stream {
+        Stream::Tcp(s) => {
+            let mut b = [0u8; 1];
+            let n = s.peek(&mut b).await?;
+            Ok((n == 1).then_some(b[0]))
+        }
+        _ => Ok(Some(TLS_HANDSHAKE)),
+    }
+}
+
 /// Accepts connections until `shutdown` fires, serving `router` on each.
 pub async fn serve(
     listener: Listener,
-    tls: Option<TlsAcceptor>,
+    security: Security,
     router: axum::Router,
     opts: Http2Options,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -213,11 +216,20 @@ pub async fn serve(
                 continue;
             }
         };
-        let tls = tls.clone();
+        let security = security.clone();
         let router = router.clone();
         let mut conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let stream = match tls {
+            let acceptor = match security {
+                Security::Plain => None,
+                Security::Tls(a) => Some(a),
+                Security::Both(a) => match peek_first_byte(&stream).await {
+                    Ok(Some(TLS_HANDSHAKE)) => Some(a),
+                    Ok(_) => None,
+                    Err(_) => return,
+                },
+            };
+            let stream = match acceptor {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(s) => Stream::ServerTls(Box::new(s)),
                     Err(e) => {
@@ -257,17 +269,18 @@ pub async fn serve(
 }
 
 /// Certificates and keys of a TLS endpoint.
+#[derive(Debug, Clone, Default)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// CA that signs acceptable client certificates; when set, clients
+    /// must present one (etcd requires them whenever a trusted CA is given).
+    pub trusted_ca: Option<PathBuf>,
 }
 
 /// Creates (once) a self-signed certificate for `hosts` under `dir`.
 pub fn self_signed(dir: &Path, hosts: &[String]) -> io::Result<TlsFiles> {
-    let files = TlsFiles {
-        cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
-    };
+    let files = TlsFiles { cert: dir.join("cert.pem"), key: dir.join("key.pem"), trusted_ca: None };
     if files.cert.exists() && files.key.exists() {
         return Ok(files);
     }
@@ -285,45 +298,66 @@ pub fn self_signed(dir: &Path, hosts: &[String]) -> io::Result<TlsFiles> {
 fn load_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject;
     CertificateDer::pem_file_iter(path)
-        .map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}: {e}", path.display()),
-            )
-        })?
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}: {e}", path.display()),
-            )
-        })
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
 }
 
 fn load_key(path: &Path) -> io::Result<PrivateKeyDer<'static>> {
     use rustls::pki_types::pem::PemObject;
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", path.display()),
-        )
-    })
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A TLS server configuration speaking h2 and http/1.1.
+fn root_store(ca: &Path) -> io::Result<Arc<rustls::RootCertStore>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", ca.display())))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A TLS server configuration speaking h2 and http/1.1; with a trusted
+/// CA it requires and verifies client certificates.
 pub fn server_tls(files: &TlsFiles) -> io::Result<TlsAcceptor> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(io::Error::other)?
-        .with_no_client_auth()
-        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
         .map_err(io::Error::other)?;
+    let builder = match &files.trusted_ca {
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(root_store(ca)?, provider())
+                .build()
+                .map_err(io::Error::other)?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg =
+        builder.with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?).map_err(io::Error::other)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Client TLS that verifies the server against `ca` and presents
+/// `identity` (cert, key) when given: how members dial each other with
+/// certificate files.
+pub fn verified_client_tls(ca: &Path, identity: Option<&TlsFiles>) -> io::Result<Arc<rustls::ClientConfig>> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_root_certificates(root_store(ca)?);
+    let mut cfg = match identity {
+        Some(files) => {
+            builder.with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?).map_err(io::Error::other)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// Accepts any server certificate: what etcd's auto TLS does between peers.
@@ -348,12 +382,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -362,12 +391,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -375,15 +399,21 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
     }
 }
 
-/// Client TLS for auto-TLS peers: encrypted, unverified.
-pub fn insecure_client_tls() -> io::Result<Arc<rustls::ClientConfig>> {
+/// Client TLS for auto-TLS peers: encrypted, unverified; presents
+/// `identity` when given.
+pub fn insecure_client_tls(identity: Option<&TlsFiles>) -> io::Result<Arc<rustls::ClientConfig>> {
     let p = provider();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(p.clone())
+    let builder = rustls::ClientConfig::builder_with_provider(p.clone())
         .with_safe_default_protocol_versions()
         .map_err(io::Error::other)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(p)))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(p)));
+    let mut cfg = match identity {
+        Some(files) => {
+            builder.with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?).map_err(io::Error::other)?
+        }
+        None => builder.with_no_client_auth(),
+    };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -401,10 +431,7 @@ impl PeerConnector {
         let (secure, address) = parse_address(url)?;
         let tls = if secure {
             Some(self.tls.clone().ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{url}: peer TLS is not configured on this member"),
-                )
+                io::Error::new(io::ErrorKind::InvalidInput, format!("{url}: peer TLS is not configured on this member"))
             })?)
         } else {
             None
@@ -433,12 +460,9 @@ impl PeerConnector {
                             Address::Tcp { host, .. } => host.clone(),
                             Address::Unix(_) => "localhost".to_string(),
                         };
-                        let server_name = ServerName::try_from(name).map_err(|e| {
-                            io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
-                        })?;
-                        Stream::ClientTls(Box::new(
-                            TlsConnector::from(cfg).connect(server_name, stream).await?,
-                        ))
+                        let server_name = ServerName::try_from(name)
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+                        Stream::ClientTls(Box::new(TlsConnector::from(cfg).connect(server_name, stream).await?))
                     }
                 };
                 Ok::<_, io::Error>(TokioIo::new(stream))

@@ -1,0 +1,341 @@
+//! etcd's Cluster service semantics on top of openraft's membership
+//! changes, run on the leader (other members forward to it):
+//!
+//! - MemberAdd records the member, then adds it to Raft as a learner. A
+//!   member added as a voter is promoted to a Raft voter automatically once
+//!   it has caught up ([`Server::promote_caught_up`]); until then etcd's API
+//!   already shows it as a voter. (etcd counts a new voter toward quorum at
+//!   once, which stalls a one-member cluster until the new member starts;
+//!   openraft's joint consensus cannot commit that, and a voter that cannot
+//!   vote yet adds nothing to safety.)
+//! - MemberRemove, MemberUpdate, MemberPromote map to `change_membership`.
+//! - MoveLeader lets the target catch up, silences the leader's heartbeats
+//!   until the followers' leader lease lapses, and asks the target to
+//!   campaign: openraft 0.9 has no leadership-transfer message.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use keel_proto::etcdserverpb::Member;
+use keel_proto::keelpb::{
+    cluster_change_request::Change, internal_request, ClusterChangeRequest, InternalRequest, MemberAttributes,
+};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::ChangeMembers;
+
+use crate::cluster::{member_id, parse_url};
+use crate::error::{Error, Result};
+use crate::raft::{MemberNode, NodeId};
+use crate::server::Server;
+
+/// etcd allows one learner at a time.
+const MAX_LEARNERS: usize = 1;
+/// A learner is ready for promotion at 90% of the leader's log (etcd).
+const READY_PERCENT: f64 = 0.9;
+
+fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>) -> Error {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Error::NotLeader,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::LearnerNotFound(_))) => {
+            Error::MemberNotFound
+        }
+        RaftError::APIError(e) => Error::Internal(e.to_string()),
+        RaftError::Fatal(_) => Error::Stopped,
+    }
+}
+
+impl Server {
+    fn membership(&self) -> crate::raft::Membership {
+        self.raft.metrics().borrow().membership_config.membership().clone()
+    }
+
+    /// Members the Raft membership counts as voters.
+    fn raft_voters(&self) -> BTreeSet<NodeId> {
+        self.membership().voter_ids().collect()
+    }
+
+    /// Voters as etcd counts them (including members added as voters that
+    /// are still catching up), and how many of them have started.
+    fn etcd_voters(&self) -> (usize, usize) {
+        let m = self.membership();
+        let mut voters = 0;
+        let mut started = 0;
+        for (id, _) in m.nodes() {
+            if !self.members.is_learner(*id, &m) {
+                voters += 1;
+                if self.members.get(*id).is_some_and(|a| !a.name.is_empty()) {
+                    started += 1;
+                }
+            }
+        }
+        (voters, started)
+    }
+
+    /// Runs a Cluster-service change on the leader, forwarding if needed.
+    /// Returns the added member (for MemberAdd).
+    pub async fn cluster_change(&self, req: ClusterChangeRequest) -> Result<Option<Member>> {
+        let deadline = Instant::now() + self.request_timeout();
+        loop {
+            let leader = match self.leader() {
+                Some(l) => l,
+                None => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::Timeout);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let outcome = if leader == self.id {
+                self.cluster_change_local(req.clone()).await
+            } else {
+                let node = self.membership().get_node(&leader).cloned();
+                let Some(node) = node else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match self.peers.cluster_change(leader, &node, req.clone(), remaining).await {
+                    Ok((member, index)) => {
+                        self.wait_applied(index, deadline).await?;
+                        Ok((member, index))
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            match outcome {
+                Ok((member, _)) => return Ok(member),
+                Err(Error::NotLeader) | Err(Error::Unhealthy) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The leader side of [`Server::cluster_change`]: returns the added
+    /// member and the log index the change was committed at.
+    pub async fn cluster_change_local(&self, req: ClusterChangeRequest) -> Result<(Option<Member>, u64)> {
+        if self.leader() != Some(self.id) {
+            return Err(Error::NotLeader);
+        }
+        match req.change {
+            Some(Change::Add(add)) => self.member_add(add.peer_ur_ls, add.is_learner).await,
+            Some(Change::Remove(r)) => self.member_remove(r.id).await.map(|i| (None, i)),
+            Some(Change::Update(u)) => self.member_update(u.id, u.peer_ur_ls).await.map(|i| (None, i)),
+            Some(Change::Promote(p)) => self.member_promote(p.id).await.map(|i| (None, i)),
+            None => Err(Error::InvalidArgument("empty cluster change".into())),
+        }
+    }
+
+    fn check_urls(&self, urls: &[String], except: Option<NodeId>) -> Result<Vec<String>> {
+        let urls: Vec<String> = urls
+            .iter()
+            .map(|u| parse_url(u))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::MemberBadUrls)?;
+        if urls.is_empty() {
+            return Err(Error::MemberBadUrls);
+        }
+        let m = self.membership();
+        for (id, node) in m.nodes() {
+            if Some(*id) != except && node.peer_urls.iter().any(|u| urls.contains(u)) {
+                return Err(Error::PeerUrlExists);
+            }
+        }
+        Ok(urls)
+    }
+
+    async fn member_add(&self, peer_urls: Vec<String>, is_learner: bool) -> Result<(Option<Member>, u64)> {
+        let urls = self.check_urls(&peer_urls, None)?;
+        let m = self.membership();
+        if is_learner {
+            let learners = m.nodes().filter(|(id, _)| self.members.is_learner(**id, &m)).count();
+            if learners >= MAX_LEARNERS {
+                return Err(Error::TooManyLearners);
+            }
+        } else if self.config.strict_reconfig_check {
+            // etcd's IsReadyToAddVotingMember.
+            let (voters, started) = self.etcd_voters();
+            let n = voters + 1;
+            if !(started == 1 && n == 2) && started < n / 2 + 1 {
+                return Err(Error::MemberNotEnoughStarted);
+            }
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let id = member_id(&urls, &self.config.initial_cluster_token, Some(now));
+        if m.get_node(&id).is_some() {
+            return Err(Error::MemberExists);
+        }
+        if self.members.is_removed(id) {
+            return Err(Error::MemberExists);
+        }
+        let record = MemberAttributes { member_id: id, name: String::new(), client_urls: Vec::new(), is_learner };
+        self.propose(InternalRequest { header: None, request: Some(internal_request::Request::AddMember(record)) })
+            .await?;
+        let written = self
+            .raft
+            .add_learner(id, MemberNode { peer_urls: urls.clone() }, false)
+            .await
+            .map_err(client_write_error)?;
+        tracing::info!(member_id = %format!("{id:x}"), peer_urls = ?urls, is_learner, "added member to the cluster");
+        let member = Member { id, name: String::new(), peer_ur_ls: urls, client_ur_ls: Vec::new(), is_learner };
+        Ok((Some(member), written.log_id.index))
+    }
+
+    async fn member_remove(&self, id: NodeId) -> Result<u64> {
+        let m = self.membership();
+        if m.get_node(&id).is_none() {
+            return Err(Error::MemberNotFound);
+        }
+        let is_raft_voter = m.voter_ids().any(|v| v == id);
+        if self.config.strict_reconfig_check && !self.members.is_learner(id, &m) {
+            // etcd's IsReadyToRemoveVotingMember.
+            let (voters, mut started) = self.etcd_voters();
+            if self.members.get(id).is_some_and(|a| !a.name.is_empty()) {
+                started -= 1;
+            }
+            let n = voters - 1;
+            if started < n / 2 + 1 {
+                return Err(Error::MemberNotEnoughStarted);
+            }
+        }
+        let change = if is_raft_voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        let written = self.raft.change_membership(change, false).await.map_err(client_write_error)?;
+        tracing::info!(member_id = %format!("{id:x}"), "removed member from the cluster");
+        Ok(written.log_id.index)
+    }
+
+    async fn member_update(&self, id: NodeId, peer_urls: Vec<String>) -> Result<u64> {
+        if self.membership().get_node(&id).is_none() {
+            return Err(Error::MemberNotFound);
+        }
+        let urls = self.check_urls(&peer_urls, Some(id))?;
+        let change = ChangeMembers::SetNodes(BTreeMap::from([(id, MemberNode { peer_urls: urls.clone() })]));
+        let written = self.raft.change_membership(change, false).await.map_err(client_write_error)?;
+        tracing::info!(member_id = %format!("{id:x}"), peer_urls = ?urls, "updated member peer URLs");
+        Ok(written.log_id.index)
+    }
+
+    /// Whether a learner's log is close enough to the leader's.
+    fn learner_ready(&self, id: NodeId) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader_last = metrics.last_log_index.unwrap_or(0);
+        let matched = metrics.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map_or(0, |l| l.index);
+        matched as f64 >= leader_last as f64 * READY_PERCENT
+    }
+
+    async fn member_promote(&self, id: NodeId) -> Result<u64> {
+        let m = self.membership();
+        if m.get_node(&id).is_none() {
+            return Err(Error::MemberNotFound);
+        }
+        if !self.members.is_learner(id, &m) {
+            return Err(Error::MemberNotLearner);
+        }
+        if !self.learner_ready(id) {
+            return Err(Error::LearnerNotReady);
+        }
+        let record = self.members.get(id).unwrap_or(MemberAttributes { member_id: id, ..Default::default() });
+        self.propose(InternalRequest { header: None, request: Some(internal_request::Request::PromoteMember(record)) })
+            .await?;
+        let written = self
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(client_write_error)?;
+        tracing::info!(member_id = %format!("{id:x}"), "promoted learner to voter");
+        Ok(written.log_id.index)
+    }
+
+    /// On the leader: makes Raft voters of members added as voters once
+    /// they have caught up. Runs until the member stops.
+    pub async fn promote_caught_up(&self) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            ticker.tick().await;
+            if self.leader() != Some(self.id) {
+                continue;
+            }
+            let m = self.membership();
+            let voters = self.raft_voters();
+            let pending: Vec<NodeId> = m
+                .nodes()
+                .map(|(id, _)| *id)
+                .filter(|id| {
+                    !voters.contains(id) && !self.members.is_learner(*id, &m) && self.members.get(*id).is_some()
+                })
+                .collect();
+            for id in pending {
+                if !self.learner_ready(id) {
+                    continue;
+                }
+                match self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await {
+                    Ok(_) => tracing::info!(member_id = %format!("{id:x}"), "new member caught up; it now votes"),
+                    Err(e) => tracing::debug!(member_id = %format!("{id:x}"), error = %e, "promotion not done yet"),
+                }
+            }
+        }
+    }
+
+    /// Hands leadership to `target` (etcd's MoveLeader; call on the leader).
+    pub async fn move_leader(&self, target: NodeId) -> Result<()> {
+        if self.leader() != Some(self.id) {
+            return Err(Error::NotLeader);
+        }
+        if target == self.id {
+            return Ok(());
+        }
+        let m = self.membership();
+        let Some(node) = m.get_node(&target).cloned() else {
+            return Err(Error::BadLeaderTransferee);
+        };
+        if !m.voter_ids().any(|v| v == target) {
+            return Err(Error::BadLeaderTransferee);
+        }
+        let deadline = Instant::now() + self.request_timeout();
+        // Let the target catch up first.
+        loop {
+            let metrics = self.raft.metrics().borrow().clone();
+            let last = metrics.last_log_index.unwrap_or(0);
+            let matched =
+                metrics.replication.as_ref().and_then(|r| r.get(&target).cloned().flatten()).map_or(0, |l| l.index);
+            if matched >= last {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Hold new writes and reads, stop heartbeats, and wait until the
+        // followers' leader lease (election_timeout_max) has lapsed.
+        let gate = self.transfer_gate.write().await;
+        self.raft.runtime_config().heartbeat(false);
+        let lease = Duration::from_millis(self.raft.config().election_timeout_max) + Duration::from_millis(50);
+        tokio::time::sleep(lease).await;
+        let campaign = self.peers.campaign(target, &node, deadline.saturating_duration_since(Instant::now())).await;
+        let mut outcome = campaign.map(|_| ());
+        if outcome.is_ok() {
+            outcome = Err(Error::Timeout);
+            let give_up = Instant::now() + self.config.election_timeout * 3;
+            while Instant::now() < give_up {
+                if self.leader() == Some(target) {
+                    outcome = Ok(());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        self.raft.runtime_config().heartbeat(true);
+        drop(gate);
+        if outcome.is_ok() {
+            tracing::info!(from = %format!("{:x}", self.id), to = %format!("{target:x}"), "leadership transferred");
+        }
+        outcome
+    }
+}
