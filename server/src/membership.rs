@@ -282,6 +282,34 @@ impl Server {
         }
     }
 
+    /// etcd's CheckQuorum. An openraft 0.9 leader cut off from a quorum
+    /// stays leader (and keeps the members it still reaches believing in
+    /// it). Here such a leader stops its heartbeats for two election
+    /// timeouts: the followers it reaches then start elections, nobody
+    /// names a leader until a quorum is back, and `WithRequireLeader`
+    /// requests fail fast, as in etcd. Heartbeats resume afterwards so a
+    /// returning quorum is noticed.
+    pub async fn check_quorum(&self) {
+        let timeout = self.config.election_timeout;
+        let mut ticker = tokio::time::interval(self.config.heartbeat_interval);
+        loop {
+            ticker.tick().await;
+            let lost = {
+                let rx = self.raft.metrics();
+                let m = rx.borrow();
+                m.current_leader == Some(self.id)
+                    && m.millis_since_quorum_ack.is_some_and(|ms| ms > timeout.as_millis() as u64)
+            };
+            if lost {
+                let _gate = self.transfer_gate.write().await;
+                tracing::warn!("leader lost contact with a quorum; stepping down");
+                self.raft.runtime_config().heartbeat(false);
+                tokio::time::sleep(timeout * 2).await;
+                self.raft.runtime_config().heartbeat(true);
+            }
+        }
+    }
+
     /// Hands leadership to `target` (etcd's MoveLeader; call on the leader).
     pub async fn move_leader(&self, target: NodeId) -> Result<()> {
         if self.leader() != Some(self.id) {

@@ -176,11 +176,16 @@ enum Bootstrap {
 
 fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
     let election = config.election_timeout.as_millis() as u64;
+    let heartbeat = config.heartbeat_interval.as_millis() as u64;
+    // openraft waits for its leader lease (= election_timeout_max) plus a
+    // random election timeout in [min, max) before campaigning. With
+    // [et/2, et) a follower campaigns 1.5-2 election timeouts after losing
+    // its leader, close to etcd's randomized [et, 2et).
     let c = openraft::Config {
         cluster_name: config.initial_cluster_token.clone(),
-        heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
-        election_timeout_min: election,
-        election_timeout_max: election * 2,
+        heartbeat_interval: heartbeat,
+        election_timeout_min: (election / 2).max(heartbeat + 1),
+        election_timeout_max: election.max(heartbeat + 2),
         install_snapshot_timeout: (election * 10).max(5_000),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_count),
         max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
@@ -369,7 +374,10 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         .add_service(AuthServer::new(api::auth::AuthService).max_decoding_message_size(max_msg))
         .add_service(LockServer::new(api::lock::LockService).max_decoding_message_size(max_msg))
         .add_service(ElectionServer::new(api::election::ElectionService).max_decoding_message_size(max_msg));
-    let client_router = routes.prepare().into_axum_router();
+    let client_router = routes
+        .prepare()
+        .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(server.clone(), api::require_leader::require_leader));
     let mut client_addrs = Vec::new();
     for (url, security) in listeners(&config.listen_client_urls, &client_tls)? {
         let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on client URL {url}"))?;
@@ -396,6 +404,8 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     {
         let s = server.clone();
         tasks.push(tokio::spawn(async move { s.promote_caught_up().await }));
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move { s.check_quorum().await }));
     }
 
     publish(&server).await?;

@@ -47,8 +47,20 @@ impl Server {
         self.raft.metrics().borrow().current_term
     }
 
+    /// The member this one believes leads. A leader that has not heard
+    /// from a quorum for an election timeout reports no leader, as an etcd
+    /// leader steps down under CheckQuorum (openraft 0.9 leaders do not).
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow().current_leader
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
+        if m.current_leader == Some(self.id) {
+            let quorum_lost =
+                m.millis_since_quorum_ack.is_some_and(|ms| ms > self.config.election_timeout.as_millis() as u64);
+            if quorum_lost {
+                return None;
+            }
+        }
+        m.current_leader
     }
 
     /// etcd's response header: cluster, member, revision, term.

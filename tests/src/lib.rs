@@ -151,6 +151,79 @@ impl Cluster {
         Ok(())
     }
 
+    /// Defines a new member that will join this cluster (after the caller
+    /// added it with MemberAdd); start it with [`Cluster::restart`].
+    pub fn define_joining_member(&mut self, name: &str, extra_args: &[&str]) -> Result<usize> {
+        let dir = self.members[0].data_dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut m = Member {
+            data_dir: dir.join(format!("{name}.data")),
+            log: dir.join(format!("{name}.log")),
+            client_url: format!("http://127.0.0.1:{}", free_port()?),
+            peer_url: format!("http://127.0.0.1:{}", free_port()?),
+            name: name.to_string(),
+            args: Vec::new(),
+            child: None,
+            log_offset: 0,
+        };
+        let mut initial: Vec<String> = self.members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
+        initial.push(format!("{}={}", m.name, m.peer_url));
+        m.args = vec![
+            "--name".into(),
+            m.name.clone(),
+            "--data-dir".into(),
+            m.data_dir.display().to_string(),
+            "--listen-client-urls".into(),
+            m.client_url.clone(),
+            "--advertise-client-urls".into(),
+            m.client_url.clone(),
+            "--listen-peer-urls".into(),
+            m.peer_url.clone(),
+            "--initial-advertise-peer-urls".into(),
+            m.peer_url.clone(),
+            "--initial-cluster".into(),
+            initial.join(","),
+            "--initial-cluster-state".into(),
+            "existing".into(),
+        ];
+        m.args.extend(extra_args.iter().map(|s| s.to_string()));
+        self.members.push(m);
+        Ok(self.members.len() - 1)
+    }
+
+    /// Status of member `i` over gRPC.
+    pub async fn status(&self, i: usize) -> Result<keel_proto::etcdserverpb::StatusResponse> {
+        let mut client = keel_proto::etcdserverpb::maintenance_client::MaintenanceClient::connect(
+            self.members[i].client_url.clone(),
+        )
+        .await?;
+        let mut req = tonic::Request::new(keel_proto::etcdserverpb::StatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        Ok(client.status(req).await?.into_inner())
+    }
+
+    /// The index of the member that currently leads, as the running
+    /// members agree; waits up to `timeout` for one.
+    pub async fn leader(&mut self, timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for i in 0..self.members.len() {
+                if !self.is_running(i) {
+                    continue;
+                }
+                if let Ok(s) = self.status(i).await {
+                    let id = s.header.as_ref().map_or(0, |h| h.member_id);
+                    if s.leader != 0 && s.leader == id {
+                        return Ok(i);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no leader within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until member `i` logs that it serves clients.
     pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;

@@ -11,4 +11,5 @@ pub mod kv;
 pub mod lease;
 pub mod lock;
 pub mod maintenance;
+pub mod require_leader;
 pub mod watch;
