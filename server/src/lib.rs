@@ -41,6 +41,7 @@ pub mod raft;
 pub mod server;
 pub mod storage;
 pub mod transport;
+pub mod watch;
 
 /// Runs a member until SIGINT or SIGTERM, then stops it cleanly.
 pub async fn run(config: config::Config) -> anyhow::Result<()> {

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api;
-use crate::apply::{Applier, CommitObserver, Compactor};
+use crate::apply::{Applier, Compactor};
 use crate::cluster::{cluster_id, member_id, MemberRegistry};
 use crate::config::{ClusterState, Config, ETCD_CLUSTER_VERSION};
 use crate::mvcc::{CompactionJob, MvccStore};
@@ -33,6 +33,7 @@ use crate::server::Server;
 use crate::storage::rocks::RocksEngine;
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
 use crate::transport::{self, Http2Options, PeerConnector, Security, TlsFiles};
+use crate::watch::WatchHub;
 
 /// raft_state: this member's id and its cluster's id (local facts, never
 /// replicated or overwritten by a snapshot).
@@ -49,12 +50,6 @@ pub struct Node {
     /// Addresses the client listeners actually bound (port 0 resolved).
     pub client_addrs: Vec<std::net::SocketAddr>,
     pub peer_addrs: Vec<std::net::SocketAddr>,
-}
-
-struct NoWatchers;
-
-impl CommitObserver for NoWatchers {
-    fn committed(&self, _rev: i64, _events: &[keel_proto::mvccpb::Event]) {}
 }
 
 /// Deletes compacted history on its own thread, in order.
@@ -91,11 +86,13 @@ struct Reloader {
     engine: SharedEngine,
     mvcc: Arc<MvccStore>,
     members: Arc<MemberRegistry>,
+    hub: Arc<WatchHub>,
 }
 
 impl Reloadable for Reloader {
     fn reload(&self) -> Result<(), StorageError> {
         self.mvcc.reload().map_err(|e| StorageError::Io(e.to_string()))?;
+        self.hub.reset(self.mvcc.current_rev());
         self.members.reload(&self.engine)
     }
 }
@@ -277,8 +274,10 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let mvcc = Arc::new(MvccStore::open(engine.clone())?);
     let members = Arc::new(MemberRegistry::load(&engine)?);
     let compactor: Arc<dyn Compactor> = Arc::new(CompactionThread::start(mvcc.clone())?);
-    let applier = Applier::new(engine.clone(), mvcc.clone(), members.clone(), Arc::new(NoWatchers), compactor);
-    let reloader = Arc::new(Reloader { engine: engine.clone(), mvcc: mvcc.clone(), members: members.clone() });
+    let hub = Arc::new(WatchHub::new(mvcc.current_rev()));
+    let applier = Applier::new(engine.clone(), mvcc.clone(), members.clone(), hub.clone(), compactor);
+    let reloader =
+        Arc::new(Reloader { engine: engine.clone(), mvcc: mvcc.clone(), members: members.clone(), hub: hub.clone() });
     let state_machine = StateMachine::open(engine.clone(), applier, snap_dir, reloader)?;
     let log_store = LogStore::open(engine.clone())?;
 
@@ -362,7 +361,10 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
             .max_encoding_message_size(usize::MAX),
     );
     routes = routes
-        .add_service(WatchServer::new(api::watch::WatchService).max_decoding_message_size(max_msg))
+        .add_service(
+            WatchServer::new(api::watch::WatchService::new(server.clone(), hub.clone()))
+                .max_decoding_message_size(max_msg),
+        )
         .add_service(LeaseServer::new(api::lease::LeaseService).max_decoding_message_size(max_msg))
         .add_service(
             ClusterServer::new(api::cluster::ClusterService::new(server.clone())).max_decoding_message_size(max_msg),

@@ -3,6 +3,8 @@
 //! own data dir and log, that tests can kill, stop, restart, pause and
 //! drive with `etcdctl` or gRPC clients.
 
+pub mod watch_check;
+
 use std::fs::File;
 use std::io::Read;
 use std::net::TcpListener;

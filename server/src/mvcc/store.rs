@@ -294,6 +294,52 @@ impl MvccStore {
         Ok(self.read_inner()?.index.keep(rev))
     }
 
+    /// The value of `key` as of revision `rev`, if it existed then and the
+    /// revision is not compacted (used for watch prev_kv).
+    pub fn get_at(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>> {
+        let found = {
+            let inner = self.read_inner()?;
+            if rev < inner.compact_rev || rev <= 0 {
+                return Ok(None);
+            }
+            inner.index.get(key, rev)
+        };
+        let Some(at) = found else { return Ok(None) };
+        match self.engine.get(Table::Kv, &at.modified.to_key())? {
+            Some(bytes) => Ok(Some(decode_kv(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every change with main revision in `[from, to]`, in revision order,
+    /// as watch events (a tombstone becomes a DELETE carrying the key and
+    /// its revision). Fails with `Compacted` when `from` is compacted.
+    pub fn history(&self, from: i64, to: i64) -> Result<Vec<Event>> {
+        if from < self.compact_rev() {
+            return Err(Error::Compacted);
+        }
+        let mut events = Vec::new();
+        if to < from {
+            return Ok(events);
+        }
+        let end = Revision::start_key(to + 1);
+        self.engine.scan(Table::Kv, &Revision::start_key(from), Some(&end), &mut |k, v| {
+            let rev = Revision::from_key(k)
+                .ok_or_else(|| crate::storage::StorageError::Corruption("bad revision key in kv table".into()))?;
+            let mut kv = KeyValue::decode(v)
+                .map_err(|e| crate::storage::StorageError::Corruption(format!("bad kv record at {rev}: {e}")))?;
+            let ty = if is_tombstone(&kv) {
+                kv.mod_revision = rev.main;
+                EventType::Delete
+            } else {
+                EventType::Put
+            };
+            events.push(Event { r#type: ty as i32, kv: Some(kv), prev_kv: None });
+            Ok(true)
+        })?;
+        Ok(events)
+    }
+
     /// Live keys in range with their lease, for lease bookkeeping and
     /// range permission checks.
     pub fn live_keys_with_lease(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<(Bytes, i64)>> {

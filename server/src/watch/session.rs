@@ -1,0 +1,300 @@
+//! One gRPC Watch stream: requests in, responses out, and the catch-up of
+//! its watchers that are behind. Three tasks share the stream:
+//!
+//! - the request loop (create / cancel / progress, the progress-notify
+//!   ticker, and the WithRequireLeader check);
+//! - the sender, which turns queued events into WatchResponses (headers,
+//!   prev_kv, fragments) and hands them to gRPC, freeing queue budget;
+//! - the catch-up loop, which replays MVCC history to unsynced watchers in
+//!   batches of at most [`CATCH_UP_REVISIONS`] revisions, waiting whenever
+//!   the stream's queue is over budget, so a client that does not read
+//!   costs no memory beyond its budget and no CPU.
+//!
+//! When the client goes away, every watcher of the stream is dropped.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use keel_proto::etcdserverpb::{
+    watch_create_request::FilterType, watch_request::RequestUnion, WatchRequest, WatchResponse,
+};
+use keel_proto::mvccpb::{event::EventType, Event};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+
+use super::hub::{Outgoing, StreamId, StreamQueue, WatchHub, WatchSpec, INVALID_WATCH_ID, STREAM_BUDGET_BYTES};
+use crate::error::Error;
+use crate::server::Server;
+
+/// Revisions replayed per catch-up batch (etcd's watchBatchMaxRevs).
+pub const CATCH_UP_REVISIONS: i64 = 1000;
+/// WatchResponses buffered between the sender and gRPC.
+const GRPC_BUFFER: usize = 16;
+
+pub type ResponseStream = tokio_stream::wrappers::ReceiverStream<Result<WatchResponse, Status>>;
+
+/// Starts serving one Watch stream; returns the response stream.
+pub fn start(
+    server: Arc<Server>,
+    hub: Arc<WatchHub>,
+    requests: Streaming<WatchRequest>,
+    require_leader: bool,
+) -> ResponseStream {
+    let (out_tx, out_rx) = mpsc::channel(GRPC_BUFFER);
+    let queue = hub.open_stream();
+    let stream_id = queue.id;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let budget_freed = Arc::new(tokio::sync::Notify::new());
+    let catch_up_wake = queue.catch_up.clone();
+    let queued = queue.queued.clone();
+
+    tokio::spawn(send_loop(server.clone(), queue, out_tx.clone(), budget_freed.clone(), stop_tx.clone()));
+    tokio::spawn(catch_up_loop(
+        server.clone(),
+        hub.clone(),
+        stream_id,
+        catch_up_wake,
+        queued,
+        budget_freed,
+        stop_rx.clone(),
+    ));
+    tokio::spawn(async move {
+        request_loop(&server, &hub, stream_id, requests, require_leader, out_tx, stop_rx).await;
+        hub.close_stream(stream_id);
+        let _ = stop_tx.send(true);
+    });
+    tokio_stream::wrappers::ReceiverStream::new(out_rx)
+}
+
+fn spec_from(create: &keel_proto::etcdserverpb::WatchCreateRequest) -> WatchSpec {
+    // etcd: an empty key means "\0", the smallest key; range_end "\0"
+    // means every key from `key`.
+    let key = if create.key.is_empty() { Bytes::from_static(b"\0") } else { create.key.clone() };
+    let end = match create.range_end.as_ref() {
+        [] => None,
+        [0] => Some(Bytes::new()),
+        _ => Some(create.range_end.clone()),
+    };
+    WatchSpec {
+        key,
+        end,
+        no_put: create.filters.contains(&(FilterType::Noput as i32)),
+        no_delete: create.filters.contains(&(FilterType::Nodelete as i32)),
+        prev_kv: create.prev_kv,
+        fragment: create.fragment,
+        progress_notify: create.progress_notify,
+    }
+}
+
+async fn request_loop(
+    server: &Arc<Server>,
+    hub: &Arc<WatchHub>,
+    stream_id: StreamId,
+    mut requests: Streaming<WatchRequest>,
+    require_leader: bool,
+    out_tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut progress =
+        tokio::time::interval(server.config.watch_progress_notify_interval.max(Duration::from_millis(10)));
+    progress.tick().await;
+    let mut leader_check = tokio::time::interval(server.config.election_timeout);
+    let mut leaderless_ticks = 0;
+    loop {
+        tokio::select! {
+            req = requests.next() => {
+                let Some(Ok(req)) = req else { return };
+                match req.request_union {
+                    Some(RequestUnion::CreateRequest(create)) => {
+                        let spec = spec_from(&create);
+                        if let Err(e) = hub.create(stream_id, create.watch_id, spec, create.start_revision) {
+                            let refused = WatchResponse {
+                                watch_id: INVALID_WATCH_ID,
+                                created: true,
+                                canceled: true,
+                                cancel_reason: e.to_string(),
+                                ..Default::default()
+                            };
+                            hub.send_control(stream_id, refused, server.mvcc.current_rev());
+                        }
+                    }
+                    Some(RequestUnion::CancelRequest(cancel)) => hub.cancel(stream_id, cancel.watch_id),
+                    Some(RequestUnion::ProgressRequest(_)) => hub.request_progress(stream_id),
+                    None => {}
+                }
+            }
+            _ = progress.tick() => hub.progress_tick(stream_id),
+            _ = leader_check.tick(), if require_leader => {
+                // etcd cancels a WithRequireLeader watch stream once its
+                // member has been without a leader for a while.
+                if server.leader().is_none() {
+                    leaderless_ticks += 1;
+                    if leaderless_ticks >= 3 {
+                        let _ = out_tx.send(Err(Status::from(Error::NoLeader))).await;
+                        return;
+                    }
+                } else {
+                    leaderless_ticks = 0;
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// A PUT that created its key has no previous value to look up.
+fn is_create(ev: &Event) -> bool {
+    ev.r#type == EventType::Put as i32 && ev.kv.as_ref().is_some_and(|kv| kv.version == 1)
+}
+
+async fn send_loop(
+    server: Arc<Server>,
+    mut queue: StreamQueue,
+    out_tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    budget_freed: Arc<tokio::sync::Notify>,
+    stop: watch::Sender<bool>,
+) {
+    while let Some(msg) = queue.rx.recv().await {
+        let bytes = msg.bytes();
+        let sent = match msg {
+            Outgoing::Control { mut response, revision } => {
+                response.header = Some(server.header(revision));
+                out_tx.send(Ok(response)).await.is_ok()
+            }
+            Outgoing::Events { watch_id, revision, mut events, prev_kv, fragment, .. } => {
+                if prev_kv {
+                    for ev in events.iter_mut().filter(|e| !is_create(e)) {
+                        if let Some(kv) = &ev.kv {
+                            ev.prev_kv = server.mvcc.get_at(&kv.key, kv.mod_revision - 1).ok().flatten();
+                        }
+                    }
+                }
+                let response =
+                    WatchResponse { header: Some(server.header(revision)), watch_id, events, ..Default::default() };
+                if fragment {
+                    send_fragments(response, server.config.max_request_bytes, &out_tx).await
+                } else {
+                    out_tx.send(Ok(response)).await.is_ok()
+                }
+            }
+        };
+        queue.queued.fetch_sub(bytes, Ordering::AcqRel);
+        budget_freed.notify_waiters();
+        if !sent {
+            break;
+        }
+    }
+    let _ = stop.send(true);
+}
+
+/// etcd's sendFragments: a response over `limit` bytes with more than one
+/// event goes out in pieces, each marked `fragment` but the last.
+async fn send_fragments(
+    response: WatchResponse,
+    limit: usize,
+    out: &mpsc::Sender<Result<WatchResponse, Status>>,
+) -> bool {
+    if response.encoded_len() < limit || response.events.len() < 2 {
+        return out.send(Ok(response)).await.is_ok();
+    }
+    let mut rest = response.events.into_iter().peekable();
+    let template = WatchResponse { events: Vec::new(), fragment: true, ..response };
+    loop {
+        let mut cur = template.clone();
+        while let Some(ev) = rest.peek() {
+            cur.events.push(ev.clone());
+            if cur.events.len() > 1 && cur.encoded_len() >= limit {
+                cur.events.pop();
+                break;
+            }
+            rest.next();
+        }
+        let last = rest.peek().is_none();
+        if last {
+            cur.fragment = false;
+        }
+        if out.send(Ok(cur)).await.is_err() {
+            return false;
+        }
+        if last {
+            return true;
+        }
+    }
+}
+
+async fn catch_up_loop(
+    server: Arc<Server>,
+    hub: Arc<WatchHub>,
+    stream_id: StreamId,
+    wake: Arc<tokio::sync::Notify>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    budget_freed: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let behind = hub.unsynced(stream_id);
+        if behind.is_empty() {
+            tokio::select! {
+                _ = wake.notified() => continue,
+                _ = stop.changed() => return,
+            }
+        }
+        // Respect the stream's budget: a client that does not read is not
+        // fed from history either.
+        while queued.load(Ordering::Acquire) >= STREAM_BUDGET_BYTES {
+            tokio::select! {
+                _ = budget_freed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+        let compact_rev = server.mvcc.compact_rev();
+        let mut live = Vec::new();
+        for (id, spec, next_rev) in behind {
+            if next_rev < compact_rev {
+                hub.compacted(stream_id, id, compact_rev);
+            } else {
+                live.push((id, spec, next_rev));
+            }
+        }
+        let Some(from) = live.iter().map(|(_, _, r)| *r).min() else { continue };
+        let current = hub.rev();
+        let to = current.min(from + CATCH_UP_REVISIONS - 1);
+        let mvcc = server.mvcc.clone();
+        let history = tokio::task::spawn_blocking(move || mvcc.history(from, to)).await;
+        let events = match history {
+            Ok(Ok(events)) => events,
+            Ok(Err(Error::Compacted)) => continue,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reading watch history failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        for (id, spec, next_rev) in live {
+            if next_rev > to {
+                // Ahead of this batch (started later); the next pass serves it.
+                if next_rev > current {
+                    hub.deliver_history(stream_id, id, Vec::new(), next_rev);
+                }
+                continue;
+            }
+            let mine: Vec<Event> = events
+                .iter()
+                .filter(|e| {
+                    e.kv.as_ref().is_some_and(|kv| kv.mod_revision >= next_rev)
+                        && spec.matches(e.kv.as_ref().map_or(&[][..], |kv| kv.key.as_ref()))
+                        && !(e.r#type == EventType::Put as i32 && spec.no_put)
+                        && !(e.r#type == EventType::Delete as i32 && spec.no_delete)
+                })
+                .cloned()
+                .collect();
+            hub.deliver_history(stream_id, id, mine, to + 1);
+        }
+    }
+}
