@@ -7,7 +7,7 @@ KEEL         := $(TARGET_DIR)/release/keel
 RUN_DATA_DIR ?= default.etcd
 E2E          ?= ../shared/conformance/etcd-e2e
 # etcd-e2e groups keel passes in full; `make conformance` keeps them passing.
-CONFORMANCE_GROUPS ?= kv cluster watch
+CONFORMANCE_GROUPS ?= kv cluster watch lease
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CARGO_TARGET_DIR := $(TARGET_DIR)

@@ -365,6 +365,9 @@ pub struct Flags {
     /// Persist lease checkpoints across restarts (keel always does).
     #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT_PERSIST", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
     pub experimental_enable_lease_checkpoint_persist: bool,
+    /// How often the leader checkpoints remaining lease TTLs through Raft.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL", default_value = "5m", value_parser = parse_go_duration)]
+    pub experimental_lease_checkpoint_interval: Duration,
     /// Maximum revisions deleted in each compaction batch.
     #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT", default_value_t = 1000)]
     pub experimental_compaction_batch_limit: u64,
@@ -441,6 +444,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_outputs: Vec<String>,
     pub watch_progress_notify_interval: Duration,
+    pub lease_checkpoint_interval: Duration,
     pub corrupt_check_interval: Duration,
     pub initial_corrupt_check: bool,
     pub unsafe_no_fsync: bool,
@@ -698,6 +702,7 @@ impl Flags {
             log_format,
             log_outputs,
             watch_progress_notify_interval: self.experimental_watch_progress_notify_interval,
+            lease_checkpoint_interval: self.experimental_lease_checkpoint_interval,
             corrupt_check_interval: self.experimental_corrupt_check_time,
             initial_corrupt_check: self.experimental_initial_corrupt_check,
             unsafe_no_fsync: self.unsafe_no_fsync,

@@ -31,8 +31,10 @@
 pub mod api;
 pub mod apply;
 pub mod cluster;
+pub mod concurrency;
 pub mod config;
 pub mod error;
+pub mod lease;
 pub mod logging;
 pub mod membership;
 pub mod mvcc;

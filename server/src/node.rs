@@ -23,6 +23,8 @@ use crate::api;
 use crate::apply::{Applier, Compactor};
 use crate::cluster::{cluster_id, member_id, MemberRegistry};
 use crate::config::{ClusterState, Config, ETCD_CLUSTER_VERSION};
+use crate::lease::duties::LeaseIdGen;
+use crate::lease::Lessor;
 use crate::mvcc::{CompactionJob, MvccStore};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{NetworkFactory, PeerClients, MAX_PEER_MESSAGE};
@@ -87,11 +89,13 @@ struct Reloader {
     mvcc: Arc<MvccStore>,
     members: Arc<MemberRegistry>,
     hub: Arc<WatchHub>,
+    leases: Arc<Lessor>,
 }
 
 impl Reloadable for Reloader {
     fn reload(&self) -> Result<(), StorageError> {
         self.mvcc.reload().map_err(|e| StorageError::Io(e.to_string()))?;
+        self.leases.reload(&self.engine, &self.mvcc)?;
         self.hub.reset(self.mvcc.current_rev());
         self.members.reload(&self.engine)
     }
@@ -275,9 +279,15 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let members = Arc::new(MemberRegistry::load(&engine)?);
     let compactor: Arc<dyn Compactor> = Arc::new(CompactionThread::start(mvcc.clone())?);
     let hub = Arc::new(WatchHub::new(mvcc.current_rev()));
-    let applier = Applier::new(engine.clone(), mvcc.clone(), members.clone(), hub.clone(), compactor);
-    let reloader =
-        Arc::new(Reloader { engine: engine.clone(), mvcc: mvcc.clone(), members: members.clone(), hub: hub.clone() });
+    let leases = Arc::new(Lessor::load(&engine, &mvcc)?);
+    let applier = Applier::new(engine.clone(), mvcc.clone(), members.clone(), leases.clone(), hub.clone(), compactor);
+    let reloader = Arc::new(Reloader {
+        engine: engine.clone(),
+        mvcc: mvcc.clone(),
+        members: members.clone(),
+        hub: hub.clone(),
+        leases: leases.clone(),
+    });
     let state_machine = StateMachine::open(engine.clone(), applier, snap_dir, reloader)?;
     let log_store = LogStore::open(engine.clone())?;
 
@@ -312,6 +322,9 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         state_machine,
         log_store,
         members,
+        leases,
+        hub: hub.clone(),
+        lease_ids: LeaseIdGen::new(id),
         peers,
         transfer_gate: tokio::sync::RwLock::new(()),
     });
@@ -365,7 +378,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
             WatchServer::new(api::watch::WatchService::new(server.clone(), hub.clone()))
                 .max_decoding_message_size(max_msg),
         )
-        .add_service(LeaseServer::new(api::lease::LeaseService).max_decoding_message_size(max_msg))
+        .add_service(LeaseServer::new(api::lease::LeaseService::new(server.clone())).max_decoding_message_size(max_msg))
         .add_service(
             ClusterServer::new(api::cluster::ClusterService::new(server.clone())).max_decoding_message_size(max_msg),
         )
@@ -374,8 +387,10 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
                 .max_decoding_message_size(max_msg),
         )
         .add_service(AuthServer::new(api::auth::AuthService).max_decoding_message_size(max_msg))
-        .add_service(LockServer::new(api::lock::LockService).max_decoding_message_size(max_msg))
-        .add_service(ElectionServer::new(api::election::ElectionService).max_decoding_message_size(max_msg));
+        .add_service(LockServer::new(api::lock::LockService::new(server.clone())).max_decoding_message_size(max_msg))
+        .add_service(
+            ElectionServer::new(api::election::ElectionService::new(server.clone())).max_decoding_message_size(max_msg),
+        );
     let client_router = routes
         .prepare()
         .into_axum_router()
@@ -408,6 +423,8 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         tasks.push(tokio::spawn(async move { s.promote_caught_up().await }));
         let s = server.clone();
         tasks.push(tokio::spawn(async move { s.check_quorum().await }));
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move { s.lease_duties().await }));
     }
 
     publish(&server).await?;

@@ -14,12 +14,15 @@ use prost::Message;
 use crate::cluster::MemberRegistry;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::lease::duties::LeaseIdGen;
+use crate::lease::Lessor;
 use crate::mvcc::MvccStore;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::PeerClients;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{Command, NodeId, Raft};
 use crate::storage::SharedEngine;
+use crate::watch::WatchHub;
 
 pub struct Server {
     pub id: NodeId,
@@ -31,6 +34,9 @@ pub struct Server {
     pub state_machine: StateMachine,
     pub log_store: LogStore,
     pub members: Arc<MemberRegistry>,
+    pub leases: Arc<Lessor>,
+    pub hub: Arc<WatchHub>,
+    pub lease_ids: LeaseIdGen,
     pub peers: Arc<PeerClients>,
     /// Held for writing while leadership moves to another member: new
     /// proposals and read-index requests on this member wait meanwhile.

@@ -151,8 +151,10 @@ fn internal(req: internal_request::Request) -> InternalRequest {
     InternalRequest { header: None, request: Some(req) }
 }
 
+/// The KV operations with etcd's validation, for this service and for the
+/// server-side lock and election recipes.
 impl KvService {
-    async fn range_inner(&self, r: RangeRequest) -> Result<RangeResponse> {
+    pub async fn range_inner(&self, r: RangeRequest) -> Result<RangeResponse> {
         check_range(&r)?;
         if !r.serializable {
             self.server.linearizable_barrier().await?;
@@ -165,7 +167,7 @@ impl KvService {
         Ok(resp)
     }
 
-    async fn txn_inner(&self, t: TxnRequest) -> Result<TxnResponse> {
+    pub async fn txn_inner(&self, t: TxnRequest) -> Result<TxnResponse> {
         check_txn(&t, self.server.config.max_txn_ops as i64)?;
         check_intervals(&t.success)?;
         check_intervals(&t.failure)?;
@@ -182,6 +184,30 @@ impl KvService {
         }
         match self.server.propose(internal(internal_request::Request::Txn(t))).await?.response {
             Some(Applied::Txn(mut resp)) => {
+                self.server.fill_header(&mut resp.header);
+                Ok(resp)
+            }
+            other => Err(Error::Internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+}
+
+impl KvService {
+    pub async fn put_inner(&self, p: PutRequest) -> Result<PutResponse> {
+        check_put(&p)?;
+        match self.server.propose(internal(internal_request::Request::Put(p))).await?.response {
+            Some(Applied::Put(mut resp)) => {
+                self.server.fill_header(&mut resp.header);
+                Ok(resp)
+            }
+            other => Err(Error::Internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+
+    pub async fn delete_inner(&self, d: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        check_delete(&d)?;
+        match self.server.propose(internal(internal_request::Request::DeleteRange(d))).await?.response {
+            Some(Applied::DeleteRange(mut resp)) => {
                 self.server.fill_header(&mut resp.header);
                 Ok(resp)
             }

@@ -1,46 +1,122 @@
-//! etcdserverpb.Lease: not served yet; every RPC answers UNIMPLEMENTED.
+//! etcdserverpb.Lease: grants and revocations go through Raft; renewals
+//! and remaining TTLs are the leader's business (followers forward them);
+//! the lease list is served from local state.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use keel_proto::etcdserverpb::lease_server::Lease;
 use keel_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
-    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse,
 };
+use keel_proto::keelpb::{internal_request, internal_response::Response as Applied, InternalRequest};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::errors::unimplemented;
+use crate::error::Error;
+use crate::lease::MAX_LEASE_TTL;
+use crate::server::Server;
 
-pub struct LeaseService;
+pub struct LeaseService {
+    server: Arc<Server>,
+}
+
+impl LeaseService {
+    pub fn new(server: Arc<Server>) -> Self {
+        Self { server }
+    }
+}
+
+fn internal(r: internal_request::Request) -> InternalRequest {
+    InternalRequest { header: None, request: Some(r) }
+}
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
-    async fn lease_grant(&self, _r: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
-        Err(unimplemented("Lease.LeaseGrant"))
+    async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        let mut r = req.into_inner();
+        if r.ttl > MAX_LEASE_TTL {
+            return Err(Error::LeaseTtlTooLarge.into());
+        }
+        // The proposer fixes id and TTL so every member applies the same.
+        if r.id == 0 {
+            r.id = self.server.lease_ids.next();
+        }
+        r.ttl = r.ttl.max(self.server.min_lease_ttl());
+        match self.server.propose(internal(internal_request::Request::LeaseGrant(r))).await?.response {
+            Some(Applied::LeaseGrant(mut resp)) => {
+                self.server.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
+        }
     }
 
-    async fn lease_revoke(&self, _r: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
-        Err(unimplemented("Lease.LeaseRevoke"))
+    async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        match self.server.propose(internal(internal_request::Request::LeaseRevoke(req.into_inner()))).await?.response {
+            Some(Applied::LeaseRevoke(mut resp)) => {
+                self.server.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
+        }
     }
 
     type LeaseKeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
 
     async fn lease_keep_alive(
         &self,
-        _r: Request<Streaming<LeaseKeepAliveRequest>>,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        Err(unimplemented("Lease.LeaseKeepAlive"))
+        let server = self.server.clone();
+        let mut requests = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(Ok(req)) = requests.next().await {
+                let reply = match server.lease_renew(req.id).await {
+                    Ok(ttl) => Ok(LeaseKeepAliveResponse {
+                        header: Some(server.header(server.mvcc.current_rev())),
+                        id: req.id,
+                        ttl,
+                    }),
+                    Err(e) => Err(Status::from(e)),
+                };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn lease_time_to_live(
         &self,
-        _r: Request<LeaseTimeToLiveRequest>,
+        req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        Err(unimplemented("Lease.LeaseTimeToLive"))
+        let r = req.into_inner();
+        let header = Some(self.server.header(self.server.mvcc.current_rev()));
+        let resp = match self.server.lease_time_to_live(r.id, r.keys).await? {
+            Some(info) => LeaseTimeToLiveResponse {
+                header,
+                id: r.id,
+                ttl: info.ttl,
+                granted_ttl: info.granted_ttl,
+                keys: info.keys,
+            },
+            // etcd answers an unknown lease with TTL -1, not an error.
+            None => LeaseTimeToLiveResponse { header, id: r.id, ttl: -1, granted_ttl: 0, keys: Vec::new() },
+        };
+        Ok(Response::new(resp))
     }
 
-    async fn lease_leases(&self, _r: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
-        Err(unimplemented("Lease.LeaseLeases"))
+    async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let leases = self.server.leases.leases().into_iter().map(|id| LeaseStatus { id }).collect();
+        Ok(Response::new(LeaseLeasesResponse {
+            header: Some(self.server.header(self.server.mvcc.current_rev())),
+            leases,
+        }))
     }
 }

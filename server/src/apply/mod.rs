@@ -12,7 +12,9 @@ pub mod kv;
 
 use std::sync::Arc;
 
-use keel_proto::etcdserverpb::{CompactionResponse, ResponseHeader};
+use keel_proto::etcdserverpb::{
+    CompactionResponse, LeaseCheckpointResponse, LeaseGrantResponse, LeaseRevokeResponse, ResponseHeader,
+};
 use keel_proto::keelpb::{
     internal_request::Request, internal_response::Response, ApplyError, Empty, InternalRequest, InternalResponse,
     MemberAttributes,
@@ -21,11 +23,11 @@ use keel_proto::mvccpb::Event;
 
 use crate::cluster::MemberRegistry;
 use crate::error::Error;
+use crate::lease::Lessor;
 use crate::mvcc::{CompactionJob, MvccStore, WriteTxn};
 use crate::raft::{codec, LogId, StoredMembership};
 use crate::storage::keys::{META_APPLIED, META_MEMBERSHIP};
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
-use kv::LeaseLookup;
 
 /// Told about every committed revision, in order (the watch hub).
 pub trait CommitObserver: Send + Sync {
@@ -41,17 +43,9 @@ pub struct Applier {
     engine: SharedEngine,
     mvcc: Arc<MvccStore>,
     members: Arc<MemberRegistry>,
+    leases: Arc<Lessor>,
     observer: Arc<dyn CommitObserver>,
     compactor: Arc<dyn Compactor>,
-}
-
-/// Leases are not granted by this build; every lease id is unknown.
-struct NoLeases;
-
-impl kv::LeaseLookup for NoLeases {
-    fn lease_exists(&self, _id: i64) -> bool {
-        false
-    }
 }
 
 fn error_response(e: &Error, rev: i64) -> InternalResponse {
@@ -77,10 +71,11 @@ impl Applier {
         engine: SharedEngine,
         mvcc: Arc<MvccStore>,
         members: Arc<MemberRegistry>,
+        leases: Arc<Lessor>,
         observer: Arc<dyn CommitObserver>,
         compactor: Arc<dyn Compactor>,
     ) -> Self {
-        Self { engine, mvcc, members, observer, compactor }
+        Self { engine, mvcc, members, leases, observer, compactor }
     }
 
     pub fn mvcc(&self) -> &Arc<MvccStore> {
@@ -158,6 +153,7 @@ impl Applier {
         }
         applied_put(txn.batch_mut(), log_id)?;
         let committed = txn.commit().map_err(storage_fatal)?;
+        self.leases.apply_key_changes(&committed.lease_changes);
         if !committed.events.is_empty() {
             self.observer.committed(committed.rev, &committed.events);
         }
@@ -170,12 +166,12 @@ impl Applier {
     /// Applies one normal entry. `Err` means the member's storage failed
     /// and it must stop; etcd-level failures are in the response.
     pub fn apply(&self, log_id: &LogId, req: &InternalRequest) -> Result<InternalResponse, StorageError> {
-        let leases = NoLeases;
+        let leases = &*self.leases;
         match &req.request {
             Some(Request::Put(p)) => self.kv_write(log_id, |txn| {
                 // A plain put checks its lease before anything else (a txn
                 // checks keys first: see kv::check_put).
-                if p.lease != 0 && !leases.lease_exists(p.lease) {
+                if p.lease != 0 && !leases.exists(p.lease) {
                     return Err(Error::LeaseNotFound);
                 }
                 Ok(Response::Put(kv::put(txn, p)?))
@@ -183,7 +179,7 @@ impl Applier {
             Some(Request::DeleteRange(d)) => {
                 self.kv_write(log_id, |txn| Ok(Response::DeleteRange(kv::delete_range(txn, d)?)))
             }
-            Some(Request::Txn(t)) => self.kv_write(log_id, |txn| Ok(Response::Txn(kv::txn_write(txn, t, &leases)?))),
+            Some(Request::Txn(t)) => self.kv_write(log_id, |txn| Ok(Response::Txn(kv::txn_write(txn, t, leases)?))),
             Some(Request::Compaction(c)) => {
                 let mut b = WriteBatch::new();
                 applied_put(&mut b, log_id)?;
@@ -202,6 +198,59 @@ impl Applier {
                     }
                     Err(Error::Storage(m)) => return Err(StorageError::Io(m)),
                     Err(e) => error_response(&e, rev),
+                })
+            }
+            Some(Request::LeaseGrant(g)) => {
+                let mut b = WriteBatch::new();
+                applied_put(&mut b, log_id)?;
+                let outcome = self.leases.grant(g.id, g.ttl, &mut b);
+                self.engine.write(b, false)?;
+                let rev = self.mvcc.current_rev();
+                Ok(match outcome {
+                    Ok(()) => InternalResponse {
+                        response: Some(Response::LeaseGrant(LeaseGrantResponse {
+                            header: Some(ResponseHeader { revision: rev, ..Default::default() }),
+                            id: g.id,
+                            ttl: g.ttl,
+                            error: String::new(),
+                        })),
+                        revision: rev,
+                    },
+                    Err(e) => error_response(&e, rev),
+                })
+            }
+            Some(Request::LeaseRevoke(r)) => {
+                let keys = match self.leases.keys_to_revoke(r.id) {
+                    Ok(keys) => keys,
+                    Err(e) => {
+                        self.apply_noop(log_id)?;
+                        return Ok(error_response(&e, self.mvcc.current_rev()));
+                    }
+                };
+                let id = r.id;
+                self.kv_write(log_id, |txn| {
+                    // Every attached key goes in one revision, in key order.
+                    for key in &keys {
+                        txn.delete_range(key, None);
+                    }
+                    self.leases.remove(id, txn.batch_mut());
+                    Ok(Response::LeaseRevoke(LeaseRevokeResponse {
+                        header: Some(ResponseHeader { revision: txn.write_rev(), ..Default::default() }),
+                    }))
+                })
+            }
+            Some(Request::LeaseCheckpoint(c)) => {
+                let mut b = WriteBatch::new();
+                applied_put(&mut b, log_id)?;
+                let cps: Vec<(i64, i64)> = c.checkpoints.iter().map(|cp| (cp.id, cp.remaining_ttl)).collect();
+                self.leases.checkpoint(&cps, &mut b);
+                self.engine.write(b, false)?;
+                let rev = self.mvcc.current_rev();
+                Ok(InternalResponse {
+                    response: Some(Response::LeaseCheckpoint(LeaseCheckpointResponse {
+                        header: Some(ResponseHeader { revision: rev, ..Default::default() }),
+                    })),
+                    revision: rev,
                 })
             }
             Some(Request::PublishMember(attrs)) => {

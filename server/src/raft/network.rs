@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_proto::etcdserverpb::Member;
+use keel_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseTimeToLiveRequest, Member};
 use keel_proto::keelpb::raft_peer_client::RaftPeerClient;
 use keel_proto::keelpb::{
     ClusterChangeRequest, ClusterInfoRequest, ClusterInfoResponse, Empty, ForwardRequest, InternalRequest,
@@ -26,6 +26,7 @@ use tonic::transport::Channel;
 
 use super::{codec, MemberNode, NodeId, TypeConfig};
 use crate::error::Error;
+use crate::lease::LeaseInfo;
 use crate::transport::PeerConnector;
 
 /// Largest peer message (an append-entries batch or snapshot chunk).
@@ -128,6 +129,36 @@ impl PeerClients {
         let mut request = tonic::Request::new(ClusterInfoRequest {});
         request.set_timeout(timeout);
         Ok(client.cluster_info(request).await.map_err(peer_status_error)?.into_inner())
+    }
+
+    /// Renews a lease on the leader; returns its TTL (0: not found).
+    pub async fn lease_keep_alive(
+        &self,
+        leader: NodeId,
+        node: &MemberNode,
+        req: LeaseKeepAliveRequest,
+        timeout: Duration,
+    ) -> Result<i64, Error> {
+        let mut client = self.client(leader, node)?;
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(timeout);
+        Ok(client.lease_keep_alive(request).await.map_err(peer_status_error)?.into_inner().ttl)
+    }
+
+    /// A lease's remaining and granted TTL from the leader (None: no such
+    /// lease).
+    pub async fn lease_time_to_live(
+        &self,
+        leader: NodeId,
+        node: &MemberNode,
+        req: LeaseTimeToLiveRequest,
+        timeout: Duration,
+    ) -> Result<Option<LeaseInfo>, Error> {
+        let mut client = self.client(leader, node)?;
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(timeout);
+        let resp = client.lease_time_to_live(request).await.map_err(peer_status_error)?.into_inner();
+        Ok((resp.ttl != -1).then_some(LeaseInfo { ttl: resp.ttl, granted_ttl: resp.granted_ttl, keys: resp.keys }))
     }
 
     /// Fires when a peer told us that this member was removed.

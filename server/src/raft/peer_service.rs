@@ -124,15 +124,31 @@ impl RaftPeer for PeerService {
 
     async fn lease_keep_alive(
         &self,
-        _req: Request<LeaseKeepAliveRequest>,
+        req: Request<LeaseKeepAliveRequest>,
     ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
-        Err(Status::unimplemented("RaftPeer.LeaseKeepAlive is not implemented by keel yet"))
+        let id = req.into_inner().id;
+        let ttl = self.server.lease_renew_local(id).await.map_err(to_status)?;
+        Ok(Response::new(LeaseKeepAliveResponse { header: None, id, ttl }))
     }
 
     async fn lease_time_to_live(
         &self,
-        _req: Request<LeaseTimeToLiveRequest>,
+        req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        Err(Status::unimplemented("RaftPeer.LeaseTimeToLive is not implemented by keel yet"))
+        let req = req.into_inner();
+        if !self.server.leases.is_primary() {
+            return Err(to_status(Error::NotLeader));
+        }
+        let resp = match self.server.leases.time_to_live(req.id, req.keys) {
+            Some(info) => LeaseTimeToLiveResponse {
+                header: None,
+                id: req.id,
+                ttl: info.ttl,
+                granted_ttl: info.granted_ttl,
+                keys: info.keys,
+            },
+            None => LeaseTimeToLiveResponse { header: None, id: req.id, ttl: -1, granted_ttl: 0, keys: Vec::new() },
+        };
+        Ok(Response::new(resp))
     }
 }

@@ -44,7 +44,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         let engine: SharedEngine = Arc::new(RocksEngine::open(&dir.path().join("db")).map_err(storage_err)?);
         let mvcc = Arc::new(MvccStore::open(engine.clone()).map_err(storage_err)?);
         let members = Arc::new(MemberRegistry::load(&engine).map_err(storage_err)?);
-        let applier = Applier::new(engine.clone(), mvcc.clone(), members, Arc::new(Nothing), Arc::new(Nothing));
+        let leases = Arc::new(crate::lease::Lessor::load(&engine, &mvcc).map_err(storage_err)?);
+        let applier = Applier::new(engine.clone(), mvcc.clone(), members, leases, Arc::new(Nothing), Arc::new(Nothing));
         let sm = StateMachine::open(engine.clone(), applier, dir.path().join("snap"), Arc::new(ReloadMvcc(mvcc)))
             .map_err(storage_err)?;
         let log = LogStore::open(engine).map_err(storage_err)?;

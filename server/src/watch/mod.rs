@@ -16,6 +16,7 @@
 //! delivery gap-free and duplicate-free.
 
 pub mod hub;
+pub mod internal;
 pub mod session;
 
 pub use hub::WatchHub;

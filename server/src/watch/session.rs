@@ -226,7 +226,7 @@ async fn send_fragments(
     }
 }
 
-async fn catch_up_loop(
+pub(crate) async fn catch_up_loop(
     server: Arc<Server>,
     hub: Arc<WatchHub>,
     stream_id: StreamId,

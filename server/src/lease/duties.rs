@@ -1,0 +1,200 @@
+//! The leader's lease work: follow leadership (promote/demote the
+//! lessor), revoke expired leases through Raft, checkpoint remaining TTLs,
+//! and serve keepalives and TTL queries (forwarding from followers).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use keel_proto::etcdserverpb::{
+    LeaseCheckpoint, LeaseCheckpointRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
+};
+use keel_proto::keelpb::{internal_request, InternalRequest};
+
+use super::LeaseInfo;
+use crate::error::{Error, Result};
+use crate::server::Server;
+
+/// Revocations proposed per expiry pass (etcd: leaseRevokeRate).
+const REVOKE_BATCH: usize = 1000;
+const CHECKPOINT_BATCH: usize = 1000;
+
+fn internal(r: internal_request::Request) -> InternalRequest {
+    InternalRequest { header: None, request: Some(r) }
+}
+
+/// Generates lease ids unique across members: etcd's scheme of the low
+/// 16 bits of the member id, then a counter seeded from the clock.
+pub struct LeaseIdGen {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl LeaseIdGen {
+    pub fn new(member_id: u64) -> Self {
+        let millis =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Self { prefix: (member_id & 0xffff) << 48, counter: AtomicU64::new(millis << 8) }
+    }
+
+    pub fn next(&self) -> i64 {
+        loop {
+            let suffix = self.counter.fetch_add(1, Ordering::Relaxed) & ((1 << 48) - 1);
+            let id = ((self.prefix | suffix) & (i64::MAX as u64)) as i64;
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+}
+
+impl Server {
+    /// The smallest TTL etcd grants: 1.5 election timeouts, in whole
+    /// seconds, so a lease survives a leader election.
+    pub fn min_lease_ttl(&self) -> i64 {
+        let min = self.config.election_timeout.as_secs_f64() * 1.5;
+        min.ceil() as i64
+    }
+
+    /// Runs the leader's lease duties until the member stops.
+    pub async fn lease_duties(&self) {
+        let mut metrics = self.raft.metrics();
+        let mut expiry_tick = tokio::time::interval(Duration::from_millis(500));
+        let mut checkpoint_tick =
+            tokio::time::interval(self.config.lease_checkpoint_interval.max(Duration::from_millis(100)));
+        checkpoint_tick.tick().await;
+        let mut leading = false;
+        loop {
+            tokio::select! {
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = expiry_tick.tick() => {
+                    if leading {
+                        self.revoke_expired().await;
+                    }
+                }
+                _ = checkpoint_tick.tick() => {
+                    if leading {
+                        self.checkpoint_leases().await;
+                    }
+                }
+            }
+            let now_leading = metrics.borrow().current_leader == Some(self.id);
+            if now_leading != leading {
+                leading = now_leading;
+                if leading {
+                    self.leases.promote(self.config.election_timeout);
+                    tracing::info!(leases = self.leases.count(), "became leader; lease expiry clocks restarted");
+                } else {
+                    self.leases.demote();
+                }
+            }
+        }
+    }
+
+    async fn revoke_expired(&self) {
+        for id in self.leases.expired(REVOKE_BATCH) {
+            let req = internal(internal_request::Request::LeaseRevoke(LeaseRevokeRequest { id }));
+            match self.propose(req).await {
+                Ok(_) => tracing::debug!(lease = id, "revoked expired lease"),
+                Err(Error::LeaseNotFound) => {}
+                Err(e) => {
+                    tracing::warn!(lease = id, error = %e, "failed to revoke expired lease");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn checkpoint_leases(&self) {
+        let checkpoints = self.leases.checkpoints(CHECKPOINT_BATCH);
+        if checkpoints.is_empty() {
+            return;
+        }
+        let checkpoints =
+            checkpoints.into_iter().map(|(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl }).collect();
+        let req = internal(internal_request::Request::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints }));
+        if let Err(e) = self.propose(req).await {
+            tracing::warn!(error = %e, "lease checkpoint failed");
+        }
+    }
+
+    /// Renews a lease on the leader (forwarding if needed); returns its
+    /// TTL, 0 when the lease does not exist or already expired.
+    pub async fn lease_renew(&self, id: i64) -> Result<i64> {
+        let deadline = Instant::now() + self.request_timeout();
+        loop {
+            let outcome = match self.leader() {
+                Some(l) if l == self.id => self.lease_renew_local(id).await,
+                Some(l) => {
+                    let node = self.raft.metrics().borrow().membership_config.membership().get_node(&l).cloned();
+                    match node {
+                        Some(node) => {
+                            let remaining = deadline.saturating_duration_since(Instant::now());
+                            self.peers.lease_keep_alive(l, &node, LeaseKeepAliveRequest { id }, remaining).await
+                        }
+                        None => Err(Error::NotLeader),
+                    }
+                }
+                None => Err(Error::NotLeader),
+            };
+            match outcome {
+                Err(Error::NotLeader) | Err(Error::Unhealthy) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(Error::NotLeader) | Err(Error::Unhealthy) => return Err(Error::Timeout),
+                other => return other,
+            }
+        }
+    }
+
+    /// The leader side of a renewal.
+    pub async fn lease_renew_local(&self, id: i64) -> Result<i64> {
+        match self.leases.renew(id) {
+            Ok((ttl, clear_checkpoint)) => {
+                if clear_checkpoint {
+                    let cp = LeaseCheckpoint { id, remaining_ttl: 0 };
+                    let req = internal(internal_request::Request::LeaseCheckpoint(LeaseCheckpointRequest {
+                        checkpoints: vec![cp],
+                    }));
+                    self.propose(req).await?;
+                }
+                Ok(ttl)
+            }
+            Err(Error::LeaseNotFound) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// LeaseTimeToLive, answered by the leader (which keeps expiry times).
+    pub async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<Option<LeaseInfo>> {
+        let deadline = Instant::now() + self.request_timeout();
+        loop {
+            let outcome = match self.leader() {
+                Some(l) if l == self.id && self.leases.is_primary() => Ok(self.leases.time_to_live(id, keys)),
+                Some(l) if l != self.id => {
+                    let node = self.raft.metrics().borrow().membership_config.membership().get_node(&l).cloned();
+                    match node {
+                        Some(node) => {
+                            let remaining = deadline.saturating_duration_since(Instant::now());
+                            self.peers
+                                .lease_time_to_live(l, &node, LeaseTimeToLiveRequest { id, keys }, remaining)
+                                .await
+                        }
+                        None => Err(Error::NotLeader),
+                    }
+                }
+                _ => Err(Error::NotLeader),
+            };
+            match outcome {
+                Err(Error::NotLeader) | Err(Error::Unhealthy) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(Error::NotLeader) | Err(Error::Unhealthy) => return Err(Error::Timeout),
+                other => return other,
+            }
+        }
+    }
+}
