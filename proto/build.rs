@@ -11,7 +11,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keelpb/keel.proto",
     ];
     let descriptors = protox::compile(files, ["proto"])?;
+    let encoded = prost::Message::encode_to_vec(&descriptors);
     tonic_prost_build::configure().bytes(".").compile_fds(descriptors)?;
+    // JSON for etcd's HTTP gateway: grpc-gateway's mapping with the .proto
+    // field names (etcd runs it with OrigName), int64 as strings, bytes as
+    // base64, default values left out.
+    pbjson_build::Builder::new().register_descriptors(&encoded)?.preserve_proto_field_names().build(&[
+        ".mvccpb",
+        ".authpb",
+        ".etcdserverpb",
+        ".v3lockpb",
+        ".v3electionpb",
+    ])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

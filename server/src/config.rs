@@ -432,8 +432,8 @@ pub struct Config {
     pub grpc_keepalive_min_time: Duration,
     pub grpc_keepalive_interval: Duration,
     pub grpc_keepalive_timeout: Duration,
-    pub auto_compaction_mode: CompactionMode,
-    pub auto_compaction_retention: String,
+    /// None: auto compaction off.
+    pub auto_compaction: Option<crate::maintenance_duties::Retention>,
     pub peer_auto_tls: bool,
     pub client_auto_tls: bool,
     /// Client-port certificates from files (--cert-file ...).
@@ -581,9 +581,9 @@ impl Flags {
             "revision" => CompactionMode::Revision,
             other => return Err(reject(format!("--auto-compaction-mode {other:?}: must be 'periodic' or 'revision'"))),
         };
-        if self.auto_compaction_retention != "0" && self.auto_compaction_retention != "0s" {
-            return Err(reject("--auto-compaction-retention: auto compaction is not supported by keel yet"));
-        }
+        let auto_compaction =
+            crate::maintenance_duties::parse_retention(auto_compaction_mode, &self.auto_compaction_retention)
+                .map_err(|e| reject(format!("--auto-compaction-retention: {e}")))?;
         let log_level = match self.log_level.as_str() {
             "debug" | "info" | "warn" | "error" => self.log_level.clone(),
             "panic" | "fatal" => "error".to_string(),
@@ -692,8 +692,7 @@ impl Flags {
             grpc_keepalive_min_time: self.grpc_keepalive_min_time,
             grpc_keepalive_interval: self.grpc_keepalive_interval,
             grpc_keepalive_timeout: self.grpc_keepalive_timeout,
-            auto_compaction_mode,
-            auto_compaction_retention: self.auto_compaction_retention.clone(),
+            auto_compaction,
             peer_auto_tls: self.peer_auto_tls,
             client_auto_tls: self.auto_tls,
             client_tls,

@@ -28,15 +28,21 @@
 //! index from the leader, wait for local apply; skipped when serializable)
 //! -> `apply::kv::range` over an `mvcc::ReadTxn`.
 
+pub mod alarm;
 pub mod api;
 pub mod apply;
+pub mod backup;
+pub mod cli;
 pub mod cluster;
 pub mod concurrency;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod lease;
 pub mod logging;
+pub mod maintenance_duties;
 pub mod membership;
+pub mod metrics;
 pub mod mvcc;
 pub mod node;
 pub mod raft;

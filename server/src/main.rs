@@ -5,6 +5,10 @@ use clap::Parser;
 use keel_server::config::{normalize_args, Flags, ETCD_API_VERSION, KEEL_VERSION};
 
 fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("snapshot") {
+        return keel_server::cli::snapshot_main(args[2..].to_vec());
+    }
     let flags = match Flags::try_parse_from(normalize_args(std::env::args())) {
         Ok(f) => f,
         Err(e) => {

@@ -310,6 +310,36 @@ impl Server {
         }
     }
 
+    /// Keeps the server gauges current: leader, proposals, size, watchers.
+    pub async fn export_metrics(&self) {
+        use crate::metrics as m;
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        let mut last_leader = None;
+        loop {
+            ticker.tick().await;
+            let leader = self.leader();
+            m::HAS_LEADER.set(i64::from(leader.is_some()));
+            m::IS_LEADER.set(i64::from(leader == Some(self.id)));
+            if leader.is_some() && leader != last_leader {
+                if last_leader.is_some() {
+                    m::LEADER_CHANGES.inc();
+                }
+                let term = self.term();
+                tracing::info!(leader = %format!("{:x}", leader.unwrap_or(0)), term, "leader changed");
+                last_leader = leader;
+            }
+            let metrics = self.raft.metrics().borrow().clone();
+            let applied = metrics.last_applied.map_or(0, |l| l.index) as i64;
+            let last_log = metrics.last_log_index.unwrap_or(0) as i64;
+            m::PROPOSALS_APPLIED.set(applied);
+            m::PROPOSALS_COMMITTED.set(applied.max(self.state_machine.applied_index() as i64));
+            m::PROPOSALS_PENDING.set((last_log - applied).max(0));
+            m::IS_LEARNER.set(i64::from(self.members.is_learner(self.id, metrics.membership_config.membership())));
+            m::WATCHERS.set(self.hub.watcher_count() as i64);
+            self.refresh_db_size();
+        }
+    }
+
     /// Hands leadership to `target` (etcd's MoveLeader; call on the leader).
     pub async fn move_leader(&self, target: NodeId) -> Result<()> {
         if self.leader() != Some(self.id) {

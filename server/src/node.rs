@@ -19,6 +19,7 @@ use keel_proto::v3lockpb::lock_server::LockServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::alarm::AlarmStore;
 use crate::api;
 use crate::apply::{Applier, Compactor};
 use crate::cluster::{cluster_id, member_id, MemberRegistry};
@@ -39,7 +40,11 @@ use crate::watch::WatchHub;
 
 /// raft_state: this member's id and its cluster's id (local facts, never
 /// replicated or overwritten by a snapshot).
-const LOCAL_IDENTITY: &[u8] = b"identity";
+pub const LOCAL_IDENTITY: &[u8] = b"identity";
+
+/// raft_state: the membership to bootstrap with on first start, written by
+/// `keel snapshot restore` (bincode `Vec<(member id, peer URLs)>`).
+pub const BOOTSTRAP_MEMBERS: &[u8] = b"bootstrap_members";
 
 /// gRPC message overhead etcd allows above --max-request-bytes.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -90,12 +95,14 @@ struct Reloader {
     members: Arc<MemberRegistry>,
     hub: Arc<WatchHub>,
     leases: Arc<Lessor>,
+    alarms: Arc<AlarmStore>,
 }
 
 impl Reloadable for Reloader {
     fn reload(&self) -> Result<(), StorageError> {
         self.mvcc.reload().map_err(|e| StorageError::Io(e.to_string()))?;
         self.leases.reload(&self.engine, &self.mvcc)?;
+        self.alarms.reload(&self.engine)?;
         self.hub.reset(self.mvcc.current_rev());
         self.members.reload(&self.engine)
     }
@@ -266,6 +273,12 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let connector = PeerConnector { tls: peer_tls_client, connect_timeout: Duration::from_secs(1) };
     let peers = Arc::new(PeerClients::new(connector));
     let (id, cid, bootstrap) = identity(&engine, &config, &peers).await?;
+    crate::metrics::init(
+        id,
+        crate::config::ETCD_API_VERSION,
+        crate::config::ETCD_CLUSTER_VERSION,
+        config.quota_backend_bytes,
+    );
     tracing::info!(
         name = %config.name,
         data_dir = %config.data_dir.display(),
@@ -280,13 +293,23 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let compactor: Arc<dyn Compactor> = Arc::new(CompactionThread::start(mvcc.clone())?);
     let hub = Arc::new(WatchHub::new(mvcc.current_rev()));
     let leases = Arc::new(Lessor::load(&engine, &mvcc)?);
-    let applier = Applier::new(engine.clone(), mvcc.clone(), members.clone(), leases.clone(), hub.clone(), compactor);
+    let alarms = Arc::new(AlarmStore::load(&engine)?);
+    let applier = Applier::new(
+        engine.clone(),
+        mvcc.clone(),
+        members.clone(),
+        leases.clone(),
+        alarms.clone(),
+        hub.clone(),
+        compactor,
+    );
     let reloader = Arc::new(Reloader {
         engine: engine.clone(),
         mvcc: mvcc.clone(),
         members: members.clone(),
         hub: hub.clone(),
         leases: leases.clone(),
+        alarms: alarms.clone(),
     });
     let state_machine = StateMachine::open(engine.clone(), applier, snap_dir, reloader)?;
     let log_store = LogStore::open(engine.clone())?;
@@ -296,6 +319,16 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         .await
         .map_err(|e| anyhow!("cannot start raft: {e}"))?;
 
+    // A restored member bootstraps the membership given to the restore.
+    if bootstrap == Bootstrap::Restart && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {
+        if let Some(bytes) = engine.get(Table::RaftState, BOOTSTRAP_MEMBERS)? {
+            let members: Vec<(u64, Vec<String>)> = codec::decode(&bytes)?;
+            let nodes: BTreeMap<u64, MemberNode> =
+                members.into_iter().map(|(id, urls)| (id, MemberNode { peer_urls: urls })).collect();
+            raft.initialize(nodes).await.map_err(|e| anyhow!("cannot bootstrap the restored cluster: {e}"))?;
+            tracing::info!("bootstrapped a cluster restored from a snapshot");
+        }
+    }
     if bootstrap != Bootstrap::Restart {
         if bootstrap == Bootstrap::New && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {
             let mut nodes = BTreeMap::new();
@@ -323,7 +356,9 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         log_store,
         members,
         leases,
+        alarms,
         hub: hub.clone(),
+        db_size: std::sync::atomic::AtomicU64::new(0),
         lease_ids: LeaseIdGen::new(id),
         peers,
         transfer_gate: tokio::sync::RwLock::new(()),
@@ -386,15 +421,41 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
             MaintenanceServer::new(api::maintenance::MaintenanceService::new(server.clone()))
                 .max_decoding_message_size(max_msg),
         )
-        .add_service(AuthServer::new(api::auth::AuthService).max_decoding_message_size(max_msg))
+        .add_service(AuthServer::new(api::auth::AuthService::new(server.clone())).max_decoding_message_size(max_msg))
         .add_service(LockServer::new(api::lock::LockService::new(server.clone())).max_decoding_message_size(max_msg))
         .add_service(
             ElectionServer::new(api::election::ElectionService::new(server.clone())).max_decoding_message_size(max_msg),
         );
-    let client_router = routes
+    // The standard gRPC health service: SERVING while a leader is known.
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    routes = routes.add_service(health_service);
+    {
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            let mut last = None;
+            loop {
+                ticker.tick().await;
+                let serving = s.leader().is_some();
+                if last != Some(serving) {
+                    let status = if serving {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    health_reporter.set_service_status("", status).await;
+                    last = Some(serving);
+                }
+            }
+        }));
+    }
+    let grpc = routes
         .prepare()
         .into_axum_router()
-        .layer(axum::middleware::from_fn_with_state(server.clone(), api::require_leader::require_leader));
+        .layer(axum::middleware::from_fn_with_state(server.clone(), api::require_leader::require_leader))
+        .layer(axum::middleware::from_fn(crate::http::grpc_metrics::record));
+    let client_router =
+        crate::http::monitoring(server.clone()).merge(crate::http::gateway::routes(server.clone())).merge(grpc);
     let mut client_addrs = Vec::new();
     for (url, security) in listeners(&config.listen_client_urls, &client_tls)? {
         let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on client URL {url}"))?;
@@ -406,6 +467,19 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
             http2,
             shutdown_rx.clone(),
         )));
+    }
+
+    for url in &config.listen_metrics_urls {
+        let listener = transport::bind(url).await.with_context(|| format!("cannot listen on metrics URL {url}"))?;
+        let secure = url.starts_with("https") || url.starts_with("unixs");
+        let security = match (secure, &client_tls) {
+            (true, Some(a)) => Security::Tls(a.clone()),
+            (true, None) => return Err(anyhow!("{url}: https metrics URLs need client TLS")),
+            (false, _) => Security::Plain,
+        };
+        tracing::info!(address = %url, "serving metrics and health");
+        let router = crate::http::monitoring(server.clone());
+        tasks.push(tokio::spawn(transport::serve(listener, security, router, http2, shutdown_rx.clone())));
     }
 
     // A sole voter need not wait for an election timeout.
@@ -425,9 +499,28 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         tasks.push(tokio::spawn(async move { s.check_quorum().await }));
         let s = server.clone();
         tasks.push(tokio::spawn(async move { s.lease_duties().await }));
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move { s.export_metrics().await }));
+        if let Some(retention) = config.auto_compaction {
+            let s = server.clone();
+            tasks.push(tokio::spawn(async move { s.auto_compact(retention).await }));
+        }
+        if !config.corrupt_check_interval.is_zero() {
+            let s = server.clone();
+            let every = config.corrupt_check_interval;
+            tasks.push(tokio::spawn(async move { s.periodic_corrupt_check(every).await }));
+        }
     }
 
     publish(&server).await?;
+    if config.initial_corrupt_check {
+        let bad = server.corrupt_check().await?;
+        if !bad.is_empty() {
+            let ids: Vec<String> = bad.iter().map(|id| format!("{id:x}")).collect();
+            return Err(anyhow!("initial corruption check failed: data differs from members {}", ids.join(", ")));
+        }
+        tracing::info!("initial corruption check passed");
+    }
     tracing::info!(cluster_version = ETCD_CLUSTER_VERSION, "enabled capabilities for version {ETCD_CLUSTER_VERSION}");
     for url in &config.listen_client_urls {
         tracing::info!(address = %url, "ready to serve client requests");

@@ -11,6 +11,7 @@ use keel_proto::keelpb::{internal_response::Response, InternalRequest, InternalR
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
 
+use crate::alarm::AlarmStore;
 use crate::cluster::MemberRegistry;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -35,7 +36,11 @@ pub struct Server {
     pub log_store: LogStore,
     pub members: Arc<MemberRegistry>,
     pub leases: Arc<Lessor>,
+    pub alarms: Arc<AlarmStore>,
     pub hub: Arc<WatchHub>,
+    /// Backend size as of the last refresh (the quota check reads it on
+    /// every write; see [`Server::refresh_db_size`]).
+    pub db_size: std::sync::atomic::AtomicU64,
     pub lease_ids: LeaseIdGen,
     pub peers: Arc<PeerClients>,
     /// Held for writing while leadership moves to another member: new
@@ -101,6 +106,49 @@ impl Server {
         }
     }
 
+    /// Re-reads the backend size (quota, Status, metrics).
+    pub fn refresh_db_size(&self) -> u64 {
+        // Like etcd's backend size, the Raft log is not counted.
+        match self.engine.size(&crate::storage::Table::STATE_MACHINE) {
+            Ok(size) => {
+                self.db_size.store(size.total_bytes, std::sync::atomic::Ordering::Relaxed);
+                crate::metrics::DB_TOTAL_SIZE.set(size.total_bytes as i64);
+                crate::metrics::DB_IN_USE.set(size.live_bytes as i64);
+                size.total_bytes
+            }
+            Err(_) => self.db_size.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// etcd's quota check: a request that would add data past
+    /// `--quota-backend-bytes` raises the NOSPACE alarm and fails.
+    async fn check_quota(&self, req: &InternalRequest) -> Result<()> {
+        use keel_proto::keelpb::internal_request::Request as R;
+        let cost = match &req.request {
+            Some(R::Put(p)) => p.key.len() + p.value.len() + 16,
+            Some(R::Txn(t)) if crate::apply::txn_has_puts(t) => t.encoded_len(),
+            Some(R::LeaseGrant(_)) => 32,
+            _ => return Ok(()),
+        } as u64;
+        // The cached size grows with every write until the next refresh,
+        // so a burst of writes cannot overshoot the quota unseen.
+        let size = self.db_size.fetch_add(cost, std::sync::atomic::Ordering::Relaxed);
+        if size + cost <= self.config.quota_backend_bytes {
+            return Ok(());
+        }
+        if self.refresh_db_size() + cost <= self.config.quota_backend_bytes {
+            return Ok(());
+        }
+        let alarm = keel_proto::etcdserverpb::AlarmRequest {
+            action: keel_proto::etcdserverpb::alarm_request::AlarmAction::Activate as i32,
+            member_id: self.id,
+            alarm: keel_proto::etcdserverpb::AlarmType::Nospace as i32,
+        };
+        let activate = InternalRequest { header: None, request: Some(R::Alarm(alarm)) };
+        Box::pin(self.propose(activate)).await?;
+        Err(Error::NoSpace)
+    }
+
     /// Replicates `req` through Raft and returns what applying it produced
     /// on this member. Works on any member: a follower forwards to the
     /// leader, then waits for its own state machine to catch up.
@@ -108,6 +156,7 @@ impl Server {
         if req.encoded_len() > self.config.max_request_bytes {
             return Err(Error::RequestTooLarge);
         }
+        self.check_quota(&req).await?;
         let deadline = Instant::now() + self.request_timeout();
         let resp = loop {
             let written = {

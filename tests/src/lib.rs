@@ -68,11 +68,13 @@ pub struct ClusterOptions {
     pub binary: PathBuf,
     pub extra_args: Vec<String>,
     pub token: String,
+    /// Build every member's data dir with `keel snapshot restore` first.
+    pub restore_from: Option<PathBuf>,
 }
 
 impl ClusterOptions {
     pub fn keel(size: usize) -> Self {
-        Self { size, binary: keel_bin(), extra_args: Vec::new(), token: "keel-test".into() }
+        Self { size, binary: keel_bin(), extra_args: Vec::new(), token: "keel-test".into(), restore_from: None }
     }
 
     pub fn args(mut self, args: &[&str]) -> Self {
@@ -126,6 +128,21 @@ impl Cluster {
                 opts.token.clone(),
             ];
             m.args.extend(opts.extra_args.iter().cloned());
+        }
+        if let Some(backup) = &opts.restore_from {
+            for m in &members {
+                let out = Command::new(&opts.binary)
+                    .args(["snapshot", "restore"])
+                    .arg(backup)
+                    .args(["--name", &m.name, "--data-dir"])
+                    .arg(&m.data_dir)
+                    .args(["--initial-cluster", &initial.join(","), "--initial-cluster-token", &opts.token])
+                    .args(["--initial-advertise-peer-urls", &m.peer_url])
+                    .output()?;
+                if !out.status.success() {
+                    bail!("restore failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+            }
         }
         let mut cluster = Cluster { binary: opts.binary, _dir: dir, members };
         for i in 0..cluster.members.len() {

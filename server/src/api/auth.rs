@@ -15,7 +15,15 @@ use tonic::{Request, Response, Status};
 
 use super::errors::unimplemented;
 
-pub struct AuthService;
+pub struct AuthService {
+    _server: std::sync::Arc<crate::server::Server>,
+}
+
+impl AuthService {
+    pub fn new(server: std::sync::Arc<crate::server::Server>) -> Self {
+        Self { _server: server }
+    }
+}
 
 #[tonic::async_trait]
 impl Auth for AuthService {

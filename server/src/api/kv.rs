@@ -156,6 +156,9 @@ fn internal(req: internal_request::Request) -> InternalRequest {
 impl KvService {
     pub async fn range_inner(&self, r: RangeRequest) -> Result<RangeResponse> {
         check_range(&r)?;
+        if self.server.alarms.is_active(keel_proto::etcdserverpb::AlarmType::Corrupt) {
+            return Err(Error::Corrupt);
+        }
         if !r.serializable {
             self.server.linearizable_barrier().await?;
         }

@@ -29,6 +29,38 @@ impl LeaseService {
     }
 }
 
+impl LeaseService {
+    /// Serves a keepalive stream: one response per request, TTL 0 for an
+    /// unknown lease; a failure ends the stream.
+    pub fn keep_alive_stream<S>(
+        &self,
+        mut requests: S,
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<LeaseKeepAliveResponse, Status>>
+    where
+        S: Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send + Unpin + 'static,
+    {
+        let server = self.server.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(Ok(req)) = requests.next().await {
+                let reply = match server.lease_renew(req.id).await {
+                    Ok(ttl) => Ok(LeaseKeepAliveResponse {
+                        header: Some(server.header(server.mvcc.current_rev())),
+                        id: req.id,
+                        ttl,
+                    }),
+                    Err(e) => Err(Status::from(e)),
+                };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
 fn internal(r: internal_request::Request) -> InternalRequest {
     InternalRequest { header: None, request: Some(r) }
 }
@@ -70,26 +102,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let server = self.server.clone();
-        let mut requests = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            while let Some(Ok(req)) = requests.next().await {
-                let reply = match server.lease_renew(req.id).await {
-                    Ok(ttl) => Ok(LeaseKeepAliveResponse {
-                        header: Some(server.header(server.mvcc.current_rev())),
-                        id: req.id,
-                        ttl,
-                    }),
-                    Err(e) => Err(Status::from(e)),
-                };
-                let failed = reply.is_err();
-                if tx.send(reply).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(self.keep_alive_stream(req.into_inner()))))
     }
 
     async fn lease_time_to_live(

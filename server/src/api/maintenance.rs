@@ -1,5 +1,5 @@
-//! etcdserverpb.Maintenance: member status now; alarms, hashes, snapshots,
-//! defragmentation and leader transfer answer UNIMPLEMENTED until they land.
+//! etcdserverpb.Maintenance: status, alarms (through Raft), defragment,
+//! hashes, backups and leader transfer. Downgrade is not supported.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +17,8 @@ use super::errors::unimplemented;
 use crate::config::ETCD_API_VERSION;
 use crate::error::Error;
 use crate::server::Server;
+use crate::storage::Table;
+use keel_proto::keelpb::{internal_request, internal_response::Response as Applied, InternalRequest};
 
 pub struct MaintenanceService {
     server: Arc<Server>,
@@ -32,13 +34,22 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    async fn alarm(&self, _req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        Err(unimplemented("Maintenance.Alarm"))
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let internal =
+            InternalRequest { header: None, request: Some(internal_request::Request::Alarm(req.into_inner())) };
+        match self.server.propose(internal).await?.response {
+            Some(Applied::Alarm(mut resp)) => {
+                self.server.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
+        }
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let s = &self.server;
-        let size = s.engine.size().map_err(Error::from)?;
+        s.refresh_db_size();
+        let size = s.engine.size(&Table::STATE_MACHINE).map_err(Error::from)?;
         let metrics = s.raft.metrics().borrow().clone();
         let is_learner = s.members.is_learner(s.id, metrics.membership_config.membership());
         let raft_index =
@@ -51,7 +62,7 @@ impl Maintenance for MaintenanceService {
             raft_index,
             raft_term: metrics.current_term,
             raft_applied_index: s.state_machine.applied_index(),
-            errors: Vec::new(),
+            errors: s.alarms.status_errors(),
             db_size_in_use: size.live_bytes as i64,
             is_learner,
             storage_version: String::new(),
@@ -59,22 +70,110 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
+    /// Rewrites the engine's files to return deleted space. RocksDB
+    /// compacts in the background: reads and writes continue meanwhile.
     async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
-        Err(unimplemented("Maintenance.Defragment"))
+        let engine = self.server.engine.clone();
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || engine.defragment())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Error::from)?;
+        let size = self.server.refresh_db_size();
+        tracing::info!(took = ?started.elapsed(), db_size = size, "defragmented");
+        Ok(Response::new(DefragmentResponse { header: Some(self.server.header(self.server.mvcc.current_rev())) }))
     }
 
+    /// A hash of this member's whole state machine.
     async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Err(unimplemented("Maintenance.Hash"))
+        let engine = self.server.engine.clone();
+        let hash = tokio::task::spawn_blocking(move || {
+            let mut h = crc32fast::Hasher::new();
+            engine.scan_consistent(&Table::STATE_MACHINE, &mut |t, k, v| {
+                h.update(&[t.tag()]);
+                h.update(k);
+                h.update(v);
+                Ok(true)
+            })?;
+            Ok::<u32, crate::storage::StorageError>(h.finalize())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Error::from)?;
+        Ok(Response::new(HashResponse { header: Some(self.server.header(self.server.mvcc.current_rev())), hash }))
     }
 
-    async fn hash_kv(&self, _req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        Err(unimplemented("Maintenance.HashKV"))
+    /// etcd's HashKV: the same on every member at the same revision.
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let rev = req.into_inner().revision;
+        let mvcc = self.server.mvcc.clone();
+        let (hash, compact_revision, current, hash_revision) = tokio::task::spawn_blocking(move || mvcc.hash_kv(rev))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(HashKvResponse {
+            header: Some(self.server.header(current)),
+            hash,
+            compact_revision: compact_revision.max(0),
+            hash_revision,
+        }))
     }
 
     type SnapshotStream = SnapshotStream;
 
+    /// Streams a point-in-time backup of this member (keel's format with a
+    /// SHA-256 trailer), written to a temporary file first so the total
+    /// size is known, as etcd reports remaining_bytes.
     async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(unimplemented("Maintenance.Snapshot"))
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let engine = self.server.engine.clone();
+        let path = self.server.config.data_dir.join(format!(
+            "backup-{}-{}.tmp",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let write_path = path.clone();
+        let size = tokio::task::spawn_blocking(move || {
+            crate::backup::write_backup(engine.as_ref(), &crate::backup::KeelFormat, &write_path)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
+        let header = self.server.header(self.server.mvcc.current_rev());
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut sent = 0u64;
+            let mut file = match tokio::fs::File::open(&path).await {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                    return;
+                }
+            };
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        sent += n as u64;
+                        let chunk = SnapshotResponse {
+                            header: Some(header),
+                            remaining_bytes: size - sent,
+                            blob: bytes::Bytes::copy_from_slice(&buf[..n]),
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        break;
+                    }
+                }
+            }
+            let _ = tokio::fs::remove_file(&path).await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {

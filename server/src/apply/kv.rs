@@ -42,6 +42,7 @@ fn header(rev: i64) -> Option<ResponseHeader> {
 
 /// Serves a RangeRequest from `view` exactly as etcd's applier does.
 pub fn range(view: &impl ReadView, r: &RangeRequest) -> Result<RangeResponse> {
+    crate::metrics::RANGE_TOTAL.inc();
     let sort_order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
     let sort_target = SortTarget::try_from(r.sort_target).unwrap_or(SortTarget::Key);
     let filtered =
@@ -249,6 +250,7 @@ fn visit_path(t: &TxnRequest, path: &[bool], f: &mut dyn FnMut(&RequestOp) -> Re
 
 /// Applies a read-only txn against a read view.
 pub fn txn_read(view: &impl ReadView, t: &TxnRequest) -> Result<TxnResponse> {
+    crate::metrics::TXN_TOTAL.inc();
     let mut path = Vec::new();
     compare_path(view, t, &mut path);
     visit_path(t, &path, &mut |op| match &op.request {
@@ -282,6 +284,7 @@ fn exec_read(view: &impl ReadView, t: &TxnRequest, path: &[bool]) -> Result<(Txn
 /// entry. Every check runs before the first write, so a failing txn
 /// changes nothing.
 pub fn txn_write(txn: &mut WriteTxn<'_>, t: &TxnRequest, leases: &impl LeaseLookup) -> Result<TxnResponse> {
+    crate::metrics::TXN_TOTAL.inc();
     let mut path = Vec::new();
     compare_path(txn, t, &mut path);
     if !is_txn_readonly(t) {

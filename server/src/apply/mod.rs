@@ -13,7 +13,8 @@ pub mod kv;
 use std::sync::Arc;
 
 use keel_proto::etcdserverpb::{
-    CompactionResponse, LeaseCheckpointResponse, LeaseGrantResponse, LeaseRevokeResponse, ResponseHeader,
+    alarm_request::AlarmAction, request_op, AlarmResponse, AlarmType, CompactionResponse, LeaseCheckpointResponse,
+    LeaseGrantResponse, LeaseRevokeResponse, ResponseHeader, TxnRequest,
 };
 use keel_proto::keelpb::{
     internal_request::Request, internal_response::Response, ApplyError, Empty, InternalRequest, InternalResponse,
@@ -21,6 +22,7 @@ use keel_proto::keelpb::{
 };
 use keel_proto::mvccpb::Event;
 
+use crate::alarm::AlarmStore;
 use crate::cluster::MemberRegistry;
 use crate::error::Error;
 use crate::lease::Lessor;
@@ -44,8 +46,18 @@ pub struct Applier {
     mvcc: Arc<MvccStore>,
     members: Arc<MemberRegistry>,
     leases: Arc<Lessor>,
+    alarms: Arc<AlarmStore>,
     observer: Arc<dyn CommitObserver>,
     compactor: Arc<dyn Compactor>,
+}
+
+/// Whether any branch of a txn (nested ones included) puts a key.
+pub fn txn_has_puts(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match &op.request {
+        Some(request_op::Request::RequestPut(_)) => true,
+        Some(request_op::Request::RequestTxn(inner)) => txn_has_puts(inner),
+        _ => false,
+    })
 }
 
 fn error_response(e: &Error, rev: i64) -> InternalResponse {
@@ -72,10 +84,40 @@ impl Applier {
         mvcc: Arc<MvccStore>,
         members: Arc<MemberRegistry>,
         leases: Arc<Lessor>,
+        alarms: Arc<AlarmStore>,
         observer: Arc<dyn CommitObserver>,
         compactor: Arc<dyn Compactor>,
     ) -> Self {
-        Self { engine, mvcc, members, leases, observer, compactor }
+        Self { engine, mvcc, members, leases, alarms, observer, compactor }
+    }
+
+    /// What an active alarm forbids (etcd's capped and corrupt appliers):
+    /// under CORRUPT every KV and lease change; under NOSPACE whatever
+    /// adds data (puts, txns with puts, lease grants).
+    fn refused_by_alarm(&self, req: &Request) -> Option<Error> {
+        let kv_or_lease = matches!(
+            req,
+            Request::Put(_)
+                | Request::DeleteRange(_)
+                | Request::Txn(_)
+                | Request::Compaction(_)
+                | Request::LeaseGrant(_)
+                | Request::LeaseRevoke(_)
+        );
+        if kv_or_lease && self.alarms.is_active(AlarmType::Corrupt) {
+            return Some(Error::Corrupt);
+        }
+        if self.alarms.is_active(AlarmType::Nospace) {
+            let adds = match req {
+                Request::Put(_) | Request::LeaseGrant(_) => true,
+                Request::Txn(t) => txn_has_puts(t),
+                _ => false,
+            };
+            if adds {
+                return Some(Error::NoSpace);
+            }
+        }
+        None
     }
 
     pub fn mvcc(&self) -> &Arc<MvccStore> {
@@ -167,6 +209,10 @@ impl Applier {
     /// and it must stop; etcd-level failures are in the response.
     pub fn apply(&self, log_id: &LogId, req: &InternalRequest) -> Result<InternalResponse, StorageError> {
         let leases = &*self.leases;
+        if let Some(refused) = req.request.as_ref().and_then(|r| self.refused_by_alarm(r)) {
+            self.apply_noop(log_id)?;
+            return Ok(error_response(&refused, self.mvcc.current_rev()));
+        }
         match &req.request {
             Some(Request::Put(p)) => self.kv_write(log_id, |txn| {
                 // A plain put checks its lease before anything else (a txn
@@ -249,6 +295,36 @@ impl Applier {
                 Ok(InternalResponse {
                     response: Some(Response::LeaseCheckpoint(LeaseCheckpointResponse {
                         header: Some(ResponseHeader { revision: rev, ..Default::default() }),
+                    })),
+                    revision: rev,
+                })
+            }
+            Some(Request::Alarm(a)) => {
+                let mut b = WriteBatch::new();
+                applied_put(&mut b, log_id)?;
+                let alarms = match AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get) {
+                    AlarmAction::Get => self.alarms.members(a.alarm),
+                    AlarmAction::Activate => {
+                        let raised = self.alarms.activate(a.member_id, a.alarm, &mut b);
+                        if raised.is_some() {
+                            tracing::warn!(member_id = %format!("{:x}", a.member_id), alarm = a.alarm, "alarm raised");
+                        }
+                        raised.into_iter().collect()
+                    }
+                    AlarmAction::Deactivate => {
+                        let cleared = self.alarms.deactivate(a.member_id, a.alarm, &mut b);
+                        if cleared.is_some() {
+                            tracing::info!(member_id = %format!("{:x}", a.member_id), alarm = a.alarm, "alarm cleared");
+                        }
+                        cleared.into_iter().collect()
+                    }
+                };
+                self.engine.write(b, false)?;
+                let rev = self.mvcc.current_rev();
+                Ok(InternalResponse {
+                    response: Some(Response::Alarm(AlarmResponse {
+                        header: Some(ResponseHeader { revision: rev, ..Default::default() }),
+                        alarms,
                     })),
                     revision: rev,
                 })

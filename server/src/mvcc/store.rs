@@ -340,6 +340,40 @@ impl MvccStore {
         Ok(events)
     }
 
+    /// etcd's HashKV: a hash of the stored history up to `rev` (0: now),
+    /// counting what a compaction keeps below the compaction revision, so
+    /// every member at the same revision gets the same hash whatever its
+    /// background compaction has physically removed so far. Returns
+    /// (hash, compaction revision, current revision, hashed revision).
+    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64, i64)> {
+        let (current, compact) = {
+            let inner = self.read_inner()?;
+            (inner.current_rev, inner.compact_rev)
+        };
+        let rev = if rev <= 0 { current } else { rev };
+        if rev > current {
+            return Err(Error::FutureRevision);
+        }
+        if rev < compact {
+            return Err(Error::Compacted);
+        }
+        let keep = if compact > 0 { self.keep_set(compact)? } else { Default::default() };
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(Table::Kv.name().as_bytes());
+        let end = Revision::start_key(rev + 1);
+        self.engine.scan(Table::Kv, &[], Some(&end), &mut |k, v| {
+            if let Some(r) = Revision::from_key(k) {
+                if r.main <= compact && !keep.contains(&r) {
+                    return Ok(true);
+                }
+            }
+            hasher.update(k);
+            hasher.update(v);
+            Ok(true)
+        })?;
+        Ok((hasher.finalize(), compact, current, rev))
+    }
+
     /// Live keys in range with their lease, for lease bookkeeping and
     /// range permission checks.
     pub fn live_keys_with_lease(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<(Bytes, i64)>> {
@@ -384,6 +418,9 @@ fn load(engine: &SharedEngine) -> Result<(Inner, i64, Option<PendingCompaction>)
     })?;
     let compact_rev = scheduled.unwrap_or(-1);
     current_rev = current_rev.max(compact_rev);
+    let mut live = 0i64;
+    index.visit_live(b"\0", Some(&[]), |_, _| live += 1);
+    crate::metrics::KEYS_TOTAL.set(live);
     let pending = match scheduled {
         Some(at) if finished != Some(at) => Some((at, orphans)),
         _ => None,
@@ -473,6 +510,7 @@ impl WriteTxn<'_> {
     }
 
     pub fn put(&mut self, key: &[u8], value: Bytes, lease: i64) {
+        crate::metrics::PUT_TOTAL.inc();
         let rev = self.next_rev();
         let (created, version, old_lease) = match self.inner.index.key(key) {
             Some(ki) if ki.is_live() => {
@@ -480,7 +518,10 @@ impl WriteTxn<'_> {
                 let (c, v) = at.unwrap_or((rev.main, 0));
                 (c, v + 1, ki.lease())
             }
-            _ => (rev.main, 1, 0),
+            _ => {
+                crate::metrics::KEYS_TOTAL.inc();
+                (rev.main, 1, 0)
+            }
         };
         let kv = KeyValue {
             key: Bytes::copy_from_slice(key),
@@ -504,6 +545,7 @@ impl WriteTxn<'_> {
 
     /// Deletes the live keys in range; returns how many.
     pub fn delete_range(&mut self, key: &[u8], end: Option<&[u8]>) -> i64 {
+        crate::metrics::DELETE_TOTAL.inc();
         let at = self.begin_rev + 1;
         let mut doomed = Vec::new();
         self.inner.index.visit_at(key, end, at, |k, _| {
@@ -516,6 +558,7 @@ impl WriteTxn<'_> {
             if !self.inner.index.tombstone(k, rev) {
                 continue;
             }
+            crate::metrics::KEYS_TOTAL.dec();
             if old_lease != 0 {
                 self.lease_changes.push((k.clone(), old_lease, 0));
             }
@@ -532,7 +575,9 @@ impl WriteTxn<'_> {
     pub fn commit(mut self) -> Result<Committed> {
         let batch = std::mem::take(&mut self.batch);
         if !batch.is_empty() {
+            let started = std::time::Instant::now();
             self.store.engine.write(batch, false)?;
+            crate::metrics::BACKEND_COMMIT.observe(started.elapsed().as_secs_f64());
         }
         if self.has_changes() {
             self.inner.current_rev = self.begin_rev + 1;

@@ -58,7 +58,9 @@ impl Syncer {
             while let Ok(first) = rx.recv() {
                 let mut waiting = vec![first];
                 waiting.extend(rx.try_iter());
+                let started = std::time::Instant::now();
                 let res = engine.sync();
+                crate::metrics::WAL_FSYNC.observe(started.elapsed().as_secs_f64());
                 for cb in waiting {
                     let r = res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
                     cb.log_io_completed(r);

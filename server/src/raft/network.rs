@@ -112,6 +112,26 @@ impl PeerClients {
         }
     }
 
+    /// A member's HashKV at `rev`: (hash, compact revision).
+    pub async fn hash_kv(
+        &self,
+        id: NodeId,
+        node: &MemberNode,
+        rev: i64,
+        timeout: Duration,
+    ) -> Result<(u32, i64), Error> {
+        let mut client = self.client(id, node)?;
+        let mut request = tonic::Request::new(keel_proto::etcdserverpb::HashKvRequest { revision: rev });
+        request.set_timeout(timeout);
+        let resp = client.hash_kv(request).await.map_err(|s| match s.message() {
+            m if m.contains("future revision") => Error::FutureRevision,
+            m if m.contains("compacted") => Error::Compacted,
+            _ => peer_status_error(s),
+        })?;
+        let resp = resp.into_inner();
+        Ok((resp.hash, resp.compact_revision))
+    }
+
     /// Asks a member to start an election now.
     pub async fn campaign(&self, id: NodeId, node: &MemberNode, timeout: Duration) -> Result<(), Error> {
         let mut client = self.client(id, node)?;

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use keel_proto::etcdserverpb::{
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse,
 };
 use keel_proto::keelpb::raft_peer_server::RaftPeer;
 use keel_proto::keelpb::{
@@ -102,6 +103,21 @@ impl RaftPeer for PeerService {
         Ok(Response::new(ClusterInfoResponse {
             cluster_id: self.server.cluster_id,
             members: self.server.members.members(&membership),
+        }))
+    }
+
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let rev = req.into_inner().revision;
+        let mvcc = self.server.mvcc.clone();
+        let (hash, compact_revision, current, hash_revision) = tokio::task::spawn_blocking(move || mvcc.hash_kv(rev))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::from)?;
+        Ok(Response::new(HashKvResponse {
+            header: Some(self.server.header(current)),
+            hash,
+            compact_revision,
+            hash_revision,
         }))
     }
 

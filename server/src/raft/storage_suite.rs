@@ -45,7 +45,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         let mvcc = Arc::new(MvccStore::open(engine.clone()).map_err(storage_err)?);
         let members = Arc::new(MemberRegistry::load(&engine).map_err(storage_err)?);
         let leases = Arc::new(crate::lease::Lessor::load(&engine, &mvcc).map_err(storage_err)?);
-        let applier = Applier::new(engine.clone(), mvcc.clone(), members, leases, Arc::new(Nothing), Arc::new(Nothing));
+        let alarms = Arc::new(crate::alarm::AlarmStore::load(&engine).map_err(storage_err)?);
+        let applier =
+            Applier::new(engine.clone(), mvcc.clone(), members, leases, alarms, Arc::new(Nothing), Arc::new(Nothing));
         let sm = StateMachine::open(engine.clone(), applier, dir.path().join("snap"), Arc::new(ReloadMvcc(mvcc)))
             .map_err(storage_err)?;
         let log = LogStore::open(engine).map_err(storage_err)?;

@@ -112,8 +112,13 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    fn size(&self) -> Result<SizeStats> {
-        let bytes: usize = self.lock()?.values().flat_map(|t| t.iter().map(|(k, v)| k.len() + v.len())).sum();
+    fn size(&self, tables: &[Table]) -> Result<SizeStats> {
+        let bytes: usize = self
+            .lock()?
+            .iter()
+            .filter(|(t, _)| tables.contains(t))
+            .flat_map(|(_, t)| t.iter().map(|(k, v)| k.len() + v.len()))
+            .sum();
         Ok(SizeStats { total_bytes: bytes as u64, live_bytes: bytes as u64 })
     }
 

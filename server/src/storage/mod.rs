@@ -157,7 +157,8 @@ pub trait Engine: Send + Sync + 'static {
     /// table; writes that happen during the scan are not seen.
     fn scan_consistent(&self, tables: &[Table], visit: &mut TableVisitor<'_>) -> Result<()>;
 
-    fn size(&self) -> Result<SizeStats>;
+    /// Size of the given tables.
+    fn size(&self, tables: &[Table]) -> Result<SizeStats>;
 
     /// Rewrites the engine's files so that deleted data stops occupying
     /// disk. Reads and writes continue while it runs.

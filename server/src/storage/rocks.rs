@@ -198,10 +198,10 @@ impl Engine for RocksEngine {
         Ok(())
     }
 
-    fn size(&self) -> Result<SizeStats> {
+    fn size(&self, tables: &[Table]) -> Result<SizeStats> {
         let db = self.open_db()?;
         let mut stats = SizeStats::default();
-        for table in Table::ALL {
+        for &table in tables {
             let mem = int_property(&db, table, "rocksdb.size-all-mem-tables")?;
             stats.total_bytes += int_property(&db, table, "rocksdb.total-sst-files-size")? + mem;
             stats.live_bytes += int_property(&db, table, "rocksdb.estimate-live-data-size")? + mem;

@@ -24,7 +24,7 @@ use keel_proto::etcdserverpb::{
 use keel_proto::mvccpb::{event::EventType, Event};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::hub::{Outgoing, StreamId, StreamQueue, WatchHub, WatchSpec, INVALID_WATCH_ID, STREAM_BUDGET_BYTES};
 use crate::error::Error;
@@ -38,12 +38,10 @@ const GRPC_BUFFER: usize = 16;
 pub type ResponseStream = tokio_stream::wrappers::ReceiverStream<Result<WatchResponse, Status>>;
 
 /// Starts serving one Watch stream; returns the response stream.
-pub fn start(
-    server: Arc<Server>,
-    hub: Arc<WatchHub>,
-    requests: Streaming<WatchRequest>,
-    require_leader: bool,
-) -> ResponseStream {
+pub fn start<S>(server: Arc<Server>, hub: Arc<WatchHub>, requests: S, require_leader: bool) -> ResponseStream
+where
+    S: futures::Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+{
     let (out_tx, out_rx) = mpsc::channel(GRPC_BUFFER);
     let queue = hub.open_stream();
     let stream_id = queue.id;
@@ -90,15 +88,17 @@ fn spec_from(create: &keel_proto::etcdserverpb::WatchCreateRequest) -> WatchSpec
     }
 }
 
-async fn request_loop(
+async fn request_loop<S>(
     server: &Arc<Server>,
     hub: &Arc<WatchHub>,
     stream_id: StreamId,
-    mut requests: Streaming<WatchRequest>,
+    mut requests: S,
     require_leader: bool,
     out_tx: mpsc::Sender<Result<WatchResponse, Status>>,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: futures::Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+{
     let mut progress =
         tokio::time::interval(server.config.watch_progress_notify_interval.max(Duration::from_millis(10)));
     progress.tick().await;

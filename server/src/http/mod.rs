@@ -1,0 +1,100 @@
+//! HTTP on the client URLs (next to gRPC) and on `--listen-metrics-urls`:
+//! `/health`, `/livez`, `/readyz`, `/version`, `/metrics`, and etcd's
+//! grpc-gateway JSON API under `/v3/` (`gateway.rs`).
+
+pub mod gateway;
+pub mod grpc_metrics;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use keel_proto::etcdserverpb::{AlarmType, RangeRequest};
+
+use crate::api::kv::KvService;
+use crate::config::{ETCD_API_VERSION, ETCD_CLUSTER_VERSION};
+use crate::server::Server;
+
+/// Health and monitoring endpoints.
+pub fn monitoring(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .with_state(server)
+}
+
+async fn version() -> Response {
+    let body = format!(r#"{{"etcdserver":"{ETCD_API_VERSION}","etcdcluster":"{ETCD_CLUSTER_VERSION}.0"}}"#);
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn metrics() -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render()).into_response()
+}
+
+/// Why the member is unhealthy, or None.
+async fn check_health(server: &Arc<Server>, params: &HashMap<String, String>) -> Option<String> {
+    let excluded: Vec<&str> = params.get("exclude").map(|e| e.split(',').collect()).unwrap_or_default();
+    for (_, alarm) in server.alarms.list(AlarmType::None as i32) {
+        let name = AlarmType::try_from(alarm).map(|t| t.as_str_name()).unwrap_or("UNKNOWN");
+        if !excluded.contains(&name) {
+            return Some(format!("ALARM {name}"));
+        }
+    }
+    if server.leader().is_none() {
+        return Some("RAFT NO LEADER".into());
+    }
+    let serializable = params.get("serializable").is_some_and(|v| v == "true");
+    let kv = KvService::new(server.clone());
+    let probe = RangeRequest { key: "health".into(), serializable, ..Default::default() };
+    match tokio::time::timeout(Duration::from_secs(1), kv.range_inner(probe)).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!("QGET ERROR: {e}")),
+        Err(_) => Some("QGET ERROR: timeout".into()),
+    }
+}
+
+/// etcd's /health: {"health":"true"} or 503 with {"health":"false"} (the
+/// reason goes to the log); `?serializable=true` skips the quorum read,
+/// `?exclude=NOSPACE` ignores that alarm.
+async fn health(State(server): State<Arc<Server>>, Query(params): Query<HashMap<String, String>>) -> Response {
+    match check_health(&server, &params).await {
+        None => {
+            crate::metrics::HEALTH_SUCCESS.inc();
+            ([(header::CONTENT_TYPE, "application/json")], r#"{"health":"true"}"#).into_response()
+        }
+        Some(reason) => {
+            crate::metrics::HEALTH_FAILURES.inc();
+            tracing::warn!(reason = %reason, "serving /health false");
+            (StatusCode::SERVICE_UNAVAILABLE, [(header::CONTENT_TYPE, "application/json")], r#"{"health":"false"}"#)
+                .into_response()
+        }
+    }
+}
+
+/// The process is up and its apply loop is not wedged.
+async fn livez(State(server): State<Arc<Server>>) -> Response {
+    let probe = RangeRequest { key: "health".into(), serializable: true, ..Default::default() };
+    match tokio::time::timeout(Duration::from_secs(1), KvService::new(server).range_inner(probe)).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ok").into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "not ok").into_response(),
+    }
+}
+
+/// The member can serve: a leader is known, no corruption, reads work.
+async fn readyz(State(server): State<Arc<Server>>) -> Response {
+    let mut params = HashMap::new();
+    params.insert("exclude".to_string(), "NOSPACE".to_string());
+    match check_health(&server, &params).await {
+        None => (StatusCode::OK, "ok").into_response(),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ok: {reason}")).into_response(),
+    }
+}
