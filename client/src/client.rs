@@ -6,15 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+pub use keel_proto::etcdserverpb::StatusResponse as Status;
 use keel_proto::etcdserverpb::{
     cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient,
     maintenance_client::MaintenanceClient, watch_client::WatchClient, CompactionRequest, CompactionResponse,
-    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
-    LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, MemberListRequest,
-    MemberListResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, StatusRequest, TxnResponse,
+    DefragmentRequest, DeleteRangeRequest, DeleteRangeResponse, HashKvRequest, HashKvResponse, LeaseGrantRequest,
+    LeaseGrantResponse, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
+    MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, StatusRequest, TxnResponse,
 };
-pub use keel_proto::etcdserverpb::StatusResponse as Status;
 use keel_proto::mvccpb::KeyValue;
+use keel_proto::v3lockpb::{lock_client::LockClient, LockRequest, LockResponse, UnlockRequest, UnlockResponse};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
@@ -112,7 +115,9 @@ impl Client {
         }
     }
 
-    pub(crate) fn channel(&self, i: usize) -> Channel {
+    /// The gRPC channel to endpoint `i`, for services this client does not
+    /// wrap.
+    pub fn channel(&self, i: usize) -> Channel {
         self.inner.channels[i % self.inner.channels.len()].clone()
     }
 
@@ -321,6 +326,73 @@ impl Client {
         self.call(Kind::Read, |ch| {
             let r = self.request(MemberListRequest { linearizable: false });
             async move { ClusterClient::new(ch).member_list(r).await }
+        })
+        .await
+    }
+
+    /// Adds a member (a learner if `learner`); not retried.
+    pub async fn member_add(&self, peer_urls: Vec<String>, learner: bool) -> Result<MemberAddResponse, Error> {
+        self.call(Kind::Write, |ch| {
+            let r = self.request(MemberAddRequest { peer_ur_ls: peer_urls.clone(), is_learner: learner });
+            async move { ClusterClient::new(ch).member_add(r).await }
+        })
+        .await
+    }
+
+    pub async fn member_remove(&self, id: u64) -> Result<MemberRemoveResponse, Error> {
+        self.call(Kind::Write, |ch| {
+            let r = self.request(MemberRemoveRequest { id });
+            async move { ClusterClient::new(ch).member_remove(r).await }
+        })
+        .await
+    }
+
+    pub async fn member_promote(&self, id: u64) -> Result<MemberPromoteResponse, Error> {
+        self.call(Kind::Write, |ch| {
+            let r = self.request(MemberPromoteRequest { id });
+            async move { ClusterClient::new(ch).member_promote(r).await }
+        })
+        .await
+    }
+
+    /// The hash of endpoint `i`'s MVCC history up to `revision` (0: all).
+    pub async fn hash_kv(&self, i: usize, revision: i64) -> Result<HashKvResponse, Error> {
+        MaintenanceClient::new(self.channel(i))
+            .hash_kv(self.request(HashKvRequest { revision }))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| Error::from_status(s, true))
+    }
+
+    /// Defragments endpoint `i`'s storage.
+    pub async fn defragment(&self, i: usize) -> Result<(), Error> {
+        let mut req = tonic::Request::new(DefragmentRequest {});
+        req.set_timeout(self.timeout().max(Duration::from_secs(60)));
+        MaintenanceClient::new(self.channel(i))
+            .defragment(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| Error::from_status(s, true))
+    }
+
+    /// Acquires the lock `name` held by `lease` (etcd's Lock service);
+    /// returns the owner key, whose create revision fences the holder.
+    /// Waits for as long as the lock is held by someone else, up to the
+    /// request deadline.
+    pub async fn lock(&self, name: impl Into<Bytes>, lease: i64) -> Result<LockResponse, Error> {
+        let name = name.into();
+        self.call(Kind::Write, |ch| {
+            let r = self.request(LockRequest { name: name.clone(), lease });
+            async move { LockClient::new(ch).lock(r).await }
+        })
+        .await
+    }
+
+    pub async fn unlock(&self, key: impl Into<Bytes>) -> Result<UnlockResponse, Error> {
+        let key = key.into();
+        self.call(Kind::Write, |ch| {
+            let r = self.request(UnlockRequest { key: key.clone() });
+            async move { LockClient::new(ch).unlock(r).await }
         })
         .await
     }

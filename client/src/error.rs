@@ -58,12 +58,10 @@ impl Error {
 
     /// Whether retrying on another endpoint could help.
     pub(crate) fn is_retriable(&self) -> bool {
-        match self {
-            Error::Unreachable(_) => true,
-            Error::Rejected { code: Code::Unavailable, .. } => true,
-            Error::Indeterminate(_) => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            Error::Unreachable(_) | Error::Rejected { code: Code::Unavailable, .. } | Error::Indeterminate(_)
+        )
     }
 }
 
@@ -79,7 +77,10 @@ mod tests {
 
     #[test]
     fn classification() {
-        let rejected = Error::from_status(tonic::Status::out_of_range("etcdserver: mvcc: required revision has been compacted"), true);
+        let rejected = Error::from_status(
+            tonic::Status::out_of_range("etcdserver: mvcc: required revision has been compacted"),
+            true,
+        );
         assert!(rejected.is_definite());
         let timeout = Error::from_status(tonic::Status::unavailable("etcdserver: request timed out"), true);
         assert!(!timeout.is_definite());

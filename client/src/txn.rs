@@ -68,13 +68,22 @@ impl Op {
 
     pub fn put(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
         Op(RequestOp {
-            request: Some(Request::RequestPut(PutRequest { key: key.into(), value: value.into(), ..Default::default() })),
+            request: Some(Request::RequestPut(PutRequest {
+                key: key.into(),
+                value: value.into(),
+                ..Default::default()
+            })),
         })
     }
 
     pub fn put_with_lease(key: impl Into<Bytes>, value: impl Into<Bytes>, lease: i64) -> Self {
         Op(RequestOp {
-            request: Some(Request::RequestPut(PutRequest { key: key.into(), value: value.into(), lease, ..Default::default() })),
+            request: Some(Request::RequestPut(PutRequest {
+                key: key.into(),
+                value: value.into(),
+                lease,
+                ..Default::default()
+            })),
         })
     }
 

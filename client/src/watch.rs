@@ -121,7 +121,10 @@ impl Client {
                 if req_tx.send(create(&key, &opts, next)).is_err() {
                     return;
                 }
-                let stream = client.watch_client(endpoint).watch(tokio_stream::wrappers::UnboundedReceiverStream::new(req_rx)).await;
+                let stream = client
+                    .watch_client(endpoint)
+                    .watch(tokio_stream::wrappers::UnboundedReceiverStream::new(req_rx))
+                    .await;
                 let mut stream = match stream {
                     Ok(s) => s.into_inner(),
                     Err(_) => {

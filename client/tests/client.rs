@@ -25,7 +25,14 @@ async fn kv_txn_errors_and_leases() -> anyhow::Result<()> {
     assert!(err.is_definite(), "a rejected request did not happen: {err}");
 
     let lease = client.lease_grant(3).await?;
-    client.put_req(keel_client::etcdserverpb::PutRequest { key: "l".into(), value: "x".into(), lease: lease.id, ..Default::default() }).await?;
+    client
+        .put_req(keel_client::etcdserverpb::PutRequest {
+            key: "l".into(),
+            value: "x".into(),
+            lease: lease.id,
+            ..Default::default()
+        })
+        .await?;
     let keep = client.keep_alive(lease.id, Duration::from_millis(500));
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(client.get("l").await?.is_some(), "kept alive past its TTL");
@@ -59,9 +66,9 @@ async fn watch_resumes_on_another_member_without_gap_or_duplicate() -> anyhow::R
     let mut resumed = false;
     while seen.len() < 100 {
         match tokio::time::timeout(Duration::from_secs(20), w.next()).await? {
-            Some(WatchEvent::Events { events, .. }) => {
-                seen.extend(events.into_iter().filter_map(|e| e.kv.map(|kv| String::from_utf8_lossy(&kv.key).into_owned())))
-            }
+            Some(WatchEvent::Events { events, .. }) => seen.extend(
+                events.into_iter().filter_map(|e| e.kv.map(|kv| String::from_utf8_lossy(&kv.key).into_owned())),
+            ),
             Some(WatchEvent::Resumed { .. }) => resumed = true,
             Some(_) => {}
             None => anyhow::bail!("watch ended"),
