@@ -13,7 +13,7 @@ CONFORMANCE_GROUPS ?= kv cluster watch lease operations
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CARGO_TARGET_DIR := $(TARGET_DIR)
 
-.PHONY: all deps build run test unit-test lint fmt conformance clean
+.PHONY: all deps build run test unit-test lint fmt conformance jepsen jepsen-smoke jepsen-etcd clean
 
 all: build
 
@@ -21,8 +21,9 @@ all: build
 # bindgen and its C++ is compiled by the rocksdb crate; the RocksDB version
 # is pinned by Cargo.lock, not taken from Debian), etcd-client (etcdctl, for
 # tests and for you), etcd-server (real etcd, the reference the differential
-# tests compare against).
-DEB_PACKAGES := clang libclang-dev etcd-client etcd-server
+# tests compare against), iproute2 and iptables (network namespaces and
+# faults for the Jepsen harness).
+DEB_PACKAGES := clang libclang-dev etcd-client etcd-server iproute2 iptables
 deps:
 	@missing=""; \
 	for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -38,10 +39,12 @@ build: deps
 run: build
 	$(KEEL) --name default --data-dir $(RUN_DATA_DIR)
 
-# The whole default test suite: unit, property and black-box tests. Tests
-# use the release profile, like the binaries, so RocksDB builds only once.
+# The whole default test suite: unit, property and black-box tests, then a
+# short fault-injection run. Tests use the release profile, like the
+# binaries, so RocksDB builds only once.
 test: build
 	$(CARGO) test --release --workspace
+	$(MAKE) --no-print-directory jepsen-smoke
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -55,6 +58,31 @@ conformance: build
 	  tests=$$($(E2E) --list --group $$g | grep -vxF -f conformance/known-failures.txt | paste -sd'|'); \
 	  $(E2E) --server $(KEEL) --group $$g --run "^($$tests)$$" || exit 1; \
 	done
+
+# Fault injection (jepsen/README.md). `make jepsen WORKLOAD=watch
+# FAULTS=partition,kill DURATION=600`; results under $(TARGET_DIR)/jepsen.
+JEPSEN       := $(TARGET_DIR)/release/keel-jepsen
+WORKLOAD     ?= all
+FAULTS       ?= all
+DURATION     ?= 120
+RATE         ?= 100
+MEMBERS      ?= 3
+JEPSEN_FLAGS ?=
+jepsen: build
+	$(JEPSEN) run --binary $(KEEL) --workload $(WORKLOAD) --faults $(FAULTS) --duration $(DURATION) \
+	  --rate $(RATE) --members $(MEMBERS) --run-dir $(TARGET_DIR)/jepsen $(JEPSEN_FLAGS)
+
+# The same harness against real etcd, to calibrate the checkers.
+jepsen-etcd: build
+	$(JEPSEN) run --binary /usr/bin/etcd --workload $(WORKLOAD) --faults $(FAULTS) --duration $(DURATION) \
+	  --rate $(RATE) --members $(MEMBERS) --run-dir $(TARGET_DIR)/jepsen-etcd $(JEPSEN_FLAGS)
+
+# About three minutes, part of `make test`: the checkers' corpus, then three
+# workloads under process and network faults.
+jepsen-smoke: build
+	$(JEPSEN) selftest jepsen/corpus
+	$(JEPSEN) run --binary $(KEEL) --workload register,append,watch --faults kill,pause,partition \
+	  --duration 30 --rate 60 --members 3 --run-dir $(TARGET_DIR)/jepsen-smoke --seed 7
 
 clean:
 	$(CARGO) clean

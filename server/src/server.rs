@@ -219,13 +219,21 @@ impl Server {
     async fn wait_for_leader(&self, deadline: Instant) -> Result<()> {
         let mut rx = self.raft.metrics();
         loop {
-            if rx.borrow_and_update().current_leader.is_some() {
+            // The same notion of leadership as `leader()`: a leader that
+            // lost its quorum counts as none. That can last while no metric
+            // changes, so poll as well as listen, and never pass the
+            // deadline (a loop that returned here without waiting would
+            // spin a runtime thread forever).
+            if self.leader().is_some() {
                 return Ok(());
             }
-            match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(Error::Stopped),
-                Err(_) => return Err(Error::Timeout),
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout);
+            }
+            let wake = deadline.min(now + Duration::from_millis(50));
+            if let Ok(Err(_)) = tokio::time::timeout_at(wake.into(), rx.changed()).await {
+                return Err(Error::Stopped);
             }
         }
     }

@@ -175,3 +175,38 @@ async fn linearizable_reads_are_never_stale() -> anyhow::Result<()> {
     assert!(total > 100, "only {total} reads checked");
     Ok(())
 }
+
+/// Regression (found by the Jepsen harness): a leader that lost its quorum
+/// answered a linearizable read by spinning in a loop that never yielded,
+/// which froze the member for good. Now the read fails within the request
+/// timeout and the member keeps answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_without_quorum_fails_reads_and_stays_responsive() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3)?;
+    let leader = c.leader(Duration::from_secs(20)).await?;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for &f in &followers {
+        c.pause(f)?;
+    }
+    let mut client = client_for(&c, &[leader]).await?;
+    // Let check-quorum notice.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for _ in 0..3 {
+        let read = tokio::time::timeout(Duration::from_secs(20), client.get("k", None)).await;
+        assert!(matches!(read, Ok(Err(_))), "a read without a quorum fails instead of hanging: {read:?}");
+    }
+    let status = tokio::time::timeout(Duration::from_secs(5), c.status(leader)).await;
+    assert!(matches!(status, Ok(Ok(_))), "the member still answers: {status:?}");
+    for &f in &followers {
+        c.resume(f)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.put("k", "v", None).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => anyhow::bail!("no write after healing: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    Ok(())
+}

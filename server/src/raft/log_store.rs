@@ -12,12 +12,14 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{OptionalSend, StorageIOError, Vote};
 
+use super::ack_mark::{AckMark, Acknowledged};
 use super::{codec, Entry, LogId, NodeId, RaftStorageError, TypeConfig};
 use crate::storage::keys::{log_key, RAFT_COMMITTED, RAFT_LAST_PURGED, RAFT_VOTE};
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
@@ -52,15 +54,25 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(engine: SharedEngine) -> std::io::Result<Self> {
+    fn start(engine: SharedEngine, appended: Arc<AtomicU64>, mark: Option<Arc<AckMark>>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<FlushRequest>();
         std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || {
             while let Ok(first) = rx.recv() {
                 let mut waiting = vec![first];
                 waiting.extend(rx.try_iter());
+                // Everything appended before this load is in the
+                // write-ahead log, so durable once the sync returns.
+                let covered = appended.load(Ordering::Acquire);
                 let started = std::time::Instant::now();
                 let res = engine.sync();
                 crate::metrics::WAL_FSYNC.observe(started.elapsed().as_secs_f64());
+                if let (Ok(()), Some(mark)) = (&res, &mark) {
+                    // A truncation meanwhile lowered `appended`: never
+                    // record entries the log no longer has.
+                    if let Err(e) = mark.durable_up_to(covered.min(appended.load(Ordering::Acquire))) {
+                        tracing::warn!(error = %e, "cannot update the acknowledgement mark");
+                    }
+                }
                 for cb in waiting {
                     let r = res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
                     cb.log_io_completed(r);
@@ -75,6 +87,9 @@ impl Syncer {
 pub struct LogStore {
     engine: SharedEngine,
     syncer: Arc<Syncer>,
+    /// Index of the last entry handed to the engine.
+    appended: Arc<AtomicU64>,
+    mark: Option<Arc<AckMark>>,
 }
 
 fn read_err(e: impl std::fmt::Display) -> RaftStorageError {
@@ -90,9 +105,42 @@ fn vote_err(e: impl std::fmt::Display) -> RaftStorageError {
 }
 
 impl LogStore {
+    /// Opens the log without an acknowledgement mark (tests, tools).
     pub fn open(engine: SharedEngine) -> std::io::Result<Self> {
-        let syncer = Arc::new(Syncer::start(engine.clone())?);
-        Ok(Self { engine, syncer })
+        let appended = Arc::new(AtomicU64::new(0));
+        let syncer = Arc::new(Syncer::start(engine.clone(), appended.clone(), None)?);
+        Ok(Self { engine, syncer, appended, mark: None })
+    }
+
+    /// Opens the log of a member, checking that the engine recovered
+    /// everything the mark at `mark_path` says was acknowledged (see
+    /// `ack_mark`); an error means the member must not start.
+    pub fn open_checked(engine: SharedEngine, mark_path: &std::path::Path) -> anyhow::Result<Self> {
+        let (mark, acknowledged) = AckMark::open(mark_path)?;
+        let mut store = Self::open(engine)?;
+        let recovered = store.recovered()?;
+        if let Some(ack) = acknowledged {
+            super::ack_mark::check(recovered, ack, mark.path()).map_err(anyhow::Error::msg)?;
+        }
+        // Start from what is on disk (also for data dirs from before the
+        // mark existed).
+        mark.durable_up_to(recovered.last_index)?;
+        mark.voted(recovered.vote_term)?;
+        store.appended.store(recovered.last_index, Ordering::Release);
+        let mark = Arc::new(mark);
+        store.syncer = Arc::new(Syncer::start(store.engine.clone(), store.appended.clone(), Some(mark.clone()))?);
+        store.mark = Some(mark);
+        Ok(store)
+    }
+
+    fn recovered(&self) -> anyhow::Result<Acknowledged> {
+        let last = self.engine.last_in_range(Table::RaftLog, &log_key(0), &log_key(u64::MAX))?;
+        let last_index = match last.and_then(|(k, _)| crate::storage::keys::decode_u64(&k)) {
+            Some(i) => i,
+            None => self.last_purged().map_err(|e| anyhow::anyhow!("{e}"))?.map_or(0, |l| l.index),
+        };
+        let vote: Option<Vote<NodeId>> = self.get_meta(RAFT_VOTE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Acknowledged { last_index, vote_term: vote.map_or(0, |v| v.leader_id().term) })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, RaftStorageError> {
@@ -165,7 +213,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
         let mut b = WriteBatch::new();
         b.put(Table::RaftState, RAFT_VOTE, codec::encode(vote).map_err(vote_err)?);
-        self.engine.write(b, true).map_err(vote_err)
+        self.engine.write(b, true).map_err(vote_err)?;
+        if let Some(mark) = &self.mark {
+            mark.voted(vote.leader_id().term).map_err(vote_err)?;
+        }
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
@@ -188,14 +240,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut b = WriteBatch::new();
+        let mut last = None;
         for entry in entries {
             b.put(Table::RaftLog, log_key(entry.log_id.index), encode_entry(&entry).map_err(write_err)?);
+            last = Some(entry.log_id.index);
         }
         self.engine.write(b, false).map_err(write_err)?;
+        if let Some(last) = last {
+            self.appended.store(last, Ordering::Release);
+        }
         self.syncer.tx.send(callback).map_err(|_| write_err("raft log syncer stopped"))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        // Lower the mark (and what the syncer may record) first, so it
+        // never claims entries the log no longer has.
+        self.appended.store(log_id.index.saturating_sub(1), Ordering::Release);
+        if let Some(mark) = &self.mark {
+            mark.truncating_from(log_id.index).map_err(write_err)?;
+        }
         let mut b = WriteBatch::new();
         b.delete_range(Table::RaftLog, log_key(log_id.index), log_key(u64::MAX));
         self.engine.write(b, true).map_err(write_err)

@@ -2,11 +2,13 @@
 //!
 //! - `log_store`: the Raft log and vote in the engine, with group-commit
 //!   fsync;
+//! - `ack_mark`: detects a log or vote that lost acknowledged data;
 //! - `state_machine`: applies committed entries (through `apply/`) and
 //!   builds/installs snapshots;
 //! - `snapshot_file`: the on-disk snapshot format;
 //! - `network` / `peer_service`: the gRPC peer transport (client / server).
 
+pub mod ack_mark;
 pub mod log_store;
 pub mod network;
 pub mod peer_service;

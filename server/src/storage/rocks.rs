@@ -9,7 +9,7 @@ use std::sync::{RwLock, RwLockReadGuard};
 
 use rocksdb::{
     BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamilyDescriptor, CompactOptions, DBCompressionType,
-    ErrorKind, Options, ReadOptions, WriteOptions, DB,
+    DBRecoveryMode, ErrorKind, Options, ReadOptions, WriteOptions, DB,
 };
 
 use super::{Engine, Result, SizeStats, StorageError, Table, TableVisitor, Visitor, WriteBatch, WriteOp};
@@ -50,6 +50,13 @@ impl RocksEngine {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_paranoid_checks(true);
+        // A torn record at the end of the write-ahead log is a write that
+        // was never acknowledged (a crash mid-write) and is dropped; damage
+        // anywhere else means acknowledged writes are gone, so the member
+        // must refuse to start rather than come back with a shorter Raft
+        // log than it promised its peers (RocksDB's default, point-in-time
+        // recovery, would silently stop at the damage).
+        opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
         opts.set_max_total_wal_size(256 << 20);

@@ -1,0 +1,67 @@
+//! JSON forms of etcd's key-values, events and watch responses, so that
+//! histories hold everything a checker needs and stay readable. Keys and
+//! values are the workloads' ASCII strings.
+
+use bytes::Bytes;
+use keel_client::etcdserverpb::{ResponseHeader, WatchResponse};
+use keel_client::mvccpb::{event::EventType, Event, KeyValue};
+use serde_json::{json, Value};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn kv_json(kv: &KeyValue) -> Value {
+    json!({"key": text(&kv.key), "value": text(&kv.value), "create": kv.create_revision, "mod": kv.mod_revision, "version": kv.version, "lease": kv.lease})
+}
+
+pub fn kv_from(v: &Value) -> Option<KeyValue> {
+    let int = |f: &str| v.get(f).and_then(Value::as_i64).unwrap_or(0);
+    Some(KeyValue {
+        key: Bytes::from(v.get("key")?.as_str()?.to_string()),
+        value: Bytes::from(v.get("value").and_then(Value::as_str).unwrap_or("").to_string()),
+        create_revision: int("create"),
+        mod_revision: int("mod"),
+        version: int("version"),
+        lease: int("lease"),
+    })
+}
+
+pub fn event_json(e: &Event) -> Value {
+    let kind = if e.r#type == EventType::Delete as i32 { "delete" } else { "put" };
+    json!({"type": kind, "kv": e.kv.as_ref().map(kv_json), "prev": e.prev_kv.as_ref().map(kv_json)})
+}
+
+pub fn event_from(v: &Value) -> Option<Event> {
+    let kind = if v.get("type")?.as_str()? == "delete" { EventType::Delete } else { EventType::Put };
+    Some(Event { r#type: kind as i32, kv: Some(kv_from(v.get("kv")?)?), prev_kv: v.get("prev").and_then(kv_from) })
+}
+
+pub fn response_json(r: &WatchResponse) -> Value {
+    let mut v = json!({
+        "rev": r.header.as_ref().map_or(0, |h| h.revision),
+        "events": r.events.iter().map(event_json).collect::<Vec<_>>(),
+    });
+    for (flag, name) in [(r.created, "created"), (r.canceled, "canceled"), (r.fragment, "fragment")] {
+        if flag {
+            v[name] = json!(true);
+        }
+    }
+    if r.compact_revision != 0 {
+        v["compact_revision"] = json!(r.compact_revision);
+    }
+    v
+}
+
+pub fn response_from(v: &Value) -> Option<WatchResponse> {
+    let flag = |f: &str| v.get(f).and_then(Value::as_bool).unwrap_or(false);
+    Some(WatchResponse {
+        header: Some(ResponseHeader { revision: v.get("rev")?.as_i64()?, ..Default::default() }),
+        events: v.get("events")?.as_array()?.iter().map(event_from).collect::<Option<Vec<_>>>()?,
+        created: flag("created"),
+        canceled: flag("canceled"),
+        fragment: flag("fragment"),
+        compact_revision: v.get("compact_revision").and_then(Value::as_i64).unwrap_or(0),
+        ..Default::default()
+    })
+}
