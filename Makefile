@@ -13,7 +13,7 @@ CONFORMANCE_GROUPS ?= kv cluster watch lease operations
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CARGO_TARGET_DIR := $(TARGET_DIR)
 
-.PHONY: all deps build run test unit-test lint fmt conformance jepsen jepsen-smoke jepsen-etcd clean
+.PHONY: all deps build run test unit-test lint fmt conformance jepsen jepsen-smoke jepsen-etcd bench bench-compare clean
 
 all: build
 
@@ -83,6 +83,17 @@ jepsen-smoke: build
 	$(JEPSEN) selftest jepsen/corpus
 	$(JEPSEN) run --binary $(KEEL) --workload register,append,watch --faults kill,pause,partition \
 	  --duration 30 --rate 60 --members 3 --run-dir $(TARGET_DIR)/jepsen-smoke --seed 7
+
+# keel against etcd (3-member clusters on loopback, same machine, same
+# run); writes docs/BENCHMARKS.md. QUICK=1: under 5 minutes.
+BENCH := $(TARGET_DIR)/release/keel-bench
+bench-compare: build
+	$(BENCH) compare --keel $(KEEL) --etcd /usr/bin/etcd --run-dir $(TARGET_DIR)/bench-compare \
+	  --out docs/BENCHMARKS.md $(if $(QUICK),--quick)
+
+# Criterion micro-benchmarks of the hot paths.
+bench: deps
+	$(CARGO) bench -p keel-bench --bench hot_paths
 
 clean:
 	$(CARGO) clean

@@ -4,7 +4,7 @@
 //!
 //! As root, every member runs in its own network namespace (`kj<i>`) with
 //! its own address on a bridge (`kjbr0`, 10.77.0.0/24; the harness is
-//! 10.77.0.254), so partitions and packet loss are real iptables/tc rules
+//! 10.77.0.254; `--net-slot` picks another bridge and subnet), so partitions and packet loss are real iptables/tc rules
 //! that cut real TCP traffic. Without root, members share loopback and
 //! network faults are unavailable (the nemesis says so in the history).
 
@@ -17,8 +17,30 @@ use keel_client::{Client, ClientConfig};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-const BRIDGE: &str = "kjbr0";
-const HOST_IP: &str = "10.77.0.254";
+/// Which network this process uses, so two harness runs (say keel and
+/// etcd) can run side by side: slot `s` uses bridge `kjbr<s>`, namespaces
+/// `kj<s>-<i>` and subnet 10.77.<s>.0/24.
+static SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn set_network_slot(slot: usize) {
+    SLOT.store(slot.min(200), std::sync::atomic::Ordering::Relaxed);
+}
+
+fn slot() -> usize {
+    SLOT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn bridge() -> String {
+    format!("kjbr{}", slot())
+}
+
+fn host_ip() -> String {
+    format!("10.77.{}.254", slot())
+}
+
+fn member_ip(i: usize) -> String {
+    format!("10.77.{}.{}", slot(), i + 1)
+}
 const CLIENT_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
@@ -91,7 +113,7 @@ pub fn can_isolate() -> bool {
 }
 
 fn ns_name(i: usize) -> String {
-    format!("kj{i}")
+    format!("kj{}-{i}", slot())
 }
 
 /// Removes namespaces and the bridge left by an earlier run.
@@ -99,22 +121,23 @@ pub fn teardown_network(max_members: usize) {
     for i in 0..max_members {
         let _ = Command::new("ip").args(["netns", "del", &ns_name(i)]).output();
     }
-    let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
+    let _ = Command::new("ip").args(["link", "del", &bridge()]).output();
 }
 
 fn setup_network(n: usize) -> Result<()> {
     teardown_network(9);
-    sh(&["ip", "link", "add", BRIDGE, "type", "bridge"])?;
-    sh(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", BRIDGE])?;
-    sh(&["ip", "link", "set", BRIDGE, "up"])?;
+    let br = bridge();
+    sh(&["ip", "link", "add", &br, "type", "bridge"])?;
+    sh(&["ip", "addr", "add", &format!("{}/24", host_ip()), "dev", &br])?;
+    sh(&["ip", "link", "set", &br, "up"])?;
     for i in 0..n {
         let ns = ns_name(i);
-        let veth = format!("kjv{i}");
+        let veth = format!("kjv{}-{i}", slot());
         sh(&["ip", "netns", "add", &ns])?;
         let _ = Command::new("ip").args(["link", "del", &veth]).output();
         sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        sh(&["ip", "link", "set", &veth, "master", BRIDGE, "up"])?;
-        in_ns(&ns, &["ip", "addr", "add", &format!("10.77.0.{}/24", i + 1), "dev", "eth0"])?;
+        sh(&["ip", "link", "set", &veth, "master", &br, "up"])?;
+        in_ns(&ns, &["ip", "addr", "add", &format!("{}/24", member_ip(i)), "dev", "eth0"])?;
         in_ns(&ns, &["ip", "link", "set", "eth0", "up"])?;
         in_ns(&ns, &["ip", "link", "set", "lo", "up"])?;
     }
@@ -136,7 +159,7 @@ impl Db {
         for i in 0..spec.members {
             let name = format!("n{}", i + 1);
             let (ns, ip, client_url, peer_url) = if spec.isolate {
-                let ip = format!("10.77.0.{}", i + 1);
+                let ip = member_ip(i);
                 (Some(ns_name(i)), ip.clone(), format!("http://{ip}:{CLIENT_PORT}"), format!("http://{ip}:{PEER_PORT}"))
             } else {
                 let ip = "127.0.0.1".to_string();
@@ -380,8 +403,15 @@ impl Db {
         let name = self.nodes[i].name.clone();
         let members = client.member_list().await?.members;
         if let Some(m) = members.iter().find(|m| m.name == name || m.peer_ur_ls.contains(&self.nodes[i].peer_url)) {
-            // Ask another member, so removing the contacted one is fine.
-            client.member_remove(m.id).await?;
+            // Removing the leader can cut the connection that carried the
+            // request: then look whether it went through.
+            if let Err(e) = client.member_remove(m.id).await {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let still = client.member_list().await.map(|l| l.members.iter().any(|x| x.id == m.id));
+                if e.is_definite() || !matches!(still, Ok(false)) {
+                    return Err(e.into());
+                }
+            }
             if self.wait_exit(i, Duration::from_secs(15)).await.is_none() {
                 self.kill(i)?;
             }

@@ -69,6 +69,10 @@ struct RunArgs {
     /// Run on loopback without network namespaces (no network faults).
     #[arg(long)]
     no_isolation: bool,
+    /// Network slot (0-200): lets runs proceed side by side on separate
+    /// bridges and subnets (10.77.<slot>.0/24).
+    #[arg(long, default_value_t = 0)]
+    net_slot: usize,
 }
 
 fn main() -> ExitCode {
@@ -110,6 +114,7 @@ async fn dispatch(command: Command) -> Result<Validity> {
 }
 
 async fn run_all(args: RunArgs) -> Result<Validity> {
+    keel_jepsen::cluster::set_network_slot(args.net_slot);
     let mut faults = parse_faults(&args.faults)?;
     let isolate = !args.no_isolation && keel_jepsen::cluster::can_isolate();
     if !isolate {

@@ -462,6 +462,20 @@ impl Nemesis {
                 }
             }
         }
+        // A membership change interrupted by another fault can leave a
+        // member removed but running (it exits once it learns): add such
+        // members back, empty.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Ok(list) = self.client.member_list().await {
+            for i in 0..db.len() {
+                let url = db.nodes[i].peer_url.clone();
+                if !list.members.iter().any(|m| m.peer_ur_ls.contains(&url)) {
+                    tracing::warn!(node = %db.nodes[i].name, "member was removed; adding it back");
+                    db.kill(i)?;
+                    db.rejoin(i, &self.client, false).await?;
+                }
+            }
+        }
         self.rec.nemesis("heal", json!({"phase": "stop"}));
         Ok(())
     }

@@ -46,7 +46,11 @@ impl Report {
     }
 
     pub fn summary(&self) -> String {
-        let anomalies: Vec<String> = self.verdicts.iter().flat_map(|v| v.anomaly_types()).collect();
+        let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+        for t in self.verdicts.iter().flat_map(|v| v.anomaly_types()) {
+            *counts.entry(t).or_default() += 1;
+        }
+        let anomalies: Vec<String> = counts.iter().map(|(t, n)| format!("{t} x{n}")).collect();
         format!(
             "{:<9} {:?}: {} ops, {} faults, {:.0} s, checkers {} [{}]{}",
             self.workload.name(),

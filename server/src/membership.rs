@@ -91,6 +91,10 @@ impl Server {
             } else {
                 let node = self.membership().get_node(&leader).cloned();
                 let Some(node) = node else {
+                    // The leader removed itself; wait for the election.
+                    if Instant::now() >= deadline {
+                        return Err(Error::Timeout);
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };

@@ -217,24 +217,26 @@ impl Server {
     }
 
     async fn wait_for_leader(&self, deadline: Instant) -> Result<()> {
-        let mut rx = self.raft.metrics();
+        // The same notion of leadership as `leader()`: a leader that lost
+        // its quorum counts as none. Poll with a sleep rather than waiting
+        // on metrics changes: the metrics change many times a second, and
+        // a loop woken by each of them (or one that returned without
+        // waiting) kept the runtime's threads busy while requests piled
+        // up, starving the very Raft messages that would elect a leader.
         loop {
-            // The same notion of leadership as `leader()`: a leader that
-            // lost its quorum counts as none. That can last while no metric
-            // changes, so poll as well as listen, and never pass the
-            // deadline (a loop that returned here without waiting would
-            // spin a runtime thread forever).
-            if self.leader().is_some() {
+            // A leader that removed itself stays in the metrics until the
+            // next election: it does not count either.
+            let usable = self.leader().is_some_and(|l| {
+                l == self.id || self.raft.metrics().borrow().membership_config.membership().get_node(&l).is_some()
+            });
+            if usable {
                 return Ok(());
             }
             let now = Instant::now();
             if now >= deadline {
                 return Err(Error::Timeout);
             }
-            let wake = deadline.min(now + Duration::from_millis(50));
-            if let Ok(Err(_)) = tokio::time::timeout_at(wake.into(), rx.changed()).await {
-                return Err(Error::Stopped);
-            }
+            tokio::time::sleep_until(deadline.min(now + Duration::from_millis(20)).into()).await;
         }
     }
 
@@ -264,6 +266,9 @@ impl Server {
                 match self.read_index_local().await {
                     Ok(i) => i,
                     Err(Error::NotLeader) => {
+                        if Instant::now() >= deadline {
+                            return Err(Error::Timeout);
+                        }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }

@@ -1,0 +1,11 @@
+//! keel-bench: load generation against any etcd-compatible endpoint, and
+//! the keel-versus-etcd comparison.
+//!
+//! Module map: `load` (concurrent clients, rate limiting, latency
+//! histograms, reports), `workloads` (each benchmark over etcd's gRPC API),
+//! `compare` (two clusters, one suite, the Markdown report). The criterion
+//! micro-benchmarks of keel's hot paths are in `benches/hot_paths.rs`.
+
+pub mod compare;
+pub mod load;
+pub mod workloads;
