@@ -121,8 +121,15 @@ fn watch_fanout(c: &mut Criterion) {
                 },
                 |(at, events)| {
                     hub.committed(at, &events);
+                    // Drain as a session would, releasing the stream's
+                    // byte budget (else watchers fall back to catch-up).
                     for q in queues.iter_mut() {
-                        while q.rx.try_recv().is_ok() {}
+                        let mut got = 0;
+                        while q.rx.try_recv().is_ok() {
+                            got += 1;
+                        }
+                        assert!(got > 0, "every stream gets the event");
+                        q.queued.store(0, std::sync::atomic::Ordering::Release);
                     }
                 },
                 BatchSize::SmallInput,

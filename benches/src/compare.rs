@@ -214,6 +214,8 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
     std::fs::create_dir_all(&cfg.run_dir)?;
     let keel = System::start("keel", &cfg.keel, &cfg.run_dir).await?;
     let etcd = System::start("etcd", &cfg.etcd, &cfg.run_dir).await?;
+    // Idle watchers first, on members that have not served any yet.
+    let watcher_rss = [idle_watchers_rss(&keel, 10_000).await?, idle_watchers_rss(&etcd, 10_000).await?];
     let mut pairs = Vec::new();
     println!("{}", Report::table_header());
     for (i, bench) in suite(cfg.quick).into_iter().enumerate() {
@@ -233,8 +235,15 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
         pairs.push(Pair { workload: bench.name(), keel: k, etcd: e });
     }
     let mut systems = [keel, etcd];
-    let scale = scale(&mut systems, cfg.quick, cfg.progress).await?;
-    let report = render(&cfg, &pairs, &scale, started.elapsed());
+    let scale = scale(&mut systems, cfg.quick, cfg.progress, watcher_rss).await?;
+    let mut report = render(&cfg, &pairs, &scale, started.elapsed());
+    // The hand-written analysis at the end of the report survives
+    // regeneration.
+    if let Ok(old) = std::fs::read_to_string(&cfg.out) {
+        if let Some(at) = old.find("\n## Analysis") {
+            report.push_str(&old[at..]);
+        }
+    }
     std::fs::write(&cfg.out, report)?;
     let json = serde_json::json!({"pairs": pairs, "scale": scale});
     std::fs::write(cfg.run_dir.join("compare.json"), serde_json::to_string_pretty(&json)?)?;
@@ -242,52 +251,60 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
     Ok(())
 }
 
-/// Memory and scale: RSS per 10k idle watchers, then many keys (RSS, disk,
-/// load time), then the time a restarted member takes to serve reads.
-async fn scale(systems: &mut [System; 2], quick: bool, progress: bool) -> Result<Scale> {
-    let mut out = Scale { keys: if quick { 100_000 } else { 1_000_000 }, watchers: 10_000, ..Default::default() };
-    for (i, s) in systems.iter_mut().enumerate() {
-        // Watchers on member 0.
-        let before = s.rss_kib(0, "VmRSS:");
-        let ch = workloads::Conns::open(&Target {
-            endpoints: vec![s.db.nodes[0].client_url.clone()],
-            conns: 1,
-            target_leader: false,
-        })
-        .await?
-        .channel(0);
-        let mut held = Vec::new();
-        let per_stream = 100;
-        for st in 0..out.watchers / per_stream {
-            let (tx, rx) = mpsc::unbounded_channel();
-            for w in 0..per_stream {
-                let _ = tx.send(WatchRequest {
-                    request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                        key: Bytes::from(format!("idle-watch-{st}-{w}")),
-                        ..Default::default()
-                    })),
-                });
-            }
-            let mut stream = WatchClient::new(ch.clone())
-                .watch(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            let mut created = 0;
-            while created < per_stream {
-                match stream.message().await? {
-                    Some(r) if r.created => created += 1,
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            held.push((tx, stream));
+/// RSS growth of member 0 while it holds `watchers` idle watchers (on a
+/// member that has not served watchers before, so freed memory is not
+/// reused), scaled to 10k.
+async fn idle_watchers_rss(s: &System, watchers: usize) -> Result<f64> {
+    let before = s.rss_kib(0, "VmRSS:");
+    let ch = workloads::Conns::open(&Target {
+        endpoints: vec![s.db.nodes[0].client_url.clone()],
+        conns: 1,
+        target_leader: false,
+    })
+    .await?
+    .channel(0);
+    let mut held = Vec::new();
+    let per_stream = 100;
+    for st in 0..watchers / per_stream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for w in 0..per_stream {
+            let _ = tx.send(WatchRequest {
+                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                    key: Bytes::from(format!("idle-watch-{st}-{w}")),
+                    ..Default::default()
+                })),
+            });
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = s.rss_kib(0, "VmRSS:");
-        out.rss_per_10k_watchers_mib[i] =
-            after.saturating_sub(before) as f64 / 1024.0 * (10_000.0 / out.watchers as f64);
-        drop(held);
+        let mut stream = WatchClient::new(ch.clone())
+            .watch(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let mut created = 0;
+        while created < per_stream {
+            match stream.message().await? {
+                Some(r) if r.created => created += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        held.push((tx, stream));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = s.rss_kib(0, "VmRSS:");
+    drop(held);
+    Ok(after.saturating_sub(before) as f64 / 1024.0 * (10_000.0 / watchers as f64))
+}
 
+/// Memory and scale: many keys (RSS, disk,
+/// load time), then the time a restarted member takes to serve reads.
+async fn scale(systems: &mut [System; 2], quick: bool, progress: bool, watcher_rss: [f64; 2]) -> Result<Scale> {
+    let mut out = Scale {
+        keys: if quick { 100_000 } else { 1_000_000 },
+        watchers: 10_000,
+        rss_per_10k_watchers_mib: watcher_rss,
+        ..Default::default()
+    };
+    for (i, s) in systems.iter_mut().enumerate() {
         // Many keys of 256 bytes.
         let keys = Keys { key_size: 16, val_size: 256, key_space: out.keys, sequential: true };
         let cfg = LoadConfig {

@@ -140,7 +140,12 @@ where
                     tokio::time::sleep_until(next.into()).await;
                 }
                 let t0 = Instant::now();
-                match op(c, n).await {
+                // No request may stall the run: a request that takes this
+                // long counts as an error.
+                match tokio::time::timeout(Duration::from_secs(30), op(c, n))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out after 30 s".into()))
+                {
                     Ok(()) => {
                         let _ = h.record((t0.elapsed().as_micros() as u64).max(1));
                     }

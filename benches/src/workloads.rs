@@ -342,7 +342,12 @@ pub async fn lease_keepalive(t: &Target, cfg: &LoadConfig) -> Result<Report> {
         let mut lc = LeaseClient::new(conns.channel(c));
         let id = lc.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner().id;
         let (tx, rx) = mpsc::unbounded_channel();
-        let resp = lc.lease_keep_alive(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
+        // Queue the first request before opening the stream: grpc-go (etcd)
+        // sends the response headers only with the first response.
+        let _ = tx.send(LeaseKeepAliveRequest { id });
+        let mut resp =
+            lc.lease_keep_alive(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
+        resp.message().await?;
         streams.push(Arc::new(tokio::sync::Mutex::new((id, tx, resp))));
     }
     let streams = Arc::new(streams);

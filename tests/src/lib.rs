@@ -91,7 +91,20 @@ impl Cluster {
         Self::start_with(ClusterOptions::keel(size))
     }
 
+    /// Starts a cluster; when a member loses the race for one of its
+    /// freshly picked ports (another test bound it first), starts over on
+    /// new ports.
     pub fn start_with(opts: ClusterOptions) -> Result<Cluster> {
+        let mut attempt = 0;
+        loop {
+            match Self::start_once(opts.clone()) {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(opts: ClusterOptions) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let mut members = Vec::new();
         for i in 0..opts.size {

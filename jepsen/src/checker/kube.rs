@@ -7,12 +7,13 @@
 //! - inconsistent-paged-list: a paged list at revision R differs from an
 //!   unpaged read of the same revision on another member;
 //! - future-read: a list at R holds an object modified after R;
+//! - wrong-count: a count-only read at R disagrees with the list at R;
 //! - stale-list: a list started after a write was acknowledged at revision
 //!   r, yet its revision is below r;
 //! - informer anomalies, replaying each informer's lists and events: an
 //!   event at or below the cache's revision (duplicate or out of order), a
-//!   create of a cached key or a change of an unknown one
-//!   (informer-inconsistent), and a final cache that differs from the final
+//!   create of a cached key, a change of an unknown one, or a prev_kv that
+//!   is not the cached version (informer-inconsistent), and a final cache that differs from the final
 //!   list (informer-divergence).
 
 use std::collections::{BTreeMap, HashMap};
@@ -72,6 +73,11 @@ pub fn check_kube(ops: &[Op]) -> Vec<Verdict> {
                 anomalies.push(json!({"type": "inconsistent-paged-list", "op": l}));
             }
         }
+        if let Some(count) = l.result.get("count").and_then(Value::as_i64) {
+            if count != paged.len() as i64 {
+                anomalies.push(json!({"type": "wrong-count", "count": count, "listed": paged.len(), "op": l}));
+            }
+        }
         if let Some((k, m)) = paged.iter().find(|(_, m)| **m > rev) {
             anomalies.push(json!({"type": "future-read", "key": k, "mod": m, "op": l}));
         }
@@ -106,6 +112,13 @@ pub fn check_kube(ops: &[Op]) -> Vec<Verdict> {
                     break 'segments;
                 }
                 rev = kv.mod_revision;
+                // prev_kv must be the version the cache holds.
+                if let Some(prev) = &ev.prev_kv {
+                    if cache.get(&key) != Some(&prev.mod_revision) {
+                        anomalies.push(bad("informer-inconsistent", "prev_kv differs from the cached version"));
+                        break 'segments;
+                    }
+                }
                 let delete = ev.r#type == keel_client::mvccpb::event::EventType::Delete as i32;
                 let known = cache.contains_key(&key);
                 if delete {

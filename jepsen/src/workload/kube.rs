@@ -1,9 +1,11 @@
 //! What the Kubernetes API server asks of its store (its etcd3 storage
 //! layer): creates guarded by `mod_revision == 0`, updates and deletes
 //! guarded by the mod_revision the object was read at, paged lists at one
-//! revision (`limit` plus `revision` for the later pages), informers that
-//! list then watch from the list's revision and relist when the watch is
-//! compacted away, and the periodic compaction through `compact_rev_key`.
+//! revision (`limit` plus `revision` for the later pages) and counts,
+//! informers that list then watch (with prev_kv, asking for progress) from
+//! the list's revision and relist when the watch is compacted away, event
+//! objects with short leases, and the periodic compaction through
+//! `compact_rev_key`.
 
 use std::time::{Duration, Instant};
 
@@ -108,6 +110,13 @@ async fn worker(mut w: Worker) {
         w.pace().await;
         let key = object(w.rng.gen_range(0..OBJECTS));
         let roll = w.rng.gen_range(0..100);
+        if roll >= 95 {
+            // An event object with a short lease, as the API server writes
+            // them (they expire on their own).
+            event(&mut w, generation).await;
+            generation += 1;
+            continue;
+        }
         if roll < 25 {
             let p = w.invoke("list", json!({}));
             let r = async {
@@ -115,7 +124,22 @@ async fn worker(mut w: Worker) {
                 // The same revision, unpaged, from another member.
                 let other = w.all.pinned((w.member + 1) % w.all.endpoints().len());
                 let whole = list_whole(&other, rev).await.ok().map(|(_, items)| items);
-                Ok::<_, keel_client::Error>(json!({"rev": rev, "paged": paged, "whole": whole, "pages": pages}))
+                // And counted, as the API server does for its object-count
+                // metrics.
+                let count = other
+                    .range(RangeRequest {
+                        key: PREFIX.into(),
+                        range_end: PREFIX_END.into(),
+                        revision: rev,
+                        count_only: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()
+                    .map(|r| r.count);
+                Ok::<_, keel_client::Error>(
+                    json!({"rev": rev, "paged": paged, "whole": whole, "count": count, "pages": pages}),
+                )
             }
             .await;
             w.finish(p, r, |v| v);
@@ -151,6 +175,24 @@ async fn worker(mut w: Worker) {
             json!({"succeeded": resp.succeeded, "rev": resp.header.map_or(0, |h| h.revision), "current": current})
         });
     }
+}
+
+async fn event(w: &mut Worker, n: u64) {
+    let key = format!("/registry/events/default/ev-{}-{n}", w.id);
+    let p = w.invoke("event", json!({"key": key}));
+    let r = async {
+        let lease = w.client.lease_grant(2).await?.id;
+        let put = keel_client::etcdserverpb::PutRequest {
+            key: key.clone().into(),
+            value: "{}".into(),
+            lease,
+            ..Default::default()
+        };
+        w.client.put_req(put).await?;
+        Ok::<_, keel_client::Error>(json!({"lease": lease}))
+    }
+    .await;
+    w.finish(p, r, |v| v);
 }
 
 /// Compacts every few seconds to the revision recorded the previous time,
@@ -211,6 +253,7 @@ async fn informer(mut w: Worker, ctx: Ctx) {
                 key: PREFIX.into(),
                 range_end: PREFIX_END.into(),
                 start_revision: next,
+                prev_kv: true,
                 ..Default::default()
             };
             let Ok(mut stream) = RawWatch::open(&w.all, w.member, create).await else {

@@ -45,12 +45,20 @@ async fn worker(mut w: Worker) {
                 continue;
             }
         };
-        // The fencing token: the lock key's create revision.
+        // The fencing token: the lock key's create revision. Without it
+        // (the read failed, or the key is already gone) there is nothing
+        // to fence with: give up this acquisition.
+        let key_text = String::from_utf8_lossy(&key).into_owned();
         let token = match w.client.get(key.clone()).await {
             Ok(Some(kv)) => kv.create_revision,
-            _ => 0,
+            other => {
+                p.info(format!("acquired {key_text} but could not read its revision: {other:?}"));
+                w.after(crate::history::Outcome::Info, false);
+                drop(keep);
+                let _ = w.client.lease_revoke(lease).await;
+                continue;
+            }
         };
-        let key_text = String::from_utf8_lossy(&key).into_owned();
         p.ok(json!({"key": key_text, "token": token}));
         let stall = w.rng.gen_bool(0.1);
         if stall {

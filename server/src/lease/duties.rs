@@ -94,12 +94,20 @@ impl Server {
         }
     }
 
+    /// Proposes revocations of the leases this leader's clocks expired.
+    /// Never forwarded: a deposed leader (paused, partitioned) that still
+    /// believes it leads must not have its stale expiries applied by its
+    /// successor, which runs its own clocks (found by the Jepsen lease
+    /// workload: a lease renewed on the new leader vanished anyway).
     async fn revoke_expired(&self) {
+        if self.leader() != Some(self.id) {
+            return;
+        }
         for id in self.leases.expired(REVOKE_BATCH) {
             let req = internal(internal_request::Request::LeaseRevoke(LeaseRevokeRequest { id }));
-            match self.propose(req).await {
+            match self.propose_local(req).await {
                 Ok(_) => tracing::debug!(lease = id, "revoked expired lease"),
-                Err(Error::LeaseNotFound) => {}
+                Err(Error::LeaseNotFound) | Err(Error::NotLeader) => return,
                 Err(e) => {
                     tracing::warn!(lease = id, error = %e, "failed to revoke expired lease");
                     return;
@@ -116,7 +124,8 @@ impl Server {
         let checkpoints =
             checkpoints.into_iter().map(|(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl }).collect();
         let req = internal(internal_request::Request::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints }));
-        if let Err(e) = self.propose(req).await {
+        // Like revocations, checkpoints come from this leader's clocks only.
+        if let Err(e) = self.propose_local(req).await.map(|_| ()) {
             tracing::warn!(error = %e, "lease checkpoint failed");
         }
     }
@@ -152,19 +161,34 @@ impl Server {
 
     /// The leader side of a renewal.
     pub async fn lease_renew_local(&self, id: i64) -> Result<i64> {
-        match self.leases.renew(id) {
-            Ok((ttl, clear_checkpoint)) => {
-                if clear_checkpoint {
-                    let cp = LeaseCheckpoint { id, remaining_ttl: 0 };
-                    let req = internal(internal_request::Request::LeaseCheckpoint(LeaseCheckpointRequest {
-                        checkpoints: vec![cp],
-                    }));
-                    self.propose(req).await?;
+        let deadline = Instant::now() + self.request_timeout();
+        loop {
+            return match self.leases.renew(id) {
+                Ok((ttl, clear_checkpoint)) => {
+                    if clear_checkpoint {
+                        let cp = LeaseCheckpoint { id, remaining_ttl: 0 };
+                        let req = internal(internal_request::Request::LeaseCheckpoint(LeaseCheckpointRequest {
+                            checkpoints: vec![cp],
+                        }));
+                        self.propose(req).await?;
+                    }
+                    Ok(ttl)
                 }
-                Ok(ttl)
-            }
-            Err(Error::LeaseNotFound) => Ok(0),
-            Err(e) => Err(e),
+                // Expired here, but its revocation is not applied yet. Like
+                // etcd, wait for the outcome instead of answering TTL 0: a
+                // leader that lost its quorum cannot revoke, and its
+                // successor may keep the lease alive (found by the Jepsen
+                // lease workload: a keepalive answered 0, the next one 3).
+                Err(Error::LeaseNotFound) if self.leases.exists(id) => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::Timeout);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(Error::LeaseNotFound) => Ok(0),
+                Err(e) => Err(e),
+            };
         }
     }
 
