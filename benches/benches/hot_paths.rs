@@ -84,15 +84,10 @@ fn watch_fanout(c: &mut Criterion) {
         for s in 0..(watchers / 100).max(1) {
             let q = hub.open_stream();
             for _ in 0..100.min(watchers) {
-                let spec = WatchSpec {
-                    key: Bytes::from_static(b"/registry/pods/"),
-                    end: Some(Bytes::from_static(b"/registry/pods0")),
-                    no_put: false,
-                    no_delete: false,
-                    prev_kv: false,
-                    fragment: false,
-                    progress_notify: false,
-                };
+                let spec = WatchSpec::new(
+                    Bytes::from_static(b"/registry/pods/"),
+                    Some(Bytes::from_static(b"/registry/pods0")),
+                );
                 hub.create(q.id, 0, spec, 0).unwrap_or_else(|e| panic!("create {s}: {e:?}"));
             }
             queues.push(q);

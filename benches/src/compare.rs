@@ -327,21 +327,13 @@ async fn scale(systems: &mut [System; 2], quick: bool, progress: bool, watcher_r
         s.db.kill(victim)?;
         let t0 = Instant::now();
         s.db.start_member(victim).await?;
-        let url = s.db.nodes[victim].client_url.clone();
-        loop {
-            let ok =
-                match workloads::Conns::open(&Target { endpoints: vec![url.clone()], conns: 1, target_leader: false })
-                    .await
-                {
-                    Ok(c) => KvClient::new(c.channel(0))
-                        .range(RangeRequest { key: "0".into(), serializable: true, ..Default::default() })
-                        .await
-                        .is_ok(),
-                    Err(_) => false,
-                };
-            if ok || t0.elapsed() > Duration::from_secs(300) {
-                break;
-            }
+        // start_member returned on the readiness marker, so one connection
+        // serves every attempt.
+        let target = Target { endpoints: vec![s.db.nodes[victim].client_url.clone()], conns: 1, target_leader: false };
+        let mut kv = KvClient::new(workloads::Conns::open(&target).await?.channel(0));
+        while kv.range(RangeRequest { key: "0".into(), serializable: true, ..Default::default() }).await.is_err()
+            && t0.elapsed() < Duration::from_secs(300)
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         out.restart_seconds[i] = t0.elapsed().as_secs_f64();

@@ -12,12 +12,11 @@ use bytes::Bytes;
 use keel_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::lease_client::LeaseClient;
-use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_proto::etcdserverpb::request_op::Request;
 use keel_proto::etcdserverpb::watch_client::WatchClient;
 use keel_proto::etcdserverpb::watch_request::RequestUnion;
 use keel_proto::etcdserverpb::{
-    Compare, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
+    Compare, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
     WatchCreateRequest, WatchRequest,
 };
 use rand::Rng;
@@ -78,8 +77,9 @@ impl Conns {
     pub async fn open(t: &Target) -> Result<Conns> {
         let mut endpoints = t.endpoints.clone();
         if t.target_leader {
-            if let Some(leader) = find_leader(&t.endpoints).await {
-                endpoints = vec![leader];
+            let client = keel_client::Client::connect(&t.endpoints).await?;
+            if let Some(leader) = client.discover_leader().await {
+                endpoints = vec![t.endpoints[leader].clone()];
             }
         }
         let mut channels = Vec::new();
@@ -103,21 +103,6 @@ impl Conns {
     pub fn channel(&self, i: usize) -> Channel {
         self.channels[i % self.channels.len()].clone()
     }
-}
-
-/// The endpoint whose member leads.
-pub async fn find_leader(endpoints: &[String]) -> Option<String> {
-    for url in endpoints {
-        let Ok(ep) = Endpoint::from_shared(url.clone()) else { continue };
-        let Ok(ch) = ep.connect_timeout(Duration::from_secs(2)).connect().await else { continue };
-        if let Ok(s) = MaintenanceClient::new(ch).status(StatusRequest {}).await {
-            let s = s.into_inner();
-            if s.header.is_some_and(|h| h.member_id == s.leader) {
-                return Some(url.clone());
-            }
-        }
-    }
-    None
 }
 
 fn err(e: tonic::Status) -> String {

@@ -109,15 +109,7 @@ impl Recipes {
 
     /// Waits until `key` is deleted, watching from revision `rev`.
     async fn wait_delete(&self, key: &[u8], rev: i64) -> RecipeResult<()> {
-        let spec = WatchSpec {
-            key: Bytes::copy_from_slice(key),
-            end: None,
-            no_put: false,
-            no_delete: false,
-            prev_kv: false,
-            fragment: false,
-            progress_notify: false,
-        };
+        let spec = WatchSpec::new(Bytes::copy_from_slice(key), None);
         let mut w = InternalWatch::start(&self.server, spec, rev)?;
         loop {
             let (_, events) = w.next().await.map_err(|_| RecipeError::LostWatcher)?;
@@ -294,15 +286,8 @@ impl Recipes {
                 Some(kv) => kv,
                 None => {
                     // Wait for the first put under the prefix.
-                    let spec = WatchSpec {
-                        key: Bytes::from(pfx.clone()),
-                        end: Some(Bytes::from(prefix_end(&pfx).unwrap_or_else(|| vec![0]))),
-                        no_put: false,
-                        no_delete: true,
-                        prev_kv: false,
-                        fragment: false,
-                        progress_notify: false,
-                    };
+                    let end = Bytes::from(prefix_end(&pfx).unwrap_or_else(|| vec![0]));
+                    let spec = WatchSpec { no_delete: true, ..WatchSpec::new(Bytes::from(pfx.clone()), Some(end)) };
                     let mut w = InternalWatch::start(&self.server, spec, header.revision)?;
                     let (_, events) = w.next().await?;
                     let Some(kv) = events.into_iter().find_map(|e| e.kv) else { continue };
@@ -313,15 +298,7 @@ impl Recipes {
             if tx.send(Ok((header, kv.clone()))).await.is_err() {
                 return Ok(());
             }
-            let spec = WatchSpec {
-                key: kv.key.clone(),
-                end: None,
-                no_put: false,
-                no_delete: false,
-                prev_kv: false,
-                fragment: false,
-                progress_notify: false,
-            };
+            let spec = WatchSpec::new(kv.key.clone(), None);
             let mut w = InternalWatch::start(&self.server, spec, header.revision + 1)?;
             'leader: loop {
                 let (rev, events) = w.next().await?;

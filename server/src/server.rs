@@ -60,18 +60,19 @@ impl Server {
 
     /// The member this one believes leads. A leader that has not heard
     /// from a quorum for an election timeout reports no leader, as an etcd
-    /// leader steps down under CheckQuorum (openraft 0.9 leaders do not).
+    /// leader steps down under CheckQuorum (openraft 0.9 leaders do not);
+    /// so does a leader that removed itself, which the metrics keep naming
+    /// until the next election.
     pub fn leader(&self) -> Option<NodeId> {
         let rx = self.raft.metrics();
         let m = rx.borrow();
-        if m.current_leader == Some(self.id) {
+        let leader = m.current_leader?;
+        if leader == self.id {
             let quorum_lost =
                 m.millis_since_quorum_ack.is_some_and(|ms| ms > self.config.election_timeout.as_millis() as u64);
-            if quorum_lost {
-                return None;
-            }
+            return (!quorum_lost).then_some(leader);
         }
-        m.current_leader
+        m.membership_config.membership().get_node(&leader).is_some().then_some(leader)
     }
 
     /// etcd's response header: cluster, member, revision, term.
@@ -224,12 +225,7 @@ impl Server {
         // waiting) kept the runtime's threads busy while requests piled
         // up, starving the very Raft messages that would elect a leader.
         loop {
-            // A leader that removed itself stays in the metrics until the
-            // next election: it does not count either.
-            let usable = self.leader().is_some_and(|l| {
-                l == self.id || self.raft.metrics().borrow().membership_config.membership().get_node(&l).is_some()
-            });
-            if usable {
+            if self.leader().is_some() {
                 return Ok(());
             }
             let now = Instant::now();

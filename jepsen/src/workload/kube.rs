@@ -16,7 +16,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 
 use super::watch::{current_revision, is_progress, RawWatch};
-use super::{Ctx, Worker};
+use super::{CatchUp, Ctx, Worker};
 
 const PREFIX: &str = "/registry/pods/default/";
 const PREFIX_END: &str = "/registry/pods/default0";
@@ -234,11 +234,9 @@ async fn compactor(mut w: Worker) {
 async fn informer(mut w: Worker, ctx: Ctx) {
     let p = w.invoke("informer", json!({"member": w.member}));
     let mut segments: Vec<Value> = Vec::new();
-    let mut target: Option<i64> = None;
+    let mut catch_up = CatchUp::default();
     let mut attested = 0i64;
-    let deadline = |t: &Option<(i64, Instant)>| t.is_some_and(|(_, d)| Instant::now() > d);
-    let mut stop: Option<(i64, Instant)> = None;
-    'relist: while !deadline(&stop) {
+    'relist: while !catch_up.gave_up() {
         let Ok((rev, items)) = list_whole(&w.client, 0).await else {
             w.after(crate::history::Outcome::Fail, true);
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -248,7 +246,7 @@ async fn informer(mut w: Worker, ctx: Ctx) {
         let mut next = rev + 1;
         attested = rev;
         let mut relist = false;
-        while !deadline(&stop) && !relist {
+        while !catch_up.gave_up() && !relist {
             let create = WatchCreateRequest {
                 key: PREFIX.into(),
                 range_end: PREFIX_END.into(),
@@ -263,19 +261,12 @@ async fn informer(mut w: Worker, ctx: Ctx) {
             };
             let mut asked = Instant::now();
             loop {
-                if stop.is_none() && !w.running() && *ctx.healed.borrow() {
-                    if let Ok(t) = current_revision(&ctx.client).await {
-                        target = Some(t);
-                        stop = Some((t, Instant::now() + Duration::from_secs(60)));
-                    }
+                catch_up.poll(&ctx).await;
+                if catch_up.reached(attested) {
+                    segments.push(json!({"list": {"rev": rev, "items": items}, "events": events}));
+                    break 'relist;
                 }
-                if let Some(t) = target {
-                    if attested >= t {
-                        segments.push(json!({"list": {"rev": rev, "items": items}, "events": events}));
-                        break 'relist;
-                    }
-                }
-                if deadline(&stop) {
+                if catch_up.gave_up() {
                     break;
                 }
                 if asked.elapsed() > Duration::from_secs(1) {
@@ -310,5 +301,5 @@ async fn informer(mut w: Worker, ctx: Ctx) {
         }
         segments.push(json!({"list": {"rev": rev, "items": items}, "events": events}));
     }
-    p.ok(json!({"segments": segments, "attested": attested, "target": target}));
+    p.ok(json!({"segments": segments, "attested": attested, "target": catch_up.target()}));
 }

@@ -197,6 +197,39 @@ impl Worker {
     }
 }
 
+/// When a watcher may stop: after the main phase, once the cluster has
+/// healed, it must reach the revision current at that moment; it gives up
+/// a minute later.
+#[derive(Default)]
+pub struct CatchUp {
+    target: Option<i64>,
+    give_up: Option<Instant>,
+}
+
+impl CatchUp {
+    /// Fixes the target as soon as the run allows.
+    pub async fn poll(&mut self, ctx: &Ctx) {
+        if self.target.is_none() && Instant::now() >= ctx.until && *ctx.healed.borrow() {
+            if let Ok(t) = watch::current_revision(&ctx.client).await {
+                self.target = Some(t);
+                self.give_up = Some(Instant::now() + Duration::from_secs(60));
+            }
+        }
+    }
+
+    pub fn target(&self) -> Option<i64> {
+        self.target
+    }
+
+    pub fn reached(&self, attested: i64) -> bool {
+        self.target.is_some_and(|t| attested >= t)
+    }
+
+    pub fn gave_up(&self) -> bool {
+        self.give_up.is_some_and(|d| Instant::now() > d)
+    }
+}
+
 /// Runs `n` workers to completion.
 pub async fn spawn_workers<F, Fut>(ctx: &Ctx, n: usize, body: F) -> Result<()>
 where

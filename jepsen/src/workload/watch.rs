@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
-use super::{Ctx, Worker};
+use super::{CatchUp, Ctx, Worker};
 use crate::history::Recorder;
 use crate::wire::{kv_json, response_json};
 
@@ -146,22 +146,16 @@ async fn watcher(mut w: Worker, ctx: Ctx, first: i64, n: usize) {
     let mut next = first;
     // The newest revision this watcher is known to have everything up to.
     let mut attested = first - 1;
-    let mut target: Option<i64> = None;
-    let mut deadline: Option<Instant> = None;
+    let mut catch_up = CatchUp::default();
     let mut reconnects = 0usize;
     'connections: loop {
-        if let Some(t) = target {
-            if attested >= t || deadline.is_some_and(|d| Instant::now() > d) {
-                break;
-            }
+        if catch_up.reached(attested) || catch_up.gave_up() {
+            break;
         }
-        if !w.running() && target.is_none() {
-            if *ctx.healed.borrow() {
-                target = current_revision(&ctx.client).await.ok();
-                deadline = Some(Instant::now() + Duration::from_secs(60));
-            } else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+        catch_up.poll(&ctx).await;
+        if !w.running() && catch_up.target().is_none() {
+            // Waiting for the heal: do not hammer a broken cluster.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let create = WatchCreateRequest {
             key: key.clone().into(),
@@ -217,19 +211,14 @@ async fn watcher(mut w: Worker, ctx: Ctx, first: i64, n: usize) {
                 }
                 Err(()) => {}
             }
-            if target.is_none() && !w.running() && *ctx.healed.borrow() {
-                target = current_revision(&ctx.client).await.ok();
-                deadline = Some(Instant::now() + Duration::from_secs(60));
-            }
-            if let Some(t) = target {
-                if attested >= t || deadline.is_some_and(|d| Instant::now() > d) {
-                    break;
-                }
+            catch_up.poll(&ctx).await;
+            if catch_up.reached(attested) || catch_up.gave_up() {
+                break;
             }
         }
         segments.push(segment);
     }
-    let caught_up = target.is_some_and(|t| attested >= t);
+    let caught_up = catch_up.reached(attested);
     p.ok(json!({"segments": segments, "upto": attested, "caught_up": caught_up, "connections": reconnects}));
 }
 

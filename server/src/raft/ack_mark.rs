@@ -17,7 +17,8 @@
 //! lowers the mark before the log shrinks, for the same reason.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -82,8 +83,8 @@ impl AckMark {
         if *current == before {
             return Ok(());
         }
-        file.seek(SeekFrom::Start(0))?;
-        file.write_all(&encode(*current))
+        // One positioned write per durable batch (it is on the commit path).
+        file.write_all_at(&encode(*current), 0)
     }
 
     /// Entries up to `index` are durable.

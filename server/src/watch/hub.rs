@@ -33,6 +33,12 @@ pub struct WatchSpec {
 }
 
 impl WatchSpec {
+    /// Every event on `key` (`end`: None for the single key, as in
+    /// [`WatchSpec::end`]), no filters, no prev_kv.
+    pub fn new(key: Bytes, end: Option<Bytes>) -> Self {
+        WatchSpec { key, end, no_put: false, no_delete: false, prev_kv: false, fragment: false, progress_notify: false }
+    }
+
     pub fn matches(&self, key: &[u8]) -> bool {
         match &self.end {
             None => key == self.key.as_ref(),
@@ -520,15 +526,7 @@ mod tests {
     }
 
     fn spec(key: &str, end: Option<&str>) -> WatchSpec {
-        WatchSpec {
-            key: Bytes::from(key.to_string()),
-            end: end.map(|e| Bytes::from(e.to_string())),
-            no_put: false,
-            no_delete: false,
-            prev_kv: false,
-            fragment: false,
-            progress_notify: false,
-        }
+        WatchSpec::new(Bytes::from(key.to_string()), end.map(|e| Bytes::from(e.to_string())))
     }
 
     fn drain(q: &mut StreamQueue) -> Vec<Outgoing> {
