@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use keel_jepsen::cluster::{ClusterSpec, Db};
+use keel_jepsen::cluster::{ClusterSpec, Db, Network};
 use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::watch_client::WatchClient;
 use keel_proto::etcdserverpb::watch_request::RequestUnion;
@@ -59,7 +59,7 @@ impl System {
             members: 3,
             run_dir: dir,
             extra_args: COMMON_FLAGS.iter().map(|s| s.to_string()).collect(),
-            isolate: false,
+            network: Network::Loopback,
         };
         let db = Db::start(spec).await.with_context(|| format!("cannot start the {name} cluster"))?;
         Ok(System { name, db })
@@ -119,8 +119,10 @@ pub struct Scale {
     pub rss_mib: [f64; 2],
     pub disk_mib: [f64; 2],
     pub restart_seconds: [f64; 2],
+    /// Idle watchers held on one member (in streams of 1000).
     pub watchers: usize,
-    pub rss_per_10k_watchers_mib: [f64; 2],
+    /// That member's RSS growth while holding them.
+    pub watchers_rss_mib: [f64; 2],
     pub peak_rss_mib: [Vec<f64>; 2],
 }
 
@@ -133,7 +135,9 @@ enum Bench {
     Watch { watchers: usize, puts: u64 },
     WatchLatency { puts: u64 },
     Keepalive { clients: usize, total: u64 },
+    LeaseGrant { clients: usize, total: u64 },
     Kube { clients: usize, total: u64 },
+    SteadyPut { rate: f64, seconds: u64, defrag: bool },
 }
 
 impl Bench {
@@ -147,7 +151,12 @@ impl Bench {
             Bench::Watch { watchers, .. } => format!("watch fan-out, {watchers} watchers"),
             Bench::WatchLatency { .. } => "watch latency, 100 watchers".to_string(),
             Bench::Keepalive { clients, .. } => format!("lease-keepalive, {clients} clients"),
+            Bench::LeaseGrant { clients, .. } => format!("lease grant+revoke, {clients} clients"),
             Bench::Kube { clients, .. } => format!("kube, {clients} clients"),
+            Bench::SteadyPut { rate, defrag: false, .. } => format!("put {rate:.0}/s, 16 clients"),
+            Bench::SteadyPut { rate, defrag: true, .. } => {
+                format!("put {rate:.0}/s, 16 clients, defragmenting every member")
+            }
         }
     }
 
@@ -183,8 +192,24 @@ impl Bench {
             Bench::Keepalive { clients, total } => {
                 workloads::lease_keepalive(&s.target(false), &cfg(*clients, *total)).await?
             }
+            Bench::LeaseGrant { clients, total } => {
+                workloads::lease_grant_revoke(&s.target(false), &cfg(*clients, *total)).await?
+            }
             Bench::Kube { clients, total } => {
                 workloads::kube(&s.target(false), 500, 100, 1024, &cfg(*clients, *total)).await?
+            }
+            Bench::SteadyPut { rate, seconds, defrag } => {
+                let steady = LoadConfig {
+                    total: None,
+                    duration: Some(Duration::from_secs(*seconds)),
+                    rate: Some(*rate),
+                    ..cfg(16, 0)
+                };
+                if *defrag {
+                    workloads::put_during_defrag(&s.target(false), &keys, &steady).await?
+                } else {
+                    workloads::put(&s.target(false), &keys, &steady).await?
+                }
             }
         };
         r.name = self.name();
@@ -202,10 +227,15 @@ fn suite(quick: bool) -> Vec<Bench> {
         Bench::Range { clients: 256, total: k(200_000, 30_000), serializable: false },
         Bench::Range { clients: 256, total: k(200_000, 30_000), serializable: true },
         Bench::TxnMixed { clients: 64, total: k(60_000, 10_000) },
-        Bench::Watch { watchers: if quick { 1_000 } else { 10_000 }, puts: k(200, 50) },
+        Bench::Watch { watchers: 1_000, puts: k(2_000, 50) },
+        Bench::Watch { watchers: 10_000, puts: k(200, 20) },
+        Bench::Watch { watchers: 100_000, puts: k(20, 2) },
         Bench::WatchLatency { puts: k(2_000, 400) },
         Bench::Keepalive { clients: 64, total: k(100_000, 20_000) },
+        Bench::LeaseGrant { clients: 64, total: k(30_000, 5_000) },
         Bench::Kube { clients: 32, total: k(30_000, 5_000) },
+        Bench::SteadyPut { rate: 1000.0, seconds: k(15, 8), defrag: false },
+        Bench::SteadyPut { rate: 1000.0, seconds: k(15, 8), defrag: true },
     ]
 }
 
@@ -215,7 +245,8 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
     let keel = System::start("keel", &cfg.keel, &cfg.run_dir).await?;
     let etcd = System::start("etcd", &cfg.etcd, &cfg.run_dir).await?;
     // Idle watchers first, on members that have not served any yet.
-    let watcher_rss = [idle_watchers_rss(&keel, 10_000).await?, idle_watchers_rss(&etcd, 10_000).await?];
+    let watchers = if cfg.quick { 10_000 } else { 100_000 };
+    let watcher_rss = [idle_watchers_rss(&keel, watchers).await?, idle_watchers_rss(&etcd, watchers).await?];
     let mut pairs = Vec::new();
     println!("{}", Report::table_header());
     for (i, bench) in suite(cfg.quick).into_iter().enumerate() {
@@ -235,7 +266,7 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
         pairs.push(Pair { workload: bench.name(), keel: k, etcd: e });
     }
     let mut systems = [keel, etcd];
-    let scale = scale(&mut systems, cfg.quick, cfg.progress, watcher_rss).await?;
+    let scale = scale(&mut systems, cfg.quick, cfg.progress, watchers, watcher_rss).await?;
     let mut report = render(&cfg, &pairs, &scale, started.elapsed());
     // The hand-written analysis at the end of the report survives
     // regeneration.
@@ -251,9 +282,9 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
     Ok(())
 }
 
-/// RSS growth of member 0 while it holds `watchers` idle watchers (on a
-/// member that has not served watchers before, so freed memory is not
-/// reused), scaled to 10k.
+/// RSS growth of member 0 while it holds `watchers` idle watchers, 1000
+/// per stream (on a member that has not served watchers before, so freed
+/// memory is not reused), in MiB.
 async fn idle_watchers_rss(s: &System, watchers: usize) -> Result<f64> {
     let before = s.rss_kib(0, "VmRSS:");
     let ch = workloads::Conns::open(&Target {
@@ -264,8 +295,8 @@ async fn idle_watchers_rss(s: &System, watchers: usize) -> Result<f64> {
     .await?
     .channel(0);
     let mut held = Vec::new();
-    let per_stream = 100;
-    for st in 0..watchers / per_stream {
+    let per_stream = 1000;
+    for st in 0..watchers.div_ceil(per_stream) {
         let (tx, rx) = mpsc::unbounded_channel();
         for w in 0..per_stream {
             let _ = tx.send(WatchRequest {
@@ -292,16 +323,22 @@ async fn idle_watchers_rss(s: &System, watchers: usize) -> Result<f64> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = s.rss_kib(0, "VmRSS:");
     drop(held);
-    Ok(after.saturating_sub(before) as f64 / 1024.0 * (10_000.0 / watchers as f64))
+    Ok(after.saturating_sub(before) as f64 / 1024.0)
 }
 
 /// Memory and scale: many keys (RSS, disk,
 /// load time), then the time a restarted member takes to serve reads.
-async fn scale(systems: &mut [System; 2], quick: bool, progress: bool, watcher_rss: [f64; 2]) -> Result<Scale> {
+async fn scale(
+    systems: &mut [System; 2],
+    quick: bool,
+    progress: bool,
+    watchers: usize,
+    watcher_rss: [f64; 2],
+) -> Result<Scale> {
     let mut out = Scale {
         keys: if quick { 100_000 } else { 1_000_000 },
-        watchers: 10_000,
-        rss_per_10k_watchers_mib: watcher_rss,
+        watchers,
+        watchers_rss_mib: watcher_rss,
         ..Default::default()
     };
     for (i, s) in systems.iter_mut().enumerate() {
@@ -411,7 +448,14 @@ fn render(cfg: &CompareConfig, pairs: &[Pair], scale: &Scale, took: Duration) ->
     let row = |s: &mut String, name: &str, v: [f64; 2], unit: &str| {
         let _ = writeln!(s, "| {name} | {:.1} {unit} | {:.1} {unit} | **{}** |", v[0], v[1], ratio(v[0], v[1]));
     };
-    row(&mut s, &format!("RSS per {} idle watchers (one member)", 10_000), scale.rss_per_10k_watchers_mib, "MiB");
+    row(
+        &mut s,
+        &format!("RSS of {} idle watchers (one member, 1000 per stream)", scale.watchers),
+        scale.watchers_rss_mib,
+        "MiB",
+    );
+    let per_watcher = scale.watchers_rss_mib.map(|m| m * 1048576.0 / scale.watchers.max(1) as f64);
+    row(&mut s, "memory per idle watcher", per_watcher, "bytes");
     row(&mut s, &format!("time to load {} keys (256 clients)", scale.keys), scale.load_seconds, "s");
     row(&mut s, &format!("RSS with {} keys (largest member)", scale.keys), scale.rss_mib, "MiB");
     row(&mut s, &format!("data dir with {} keys (largest member)", scale.keys), scale.disk_mib, "MiB");

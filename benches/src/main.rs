@@ -103,6 +103,10 @@ enum Command {
     },
     /// Lease keepalive round trips.
     LeaseKeepalive,
+    /// Lease churn: grant then revoke, per operation.
+    LeaseGrant,
+    /// Puts while every member is defragmented in turn (after a compaction).
+    PutDuringDefrag,
     /// The Kubernetes API server's storage traffic.
     Kube {
         #[arg(long, default_value_t = 1000)]
@@ -173,6 +177,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
             workloads::watch(&target, &load, "watch-latency", !c.json).await?
         }
         Command::LeaseKeepalive => workloads::lease_keepalive(&target, &cfg("lease-keepalive")).await?,
+        Command::LeaseGrant => workloads::lease_grant_revoke(&target, &cfg("lease-grant")).await?,
+        Command::PutDuringDefrag => workloads::put_during_defrag(&target, &keys, &cfg("put-during-defrag")).await?,
         Command::Kube { objects, page_size } => {
             workloads::kube(&target, objects, page_size, c.val_size, &cfg("kube")).await?
         }

@@ -12,12 +12,13 @@ use bytes::Bytes;
 use keel_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::lease_client::LeaseClient;
+use keel_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_proto::etcdserverpb::request_op::Request;
 use keel_proto::etcdserverpb::watch_client::WatchClient;
 use keel_proto::etcdserverpb::watch_request::RequestUnion;
 use keel_proto::etcdserverpb::{
-    Compare, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-    WatchCreateRequest, WatchRequest,
+    CompactionRequest, Compare, DefragmentRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -355,6 +356,50 @@ pub async fn lease_keepalive(t: &Target, cfg: &LoadConfig) -> Result<Report> {
 /// The API server's storage traffic on `objects` objects: guarded updates
 /// (read the object's mod_revision, then a txn comparing it), creates, and
 /// paged lists of `page` items at one revision, in a 6:1:3 mix.
+/// Lease churn: each operation grants a lease and revokes it (two Raft
+/// writes), as short-lived sessions and Kubernetes events do.
+pub async fn lease_grant_revoke(t: &Target, cfg: &LoadConfig) -> Result<Report> {
+    let conns = Arc::new(Conns::open(t).await?);
+    Ok(load::run(cfg, move |c, _| {
+        let mut lc = LeaseClient::new(conns.channel(c));
+        async move {
+            let id = lc.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await.map_err(err)?.into_inner().id;
+            lc.lease_revoke(LeaseRevokeRequest { id }).await.map(|_| ()).map_err(err)
+        }
+    })
+    .await)
+}
+
+/// Puts at a steady rate while every member is defragmented in turn
+/// (after a compaction, so there is space to give back): the report's
+/// p99 and max show how long defragmentation stalls writes.
+pub async fn put_during_defrag(t: &Target, keys: &Keys, cfg: &LoadConfig) -> Result<Report> {
+    let conns = Conns::open(t).await?;
+    let mut kv = KvClient::new(conns.channel(0));
+    let rev = kv.range(RangeRequest { key: "bench-defrag".into(), ..Default::default() }).await?.into_inner();
+    let rev = rev.header.map_or(0, |h| h.revision);
+    kv.compact(CompactionRequest { revision: rev, physical: true }).await?;
+    let endpoints = t.endpoints.clone();
+    let defrag = async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut took = Vec::new();
+        for ep in endpoints {
+            let one = Target { endpoints: vec![ep], conns: 1, target_leader: false };
+            let mut m = MaintenanceClient::new(Conns::open(&one).await?.channel(0));
+            let started = Instant::now();
+            m.defragment(DefragmentRequest {}).await?;
+            took.push(started.elapsed().as_secs_f64());
+        }
+        anyhow::Ok(took)
+    };
+    let (report, took) = tokio::join!(put(t, keys, cfg), defrag);
+    let took = took.context("defragment")?;
+    if took.is_empty() {
+        anyhow::bail!("no member was defragmented");
+    }
+    report
+}
+
 pub async fn kube(t: &Target, objects: u64, page: i64, val_size: usize, cfg: &LoadConfig) -> Result<Report> {
     let conns = Arc::new(Conns::open(t).await?);
     let prefix = "/registry/pods/bench/";

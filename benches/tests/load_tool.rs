@@ -28,8 +28,13 @@ async fn every_benchmark_completes_against_keel() -> anyhow::Result<()> {
     assert_eq!((r.ops, r.errors), (100, 0), "{r:?}");
     let r = workloads::lease_keepalive(&target, &cfg("keepalive", 2, 100)).await?;
     assert_eq!((r.ops, r.errors), (100, 0), "{r:?}");
+    let r = workloads::lease_grant_revoke(&target, &cfg("lease-grant", 2, 50)).await?;
+    assert_eq!((r.ops, r.errors), (50, 0), "{r:?}");
     let r = workloads::kube(&target, 20, 5, 100, &cfg("kube", 2, 100)).await?;
     assert_eq!((r.ops, r.errors), (100, 0), "{r:?}");
+    // Runs until the member was compacted and defragmented.
+    let r = workloads::put_during_defrag(&target, &keys, &cfg("put-during-defrag", 2, 2000)).await?;
+    assert_eq!((r.ops, r.errors), (2000, 0), "{r:?}");
 
     // 30 watchers x 20 puts = 600 deliveries.
     let load = WatchLoad { streams: 3, watchers: 30, writers: 2, puts: 20, put_rate: None };

@@ -2,11 +2,16 @@
 //! etcd for calibration), each with its own data dir and log under the run
 //! directory.
 //!
-//! As root, every member runs in its own network namespace (`kj<i>`) with
-//! its own address on a bridge (`kjbr0`, 10.77.0.0/24; the harness is
-//! 10.77.0.254; `--net-slot` picks another bridge and subnet), so partitions and packet loss are real iptables/tc rules
-//! that cut real TCP traffic. Without root, members share loopback and
-//! network faults are unavailable (the nemesis says so in the history).
+//! How members are networked ([`Network`]):
+//! - as root, every member runs in its own network namespace (`kj<i>`)
+//!   with its own address on a bridge (`kjbr0`, 10.77.0.0/24; the harness
+//!   is 10.77.0.254; `--net-slot` picks another bridge and subnet), so
+//!   partitions and packet loss are real iptables/tc rules that cut real
+//!   TCP traffic;
+//! - without root, every member gets its own loopback address and a
+//!   userspace proxy in front of its peer listener (`proxy`), which
+//!   applies the same faults to peer traffic;
+//! - plain loopback (benchmarks): no network faults.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +21,8 @@ use anyhow::{bail, Context, Result};
 use keel_client::{Client, ClientConfig};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+use crate::proxy::PeerProxies;
 
 /// Which network this process uses, so two harness runs (say keel and
 /// etcd) can run side by side: slot `s` uses bridge `kjbr<s>`, namespaces
@@ -55,8 +62,39 @@ pub struct ClusterSpec {
     pub run_dir: PathBuf,
     /// Extra flags for every member (e.g. `--snapshot-count 100`).
     pub extra_args: Vec<String>,
-    /// Use network namespaces (needs root).
-    pub isolate: bool,
+    pub network: Network,
+}
+
+/// How members are connected, and so which network faults are possible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// A network namespace per member; faults are iptables/tc rules (root).
+    Namespaces,
+    /// A loopback address per member and a fault-injecting proxy on every
+    /// peer link (no root needed; partitions need members that dial from
+    /// their own address, as keel does).
+    Proxies,
+    /// Shared loopback, no network faults.
+    Loopback,
+}
+
+impl Network {
+    /// Namespaces when this process can create them, else proxies.
+    pub fn best_available() -> Network {
+        if can_isolate() {
+            Network::Namespaces
+        } else {
+            Network::Proxies
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Network::Namespaces => "namespaces",
+            Network::Proxies => "proxies",
+            Network::Loopback => "loopback",
+        }
+    }
 }
 
 /// A libfaketime setting for one member's process.
@@ -72,7 +110,10 @@ pub struct Node {
     pub ns: Option<String>,
     pub ip: String,
     pub client_url: String,
+    /// The advertised peer URL (the proxy's, with proxies).
     pub peer_url: String,
+    /// Where the member listens for peers.
+    pub listen_peer_url: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub clock: Option<Clock>,
@@ -87,6 +128,8 @@ pub struct Node {
 pub struct Db {
     pub spec: ClusterSpec,
     pub nodes: Vec<Node>,
+    /// The peer-link proxies, with [`Network::Proxies`].
+    pub proxies: Option<PeerProxies>,
     token: String,
 }
 
@@ -144,26 +187,39 @@ fn setup_network(n: usize) -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+fn free_port(ip: &str) -> Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
 impl Db {
     /// Creates the network and data directories and starts every member.
     pub async fn start(spec: ClusterSpec) -> Result<Db> {
         std::fs::create_dir_all(&spec.run_dir)?;
-        if spec.isolate {
+        if spec.network == Network::Namespaces {
             setup_network(spec.members)?;
         }
         let mut nodes = Vec::new();
+        let mut routes = Vec::new();
         for i in 0..spec.members {
             let name = format!("n{}", i + 1);
-            let (ns, ip, client_url, peer_url) = if spec.isolate {
-                let ip = member_ip(i);
-                (Some(ns_name(i)), ip.clone(), format!("http://{ip}:{CLIENT_PORT}"), format!("http://{ip}:{PEER_PORT}"))
-            } else {
-                let ip = "127.0.0.1".to_string();
-                (None, ip.clone(), format!("http://{ip}:{}", free_port()?), format!("http://{ip}:{}", free_port()?))
+            let (ns, ip, client_url, peer_url, listen_peer_url) = match spec.network {
+                Network::Namespaces => {
+                    let ip = member_ip(i);
+                    let peer = format!("http://{ip}:{PEER_PORT}");
+                    (Some(ns_name(i)), ip.clone(), format!("http://{ip}:{CLIENT_PORT}"), peer.clone(), peer)
+                }
+                Network::Proxies => {
+                    let ip = crate::proxy::member_ip(slot(), i).to_string();
+                    let (proxy, listen) = (free_port(&ip)?, free_port(&ip)?);
+                    routes.push((format!("{ip}:{proxy}").parse()?, format!("{ip}:{listen}").parse()?));
+                    let client = format!("http://{ip}:{}", free_port(&ip)?);
+                    (None, ip.clone(), client, format!("http://{ip}:{proxy}"), format!("http://{ip}:{listen}"))
+                }
+                Network::Loopback => {
+                    let ip = "127.0.0.1".to_string();
+                    let peer = format!("http://{ip}:{}", free_port(&ip)?);
+                    (None, ip.clone(), format!("http://{ip}:{}", free_port(&ip)?), peer.clone(), peer)
+                }
             };
             nodes.push(Node {
                 data_dir: spec.run_dir.join(format!("{name}.data")),
@@ -173,6 +229,7 @@ impl Db {
                 ip,
                 client_url,
                 peer_url,
+                listen_peer_url,
                 clock: None,
                 initial_cluster: String::new(),
                 initial_state: "new",
@@ -185,7 +242,11 @@ impl Db {
         for n in &mut nodes {
             n.initial_cluster = initial.join(",");
         }
-        let mut db = Db { spec, nodes, token: format!("keel-jepsen-{}", std::process::id()) };
+        let proxies = match spec.network {
+            Network::Proxies => Some(PeerProxies::start(slot(), &routes).await?),
+            _ => None,
+        };
+        let mut db = Db { spec, nodes, proxies, token: format!("keel-jepsen-{}", std::process::id()) };
         for i in 0..db.nodes.len() {
             db.spawn(i)?;
         }
@@ -225,7 +286,7 @@ impl Db {
             "--advertise-client-urls",
             &n.client_url,
             "--listen-peer-urls",
-            &n.peer_url,
+            &n.listen_peer_url,
             "--initial-advertise-peer-urls",
             &n.peer_url,
             "--initial-cluster",
@@ -514,7 +575,7 @@ fn collect_wal(dir: &Path, out: &mut Vec<PathBuf>) {
 impl Drop for Db {
     fn drop(&mut self) {
         self.stop_all();
-        if self.spec.isolate {
+        if self.spec.network == Network::Namespaces {
             teardown_network(self.nodes.len().max(9));
         }
     }

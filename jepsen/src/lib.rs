@@ -5,6 +5,7 @@
 //! Module map:
 //! - `cluster`: starts members (in network namespaces when root), kills,
 //!   pauses, restarts, replaces them;
+//! - `proxy`: peer-link proxies that inject network faults without root;
 //! - `nemesis`: the fault schedule (kill, pause, partitions, packet loss,
 //!   slow links, clock skew, membership changes, compaction storms, WAL
 //!   corruption) and healing;
@@ -25,6 +26,7 @@ pub mod cluster;
 pub mod corpus;
 pub mod history;
 pub mod nemesis;
+pub mod proxy;
 pub mod run;
 pub mod timeline;
 pub mod wire;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use keel_jepsen::checker::Validity;
+use keel_jepsen::cluster::Network;
 use keel_jepsen::history::read_jsonl;
 use keel_jepsen::nemesis::{parse_faults, Fault};
 use keel_jepsen::run::{overall, run, write_outputs, RunConfig};
@@ -66,9 +67,12 @@ struct RunArgs {
     /// snapshot installation).
     #[arg(long)]
     snapshot_count: Option<u64>,
-    /// Run on loopback without network namespaces (no network faults).
-    #[arg(long)]
-    no_isolation: bool,
+    /// How members are networked: namespaces (root; iptables/tc faults),
+    /// proxies (a loopback address per member and a fault-injecting proxy
+    /// on every peer link), loopback (no network faults), or auto
+    /// (namespaces when root, else proxies).
+    #[arg(long, default_value = "auto")]
+    network: String,
     /// Network slot (0-200): lets runs proceed side by side on separate
     /// bridges and subnets (10.77.<slot>.0/24).
     #[arg(long, default_value_t = 0)]
@@ -116,13 +120,20 @@ async fn dispatch(command: Command) -> Result<Validity> {
 async fn run_all(args: RunArgs) -> Result<Validity> {
     keel_jepsen::cluster::set_network_slot(args.net_slot);
     let mut faults = parse_faults(&args.faults)?;
-    let isolate = !args.no_isolation && keel_jepsen::cluster::can_isolate();
-    if !isolate {
-        let dropped: Vec<&str> = faults.iter().filter(|f| f.needs_isolation()).map(|f| f.name()).collect();
+    let network = match args.network.as_str() {
+        "auto" => Network::best_available(),
+        "namespaces" if keel_jepsen::cluster::can_isolate() => Network::Namespaces,
+        "namespaces" => bail!("--network namespaces needs root, ip and iptables"),
+        "proxies" => Network::Proxies,
+        "loopback" => Network::Loopback,
+        other => bail!("unknown --network {other:?} (auto, namespaces, proxies, loopback)"),
+    };
+    if network == Network::Loopback {
+        let dropped: Vec<&str> = faults.iter().filter(|f| f.is_network()).map(|f| f.name()).collect();
         if !dropped.is_empty() {
-            eprintln!("keel-jepsen: no network namespaces (needs root); skipping {}", dropped.join(", "));
+            eprintln!("keel-jepsen: --network loopback; skipping {}", dropped.join(", "));
         }
-        faults.retain(|f| !f.needs_isolation());
+        faults.retain(|f| !f.is_network());
     }
     let workloads: Vec<Workload> = if args.workload == "all" {
         Workload::ALL.to_vec()
@@ -163,7 +174,7 @@ async fn run_all(args: RunArgs) -> Result<Validity> {
             concurrency: args.concurrency.max(1),
             seed,
             extra_args: extra_args.clone(),
-            isolate,
+            network,
         };
         let report = run(cfg).await?;
         println!("{}", report.summary());

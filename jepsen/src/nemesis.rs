@@ -2,9 +2,10 @@
 //! heal recorded in the history (`value.phase` is "start" or "stop").
 //!
 //! Network faults are iptables/tc rules inside the members' namespaces, so
-//! they cut real TCP traffic; the harness (10.77.0.254) keeps reaching every
-//! member, as Jepsen's control node does, so clients on both sides of a
-//! partition keep issuing requests.
+//! they cut real TCP traffic, or, without root, rules of the peer-link
+//! proxies (`proxy`). Either way only peer traffic suffers: the harness
+//! keeps reaching every member, as Jepsen's control node does, so clients
+//! on both sides of a partition keep issuing requests.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -80,8 +81,8 @@ impl Fault {
         }
     }
 
-    /// Needs network namespaces.
-    pub fn needs_isolation(self) -> bool {
+    /// Acts on the network (needs namespaces or proxies).
+    pub fn is_network(self) -> bool {
         matches!(self, Fault::Partition | Fault::Drop | Fault::Delay)
     }
 }
@@ -179,7 +180,10 @@ impl Nemesis {
             Fault::Drop => {
                 let p: f64 = *[0.1, 0.2, 0.4].choose(&mut self.rng).unwrap_or(&0.2);
                 let db = self.db.lock().await;
-                for n in &db.nodes {
+                if let Some(proxies) = &db.proxies {
+                    proxies.set_loss(p);
+                }
+                for n in db.nodes.iter().filter(|_| db.proxies.is_none()) {
                     let ns = ns_of(n)?;
                     let prob = format!("{p}");
                     for dir in ["--dport", "--sport"] {
@@ -211,8 +215,13 @@ impl Nemesis {
             Fault::Delay => {
                 let rate = *["256kbit", "1mbit"].choose(&mut self.rng).unwrap_or(&"1mbit");
                 let db = self.db.lock().await;
-                for n in &db.nodes {
-                    slow_peer_link(ns_of(n)?, rate)?;
+                match &db.proxies {
+                    Some(proxies) => proxies.set_rate(if rate == "256kbit" { 32_000 } else { 125_000 }),
+                    None => {
+                        for n in &db.nodes {
+                            slow_peer_link(ns_of(n)?, rate)?;
+                        }
+                    }
                 }
                 self.rec.nemesis("delay", json!({"phase": "start", "peer_link_rate": rate}));
                 Active::Network
@@ -321,9 +330,26 @@ impl Nemesis {
         }
         for (a, b) in cuts {
             let (na, nb) = (&db.nodes[a], &db.nodes[b]);
+            if let Some(proxies) = &db.proxies {
+                proxies.cut(a, b);
+                if both {
+                    proxies.cut(b, a);
+                }
+                continue;
+            }
             in_ns(ns_of(na)?, &["iptables", "-A", "INPUT", "-s", &nb.ip, "-j", "DROP"])?;
             if both {
                 in_ns(ns_of(nb)?, &["iptables", "-A", "INPUT", "-s", &na.ip, "-j", "DROP"])?;
+            }
+        }
+        if let Some(proxies) = &db.proxies {
+            // Connections from an address that is no member's (etcd does
+            // not dial from its own address) escape the cut: say so.
+            let unattributed = proxies.unattributed_connections();
+            if unattributed > 0 {
+                return Ok(format!(
+                    "{desc} (proxies: {unattributed} peer connections not attributable to a member pass through)"
+                ));
             }
         }
         Ok(desc)
@@ -423,7 +449,10 @@ impl Nemesis {
                 self.rec.nemesis("pause", json!({"phase": "stop", "node": db.nodes[i].name}));
             }
             Active::Network => {
-                for n in &db.nodes {
+                if let Some(proxies) = &db.proxies {
+                    proxies.heal();
+                }
+                for n in db.nodes.iter().filter(|_| db.proxies.is_none()) {
                     clear_network(ns_of(n)?);
                 }
                 self.rec.nemesis(fault.name(), json!({"phase": "stop"}));
@@ -443,6 +472,9 @@ impl Nemesis {
     /// faked clocks; a member that cannot start again is replaced.
     pub async fn heal_all(&mut self) -> Result<()> {
         let mut db = self.db.lock().await;
+        if let Some(proxies) = &db.proxies {
+            proxies.heal();
+        }
         for i in 0..db.len() {
             if let Some(ns) = db.nodes[i].ns.clone() {
                 clear_network(&ns);
@@ -482,7 +514,7 @@ impl Nemesis {
 }
 
 fn ns_of(n: &crate::cluster::Node) -> Result<&str> {
-    n.ns.as_deref().ok_or_else(|| anyhow::anyhow!("network faults need network namespaces (run as root)"))
+    n.ns.as_deref().ok_or_else(|| anyhow::anyhow!("network faults need namespaces or proxies (--network)"))
 }
 
 fn clear_network(ns: &str) {

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 use crate::checker::{Validity, Verdict};
-use crate::cluster::{ClusterSpec, Db};
+use crate::cluster::{ClusterSpec, Db, Network};
 use crate::history::{write_jsonl, Entry, Recorder};
 use crate::nemesis::{Fault, Nemesis};
 use crate::workload::{Ctx, Workload};
@@ -27,7 +27,7 @@ pub struct RunConfig {
     pub concurrency: usize,
     pub seed: u64,
     pub extra_args: Vec<String>,
-    pub isolate: bool,
+    pub network: Network,
 }
 
 pub struct Report {
@@ -91,7 +91,7 @@ pub async fn run(cfg: RunConfig) -> Result<Report> {
         members: cfg.members,
         run_dir: dir.clone(),
         extra_args: cfg.extra_args.clone(),
-        isolate: cfg.isolate,
+        network: cfg.network,
     };
     let db = Db::start(spec).await?;
     let client = db.client(Duration::from_secs(5)).await?;

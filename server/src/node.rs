@@ -27,6 +27,7 @@ use crate::config::{ClusterState, Config, ETCD_CLUSTER_VERSION};
 use crate::lease::duties::LeaseIdGen;
 use crate::lease::Lessor;
 use crate::mvcc::{CompactionJob, MvccStore};
+use crate::raft::batcher::Batcher;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{NetworkFactory, PeerClients, MAX_PEER_MESSAGE};
 use crate::raft::peer_service::PeerService;
@@ -270,7 +271,11 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         (None, true) => Some(transport::insecure_client_tls(None)?),
         (None, false) => None,
     };
-    let connector = PeerConnector { tls: peer_tls_client, connect_timeout: Duration::from_secs(1) };
+    let connector = PeerConnector {
+        tls: peer_tls_client,
+        connect_timeout: Duration::from_secs(1),
+        loopback_source: crate::transport::loopback_source(&config.listen_peer_urls),
+    };
     let peers = Arc::new(PeerClients::new(connector));
     let (id, cid, bootstrap) = identity(&engine, &config, &peers).await?;
     crate::metrics::init(
@@ -350,6 +355,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         cluster_id: cid,
         config: config.clone(),
         raft: raft.clone(),
+        proposals: Batcher::start(raft.clone()),
         engine: engine.clone(),
         mvcc,
         state_machine,

@@ -18,10 +18,11 @@ use crate::error::{Error, Result};
 use crate::lease::duties::LeaseIdGen;
 use crate::lease::Lessor;
 use crate::mvcc::MvccStore;
+use crate::raft::batcher::Batcher;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::PeerClients;
 use crate::raft::state_machine::StateMachine;
-use crate::raft::{Command, NodeId, Raft};
+use crate::raft::{NodeId, Raft};
 use crate::storage::SharedEngine;
 use crate::watch::WatchHub;
 
@@ -30,6 +31,8 @@ pub struct Server {
     pub cluster_id: u64,
     pub config: Config,
     pub raft: Raft,
+    /// Proposes writes; concurrent KV writes share a Raft entry.
+    pub proposals: Batcher,
     pub engine: SharedEngine,
     pub mvcc: Arc<MvccStore>,
     pub state_machine: StateMachine,
@@ -162,11 +165,11 @@ impl Server {
         let resp = loop {
             let written = {
                 let _gate = self.transfer_gate.read().await;
-                tokio::time::timeout_at(deadline.into(), self.raft.client_write(Command(req.clone()))).await
+                tokio::time::timeout_at(deadline.into(), self.proposals.write(req.clone())).await
             };
             match written {
                 Err(_) => return Err(Error::Timeout),
-                Ok(Ok(written)) => break written.data.0,
+                Ok(Ok((resp, _))) => break resp,
                 Ok(Err(RaftError::Fatal(_))) => return Err(Error::Stopped),
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(fwd)))) => {
                     let (Some(leader), Some(node)) = (fwd.leader_id, fwd.leader_node) else {
@@ -208,9 +211,9 @@ impl Server {
     pub async fn propose_local(&self, req: InternalRequest) -> Result<(InternalResponse, u64)> {
         let deadline = Instant::now() + self.request_timeout();
         let _gate = self.transfer_gate.read().await;
-        match tokio::time::timeout_at(deadline.into(), self.raft.client_write(Command(req))).await {
+        match tokio::time::timeout_at(deadline.into(), self.proposals.write(req)).await {
             Err(_) => Err(Error::Timeout),
-            Ok(Ok(written)) => Ok((written.data.0, written.log_id.index)),
+            Ok(Ok((resp, log_id))) => Ok((resp, log_id.index)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(Error::NotLeader),
             Ok(Err(RaftError::Fatal(_))) => Err(Error::Stopped),
             Ok(Err(RaftError::APIError(e))) => Err(Error::Internal(e.to_string())),

@@ -17,8 +17,8 @@ use keel_proto::etcdserverpb::{
     LeaseGrantResponse, LeaseRevokeResponse, ResponseHeader, TxnRequest,
 };
 use keel_proto::keelpb::{
-    internal_request::Request, internal_response::Response, ApplyError, Empty, InternalRequest, InternalResponse,
-    MemberAttributes,
+    internal_request::Request, internal_response::Response, ApplyError, Empty, InternalBatchResponse, InternalRequest,
+    InternalResponse, MemberAttributes,
 };
 use keel_proto::mvccpb::Event;
 
@@ -26,7 +26,7 @@ use crate::alarm::AlarmStore;
 use crate::cluster::MemberRegistry;
 use crate::error::Error;
 use crate::lease::Lessor;
-use crate::mvcc::{CompactionJob, MvccStore, WriteTxn};
+use crate::mvcc::{Committed, CompactionJob, MvccStore, WriteTxn};
 use crate::raft::{codec, LogId, StoredMembership};
 use crate::storage::keys::{META_APPLIED, META_MEMBERSHIP};
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
@@ -60,7 +60,7 @@ pub fn txn_has_puts(t: &TxnRequest) -> bool {
     })
 }
 
-fn error_response(e: &Error, rev: i64) -> InternalResponse {
+pub(crate) fn error_response(e: &Error, rev: i64) -> InternalResponse {
     let (kind, detail) = e.apply_code();
     InternalResponse { response: Some(Response::Error(ApplyError { kind, detail })), revision: rev }
 }
@@ -194,38 +194,101 @@ impl Applier {
             return Ok(error_response(e, self.mvcc.current_rev()));
         }
         applied_put(txn.batch_mut(), log_id)?;
-        let committed = txn.commit().map_err(storage_fatal)?;
-        self.leases.apply_key_changes(&committed.lease_changes);
-        if !committed.events.is_empty() {
-            self.observer.committed(committed.rev, &committed.events);
-        }
+        let committed = self.commit(txn)?;
         Ok(match outcome {
             Ok(resp) => InternalResponse { response: Some(resp), revision: committed.rev },
             Err(e) => error_response(&e, committed.rev),
         })
     }
 
+    /// Commits a write transaction and tells leases and watchers.
+    fn commit(&self, txn: WriteTxn<'_>) -> Result<Committed, StorageError> {
+        let committed = txn.commit().map_err(storage_fatal)?;
+        self.leases.apply_key_changes(&committed.lease_changes);
+        for (rev, events) in &committed.revisions {
+            self.observer.committed(*rev, events);
+        }
+        Ok(committed)
+    }
+
+    /// One KV write (put, delete range, txn) inside `txn`.
+    fn kv_op(&self, txn: &mut WriteTxn<'_>, req: &Request) -> Result<Response, Error> {
+        match req {
+            Request::Put(p) => {
+                // A plain put checks its lease before anything else (a txn
+                // checks keys first: see kv::check_put).
+                if p.lease != 0 && !self.leases.exists(p.lease) {
+                    return Err(Error::LeaseNotFound);
+                }
+                Ok(Response::Put(kv::put(txn, p)?))
+            }
+            Request::DeleteRange(d) => Ok(Response::DeleteRange(kv::delete_range(txn, d)?)),
+            Request::Txn(t) => Ok(Response::Txn(kv::txn_write(txn, t, &*self.leases)?)),
+            _ => Err(Error::Unimplemented("this request in a batch")),
+        }
+    }
+
+    /// Applies a batch entry: each request at its own revision, as if
+    /// they were consecutive entries, but with their effects and the
+    /// applied id in one engine write, so a crash never keeps part of a
+    /// batch.
+    fn apply_batch(&self, log_id: &LogId, reqs: &[InternalRequest]) -> Result<InternalResponse, StorageError> {
+        // Requests that failed after writing (see kv_write): on a retry of
+        // the whole batch they fail without running.
+        let mut failed: Vec<(usize, Error)> = Vec::new();
+        'attempt: loop {
+            let mut txn = self.mvcc.write().map_err(storage_fatal)?;
+            let mut outcomes = Vec::with_capacity(reqs.len());
+            for (i, req) in reqs.iter().enumerate() {
+                let outcome = match (failed.iter().find(|(at, _)| *at == i), req.request.as_ref()) {
+                    (Some((_, e)), _) => Err(e.clone()),
+                    (None, None) => Err(Error::Unimplemented("empty request")),
+                    (None, Some(r)) => match self.refused_by_alarm(r) {
+                        Some(refused) => Err(refused),
+                        None => self.kv_op(&mut txn, r),
+                    },
+                };
+                if let Err(Error::Storage(m)) = &outcome {
+                    return Err(StorageError::Io(m.clone()));
+                }
+                if let (Err(e), true) = (&outcome, txn.has_changes()) {
+                    tracing::error!(error = %e, "txn failed after writing; rolling the batch back and retrying without it");
+                    failed.push((i, e.clone()));
+                    drop(txn);
+                    self.mvcc.reload().map_err(storage_fatal)?;
+                    continue 'attempt;
+                }
+                let rev = txn.seal_request();
+                outcomes.push((outcome, rev));
+            }
+            applied_put(txn.batch_mut(), log_id)?;
+            let committed = self.commit(txn)?;
+            let responses = outcomes
+                .into_iter()
+                .map(|(outcome, rev)| match outcome {
+                    Ok(resp) => InternalResponse { response: Some(resp), revision: rev },
+                    Err(e) => error_response(&e, rev),
+                })
+                .collect();
+            return Ok(InternalResponse {
+                response: Some(Response::Batch(InternalBatchResponse { responses })),
+                revision: committed.rev,
+            });
+        }
+    }
+
     /// Applies one normal entry. `Err` means the member's storage failed
     /// and it must stop; etcd-level failures are in the response.
     pub fn apply(&self, log_id: &LogId, req: &InternalRequest) -> Result<InternalResponse, StorageError> {
-        let leases = &*self.leases;
         if let Some(refused) = req.request.as_ref().and_then(|r| self.refused_by_alarm(r)) {
             self.apply_noop(log_id)?;
             return Ok(error_response(&refused, self.mvcc.current_rev()));
         }
         match &req.request {
-            Some(Request::Put(p)) => self.kv_write(log_id, |txn| {
-                // A plain put checks its lease before anything else (a txn
-                // checks keys first: see kv::check_put).
-                if p.lease != 0 && !leases.exists(p.lease) {
-                    return Err(Error::LeaseNotFound);
-                }
-                Ok(Response::Put(kv::put(txn, p)?))
-            }),
-            Some(Request::DeleteRange(d)) => {
-                self.kv_write(log_id, |txn| Ok(Response::DeleteRange(kv::delete_range(txn, d)?)))
+            Some(r @ (Request::Put(_) | Request::DeleteRange(_) | Request::Txn(_))) => {
+                self.kv_write(log_id, |txn| self.kv_op(txn, r))
             }
-            Some(Request::Txn(t)) => self.kv_write(log_id, |txn| Ok(Response::Txn(kv::txn_write(txn, t, leases)?))),
+            Some(Request::Batch(b)) => self.apply_batch(log_id, &b.requests),
             Some(Request::Compaction(c)) => {
                 let mut b = WriteBatch::new();
                 applied_put(&mut b, log_id)?;
@@ -349,5 +412,183 @@ impl Applier {
                 Ok(error_response(&Error::Unimplemented(name), self.mvcc.current_rev()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use std::sync::Mutex;
+
+    use keel_proto::etcdserverpb::{
+        compare, request_op, Compare, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
+    };
+    use keel_proto::keelpb::InternalBatch;
+
+    use super::*;
+    use crate::storage::memory::MemoryEngine;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(i64, Vec<Event>)>>);
+
+    impl CommitObserver for Recorder {
+        fn committed(&self, rev: i64, events: &[Event]) {
+            if let Ok(mut seen) = self.0.lock() {
+                seen.push((rev, events.to_vec()));
+            }
+        }
+    }
+
+    impl Compactor for Recorder {
+        fn schedule(&self, _job: CompactionJob) {}
+    }
+
+    struct Member {
+        applier: Applier,
+        engine: SharedEngine,
+        recorder: Arc<Recorder>,
+        next_index: u64,
+    }
+
+    fn member() -> Result<Member, Box<dyn std::error::Error>> {
+        let engine: SharedEngine = Arc::new(MemoryEngine::new());
+        let mvcc = Arc::new(MvccStore::open(engine.clone())?);
+        let members = Arc::new(MemberRegistry::load(&engine)?);
+        let leases = Arc::new(Lessor::load(&engine, &mvcc)?);
+        let alarms = Arc::new(AlarmStore::load(&engine)?);
+        let recorder = Arc::new(Recorder::default());
+        let applier = Applier::new(engine.clone(), mvcc, members, leases, alarms, recorder.clone(), recorder.clone());
+        Ok(Member { applier, engine, recorder, next_index: 1 })
+    }
+
+    impl Member {
+        fn apply(&mut self, req: InternalRequest) -> Result<InternalResponse, StorageError> {
+            let log_id = LogId::new(openraft::CommittedLeaderId::new(1, 1), self.next_index);
+            self.next_index += 1;
+            self.applier.apply(&log_id, &req)
+        }
+    }
+
+    fn req(r: Request) -> InternalRequest {
+        InternalRequest { header: None, request: Some(r) }
+    }
+
+    /// A deterministic mix of puts, deletes and txns over a few keys,
+    /// including requests that fail (unknown lease).
+    fn workload(n: usize) -> Vec<InternalRequest> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        (0..n)
+            .map(|i| {
+                let key = format!("k{}", next() % 5).into_bytes();
+                let r = match next() % 5 {
+                    0 => Request::DeleteRange(DeleteRangeRequest {
+                        key: b"k".to_vec().into(),
+                        range_end: b"k2".to_vec().into(),
+                        prev_kv: true,
+                    }),
+                    1 => Request::Txn(TxnRequest {
+                        compare: vec![Compare {
+                            key: key.clone().into(),
+                            result: compare::CompareResult::Greater as i32,
+                            target: compare::CompareTarget::Version as i32,
+                            target_union: Some(compare::TargetUnion::Version(1)),
+                            ..Default::default()
+                        }],
+                        success: vec![RequestOp {
+                            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                                key: key.clone().into(),
+                                ..Default::default()
+                            })),
+                        }],
+                        failure: vec![RequestOp {
+                            request: Some(request_op::Request::RequestPut(PutRequest {
+                                key: key.clone().into(),
+                                value: format!("t{i}").into_bytes().into(),
+                                ..Default::default()
+                            })),
+                        }],
+                    }),
+                    2 => Request::Put(PutRequest {
+                        key: key.into(),
+                        value: b"x".to_vec().into(),
+                        lease: 77,
+                        ..Default::default()
+                    }),
+                    _ => Request::Put(PutRequest {
+                        key: key.into(),
+                        value: format!("v{i}").into_bytes().into(),
+                        prev_kv: true,
+                        ..Default::default()
+                    }),
+                };
+                req(r)
+            })
+            .collect()
+    }
+
+    /// Applying requests in batch entries must be indistinguishable from
+    /// applying them one entry each: same responses, same revisions, same
+    /// watch events, same stored history.
+    #[test]
+    fn a_batch_applies_like_consecutive_entries() -> Result<(), Box<dyn std::error::Error>> {
+        let requests = workload(300);
+        let mut single = member()?;
+        let mut batched = member()?;
+        let mut expected = Vec::new();
+        for r in &requests {
+            expected.push(single.apply(r.clone())?);
+        }
+        let mut got = Vec::new();
+        let mut sizes = [1usize, 7, 2, 31, 64].iter().cycle();
+        let mut rest = requests.as_slice();
+        while !rest.is_empty() {
+            let n = (*sizes.next().ok_or("sizes")?).min(rest.len());
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let resp = batched.apply(req(Request::Batch(InternalBatch { requests: chunk.to_vec() })))?;
+            match resp.response {
+                Some(Response::Batch(b)) => {
+                    assert_eq!(b.responses.len(), n);
+                    got.extend(b.responses);
+                }
+                other => panic!("batch answered with {other:?}"),
+            }
+        }
+        assert_eq!(got, expected);
+        assert!(expected.iter().any(|r| matches!(r.response, Some(Response::Error(_)))), "workload has failures");
+        let events = |m: &Member| m.recorder.0.lock().map(|e| e.clone()).unwrap_or_default();
+        assert_eq!(events(&batched), events(&single));
+        let rev = single.applier.mvcc().current_rev();
+        assert!(rev > 100, "workload wrote {rev} revisions");
+        assert_eq!(batched.applier.mvcc().current_rev(), rev);
+        assert_eq!(batched.applier.mvcc().hash_kv(0)?, single.applier.mvcc().hash_kv(0)?);
+        Ok(())
+    }
+
+    /// A batch is one engine write: its requests' records and the applied
+    /// id land together (a crash keeps all of it or none).
+    #[test]
+    fn a_batch_is_one_engine_write_with_its_applied_id() -> Result<(), Box<dyn std::error::Error>> {
+        let mut m = member()?;
+        let before = m.engine.get(Table::Meta, META_APPLIED)?;
+        assert!(before.is_none());
+        let puts: Vec<_> = (0..10)
+            .map(|i| req(Request::Put(PutRequest { key: format!("b{i}").into_bytes().into(), ..Default::default() })))
+            .collect();
+        let resp = m.apply(req(Request::Batch(InternalBatch { requests: puts })))?;
+        let Some(Response::Batch(b)) = resp.response else { panic!("not a batch response") };
+        let revs: Vec<i64> = b.responses.iter().map(|r| r.revision).collect();
+        assert_eq!(revs, (2..12).collect::<Vec<_>>());
+        assert_eq!(resp.revision, 11);
+        let applied: LogId = codec::decode(&m.engine.get(Table::Meta, META_APPLIED)?.ok_or("no applied id")?)?;
+        assert_eq!(applied.index, 1);
+        let reopened = MvccStore::open(m.engine.clone())?;
+        assert_eq!(reopened.current_rev(), 11);
+        Ok(())
     }
 }

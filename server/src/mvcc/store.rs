@@ -83,8 +83,9 @@ pub struct MvccStore {
 pub struct Committed {
     /// Store revision after the transaction.
     pub rev: i64,
-    /// One event per change, in order (empty for a read-only txn).
-    pub events: Vec<Event>,
+    /// Every revision the transaction created, in order, with one event
+    /// per change (empty for a read-only txn).
+    pub revisions: Vec<(i64, Vec<Event>)>,
     /// (key, old lease, new lease) for every change of a key's lease.
     pub lease_changes: Vec<(Bytes, i64, i64)>,
 }
@@ -175,6 +176,7 @@ impl MvccStore {
             inner,
             begin_rev,
             changes: Vec::new(),
+            sealed: Vec::new(),
             pending: HashMap::new(),
             batch: WriteBatch::new(),
             lease_changes: Vec::new(),
@@ -472,13 +474,20 @@ impl ReadView for ReadTxn<'_> {
     }
 }
 
-/// The write transaction of one applied request. Changes get revision
+/// The write transaction of one applied entry. Changes get revision
 /// `(begin + 1, n)`; reads inside the transaction see earlier changes.
+/// An entry carrying several requests calls [`WriteTxn::seal_request`]
+/// after each: the next request's changes get the next revision, and all
+/// of them reach the engine in one batch at [`WriteTxn::commit`].
 pub struct WriteTxn<'a> {
     store: &'a MvccStore,
     inner: RwLockWriteGuard<'a, Inner>,
+    /// Revision before the current request (advanced by `seal_request`).
     begin_rev: i64,
+    /// Changes of the current request.
     changes: Vec<KeyValue>,
+    /// Changes of earlier requests of this transaction, by revision.
+    sealed: Vec<(i64, Vec<KeyValue>)>,
     pending: HashMap<Revision, KeyValue>,
     batch: WriteBatch,
     lease_changes: Vec<(Bytes, i64, i64)>,
@@ -569,29 +578,46 @@ impl WriteTxn<'_> {
         doomed.len() as i64
     }
 
-    /// Writes everything to the engine and publishes the new revision. On
-    /// error the in-memory index may be ahead of storage: the caller must
-    /// stop the member (it rebuilds from storage on restart).
+    /// Ends the current request: its changes (if any) keep revision
+    /// `begin + 1` and the next request starts after it. Returns the
+    /// revision the request's response reports.
+    pub fn seal_request(&mut self) -> i64 {
+        if self.has_changes() {
+            self.begin_rev += 1;
+            let changes = std::mem::take(&mut self.changes);
+            self.sealed.push((self.begin_rev, changes));
+        }
+        self.begin_rev
+    }
+
+    /// Writes everything to the engine and publishes the new revision
+    /// (only then can readers see revisions whose records they must
+    /// fetch). On error the in-memory index may be ahead of storage: the
+    /// caller must stop the member (it rebuilds from storage on restart).
     pub fn commit(mut self) -> Result<Committed> {
+        self.seal_request();
         let batch = std::mem::take(&mut self.batch);
         if !batch.is_empty() {
             let started = std::time::Instant::now();
             self.store.engine.write(batch, false)?;
             crate::metrics::BACKEND_COMMIT.observe(started.elapsed().as_secs_f64());
         }
-        if self.has_changes() {
-            self.inner.current_rev = self.begin_rev + 1;
-        }
+        self.inner.current_rev = self.begin_rev;
         let rev = self.inner.current_rev;
-        let events = self
-            .changes
-            .drain(..)
-            .map(|kv| {
-                let ty = if is_tombstone(&kv) { EventType::Delete } else { EventType::Put };
-                Event { r#type: ty as i32, kv: Some(kv), prev_kv: None }
+        let revisions = std::mem::take(&mut self.sealed)
+            .into_iter()
+            .map(|(rev, changes)| {
+                let events = changes
+                    .into_iter()
+                    .map(|kv| {
+                        let ty = if is_tombstone(&kv) { EventType::Delete } else { EventType::Put };
+                        Event { r#type: ty as i32, kv: Some(kv), prev_kv: None }
+                    })
+                    .collect();
+                (rev, events)
             })
             .collect();
-        Ok(Committed { rev, events, lease_changes: std::mem::take(&mut self.lease_changes) })
+        Ok(Committed { rev, revisions, lease_changes: std::mem::take(&mut self.lease_changes) })
     }
 }
 

@@ -56,6 +56,9 @@ struct Syncer {
 impl Syncer {
     fn start(engine: SharedEngine, appended: Arc<AtomicU64>, mark: Option<Arc<AckMark>>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<FlushRequest>();
+        // Weak: the engine closes with its last user, not later in this
+        // thread (which may still run while the process exits).
+        let engine = Arc::downgrade(&engine);
         std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || {
             while let Ok(first) = rx.recv() {
                 let mut waiting = vec![first];
@@ -64,7 +67,10 @@ impl Syncer {
                 // write-ahead log, so durable once the sync returns.
                 let covered = appended.load(Ordering::Acquire);
                 let started = std::time::Instant::now();
-                let res = engine.sync();
+                let res = match engine.upgrade() {
+                    Some(engine) => engine.sync(),
+                    None => Err(StorageError::Io("the storage engine was closed".into())),
+                };
                 crate::metrics::WAL_FSYNC.observe(started.elapsed().as_secs_f64());
                 if let (Ok(()), Some(mark)) = (&res, &mark) {
                     // A truncation meanwhile lowered `appended`: never

@@ -2,6 +2,7 @@
 //!
 //! - `log_store`: the Raft log and vote in the engine, with group-commit
 //!   fsync;
+//! - `batcher`: groups concurrent KV writes into one entry (group commit);
 //! - `ack_mark`: detects a log or vote that lost acknowledged data;
 //! - `state_machine`: applies committed entries (through `apply/`) and
 //!   builds/installs snapshots;
@@ -9,6 +10,7 @@
 //! - `network` / `peer_service`: the gRPC peer transport (client / server).
 
 pub mod ack_mark;
+pub mod batcher;
 pub mod log_store;
 pub mod network;
 pub mod peer_service;

@@ -424,6 +424,31 @@ pub fn insecure_client_tls(identity: Option<&TlsFiles>) -> io::Result<Arc<rustls
 pub struct PeerConnector {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
+    /// This member's own peer address when it is a loopback address: the
+    /// source of its connections to peers on loopback, so a peer (or a
+    /// fault-injecting proxy in front of it) can tell members apart on one
+    /// host. Elsewhere the kernel picks the source, as for etcd.
+    pub loopback_source: Option<std::net::IpAddr>,
+}
+
+/// The loopback address among `listen_peer_urls`, if any (see
+/// [`PeerConnector::loopback_source`]).
+pub fn loopback_source(listen_peer_urls: &[String]) -> Option<std::net::IpAddr> {
+    listen_peer_urls.iter().find_map(|url| match parse_address(url) {
+        Ok((_, Address::Tcp { host, .. })) => host.parse::<std::net::IpAddr>().ok().filter(|ip| ip.is_loopback()),
+        _ => None,
+    })
+}
+
+async fn dial(destination: SocketAddr, source: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+    match source {
+        Some(ip) if destination.ip().is_loopback() && ip.is_ipv4() == destination.is_ipv4() => {
+            let socket = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(destination).await
+        }
+        _ => TcpStream::connect(destination).await,
+    }
 }
 
 impl PeerConnector {
@@ -441,13 +466,14 @@ impl PeerConnector {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10));
+        let source = self.loopback_source;
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let address = address.clone();
             let tls = tls.clone();
             async move {
                 let stream = match &address {
                     Address::Tcp { host, port } => {
-                        let s = TcpStream::connect(resolve(host, *port).await?).await?;
+                        let s = dial(resolve(host, *port).await?, source).await?;
                         s.set_nodelay(true)?;
                         Stream::Tcp(s)
                     }
