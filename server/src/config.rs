@@ -13,15 +13,27 @@ use clap::{ArgAction, Parser};
 use crate::cluster::{parse_url, parse_urls};
 use crate::transport::TlsFiles;
 
-/// etcd API version keel reports to clients (Status, /version). The
-/// Kubernetes API server gates features such as RequestProgress on it.
-pub const ETCD_API_VERSION: &str = "3.5.13";
-/// etcd's cluster version line, as logged in "enabled capabilities".
-pub const ETCD_CLUSTER_VERSION: &str = "3.5";
+/// The etcd release keel is measured against (its e2e suite, Debian's
+/// etcd-server), and so the version it reports by default (Status,
+/// /version, metrics). `--advertise-etcd-version` changes it: the
+/// Kubernetes API server serves consistent lists from its watch cache only
+/// from etcd 3.4.31 / 3.5.13 on (releases with RequestProgress fixed, as it
+/// is in keel), and falls back to quorum reads for older ones.
+pub const ETCD_API_VERSION: &str = "3.4.23";
 pub const KEEL_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Default backend quota (etcd: 2 GiB).
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+
+/// An etcd 3.x release number, "3.MINOR.PATCH".
+fn parse_etcd_version(s: &str) -> Result<String, String> {
+    let parts: Vec<&str> = s.split('.').collect();
+    let numeric = parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if parts.len() != 3 || !numeric || parts[0] != "3" {
+        return Err(format!("{s:?} is not an etcd 3.x version (3.MINOR.PATCH)"));
+    }
+    Ok(s.to_string())
+}
 
 fn parse_bool(s: &str) -> Result<bool, String> {
     match s {
@@ -365,6 +377,10 @@ pub struct Flags {
     /// Persist lease checkpoints across restarts (keel always does).
     #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT_PERSIST", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
     pub experimental_enable_lease_checkpoint_persist: bool,
+    /// keel extension: the etcd version to report (Status, /version,
+    /// metrics), e.g. 3.5.13.
+    #[arg(long, env = "ETCD_ADVERTISE_ETCD_VERSION", default_value = ETCD_API_VERSION, value_parser = parse_etcd_version)]
+    pub advertise_etcd_version: String,
     /// How often the leader checkpoints remaining lease TTLs through Raft.
     #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL", default_value = "5m", value_parser = parse_go_duration)]
     pub experimental_lease_checkpoint_interval: Duration,
@@ -429,6 +445,8 @@ pub struct Config {
     pub max_txn_ops: usize,
     pub max_request_bytes: usize,
     pub max_concurrent_streams: u32,
+    /// The etcd server version reported to clients ("3.4.23").
+    pub etcd_version: String,
     pub grpc_keepalive_min_time: Duration,
     pub grpc_keepalive_interval: Duration,
     pub grpc_keepalive_timeout: Duration,
@@ -688,6 +706,7 @@ impl Flags {
             quota_backend_bytes: quota,
             max_txn_ops: self.max_txn_ops as usize,
             max_request_bytes: self.max_request_bytes as usize,
+            etcd_version: self.advertise_etcd_version.clone(),
             max_concurrent_streams: self.max_concurrent_streams,
             grpc_keepalive_min_time: self.grpc_keepalive_min_time,
             grpc_keepalive_interval: self.grpc_keepalive_interval,
@@ -706,6 +725,13 @@ impl Flags {
             initial_corrupt_check: self.experimental_initial_corrupt_check,
             unsafe_no_fsync: self.unsafe_no_fsync,
         })
+    }
+}
+
+impl Config {
+    /// The cluster version line ("3.4") of the reported etcd version.
+    pub fn etcd_cluster_version(&self) -> String {
+        self.etcd_version.rsplit_once('.').map_or_else(|| self.etcd_version.clone(), |(line, _)| line.to_string())
     }
 }
 

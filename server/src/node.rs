@@ -23,7 +23,7 @@ use crate::alarm::AlarmStore;
 use crate::api;
 use crate::apply::{Applier, Compactor};
 use crate::cluster::{cluster_id, member_id, MemberRegistry};
-use crate::config::{ClusterState, Config, ETCD_CLUSTER_VERSION};
+use crate::config::{ClusterState, Config};
 use crate::lease::duties::LeaseIdGen;
 use crate::lease::Lessor;
 use crate::mvcc::{CompactionJob, MvccStore};
@@ -31,6 +31,7 @@ use crate::raft::batcher::Batcher;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{NetworkFactory, PeerClients, MAX_PEER_MESSAGE};
 use crate::raft::peer_service::PeerService;
+use crate::raft::read_index::ReadIndex;
 use crate::raft::state_machine::{Reloadable, StateMachine};
 use crate::raft::{codec, MemberNode, Raft};
 use crate::server::Server;
@@ -278,12 +279,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     };
     let peers = Arc::new(PeerClients::new(connector));
     let (id, cid, bootstrap) = identity(&engine, &config, &peers).await?;
-    crate::metrics::init(
-        id,
-        crate::config::ETCD_API_VERSION,
-        crate::config::ETCD_CLUSTER_VERSION,
-        config.quota_backend_bytes,
-    );
+    crate::metrics::init(id, &config.etcd_version, &config.etcd_cluster_version(), config.quota_backend_bytes);
     tracing::info!(
         name = %config.name,
         data_dir = %config.data_dir.display(),
@@ -356,6 +352,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         config: config.clone(),
         raft: raft.clone(),
         proposals: Batcher::start(raft.clone()),
+        read_index: ReadIndex::start(raft.clone()),
         engine: engine.clone(),
         mvcc,
         state_machine,
@@ -527,7 +524,8 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         }
         tracing::info!("initial corruption check passed");
     }
-    tracing::info!(cluster_version = ETCD_CLUSTER_VERSION, "enabled capabilities for version {ETCD_CLUSTER_VERSION}");
+    let cluster_version = config.etcd_cluster_version();
+    tracing::info!(cluster_version = %cluster_version, "enabled capabilities for version {cluster_version}");
     for url in &config.listen_client_urls {
         tracing::info!(address = %url, "ready to serve client requests");
     }

@@ -21,6 +21,7 @@ use crate::mvcc::MvccStore;
 use crate::raft::batcher::Batcher;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::PeerClients;
+use crate::raft::read_index::ReadIndex;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{NodeId, Raft};
 use crate::storage::SharedEngine;
@@ -33,6 +34,8 @@ pub struct Server {
     pub raft: Raft,
     /// Proposes writes; concurrent KV writes share a Raft entry.
     pub proposals: Batcher,
+    /// Leadership confirmations, shared by concurrent linearizable reads.
+    pub read_index: ReadIndex,
     pub engine: SharedEngine,
     pub mvcc: Arc<MvccStore>,
     pub state_machine: StateMachine,
@@ -243,11 +246,7 @@ impl Server {
     /// after confirming its leadership with a quorum.
     pub async fn read_index_local(&self) -> Result<u64> {
         let _gate = self.transfer_gate.read().await;
-        match self.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
-            Err(RaftError::APIError(_)) => Err(Error::NotLeader),
-            Err(RaftError::Fatal(_)) => Err(Error::Stopped),
-        }
+        self.read_index.get().await
     }
 
     /// Blocks until a read served from local state is linearizable.

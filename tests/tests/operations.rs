@@ -169,6 +169,25 @@ fn hashkv_agrees_across_members_and_corrupt_check_passes() -> anyhow::Result<()>
     Ok(())
 }
 
+/// --advertise-etcd-version changes every place the version shows, so a
+/// Kubernetes API server can be told keel has etcd 3.5.13's RequestProgress.
+#[test]
+fn advertised_etcd_version_is_configurable() -> anyhow::Result<()> {
+    let c = Cluster::start_with(ClusterOptions::keel(1).args(&["--advertise-etcd-version", "3.5.13"]))?;
+    let base = c.members[0].client_url.clone();
+    let status = c.etcdctl(&["endpoint", "status", "-w", "json"])?;
+    assert!(status.contains(r#""version":"3.5.13""#), "{status}");
+    assert_eq!(curl(&[&format!("{base}/version")])?, r#"{"etcdserver":"3.5.13","etcdcluster":"3.5.0"}"#);
+    let metrics = curl(&[&format!("{base}/metrics")])?;
+    assert!(metrics.contains(r#"etcd_server_version{server_version="3.5.13"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"etcd_cluster_version{cluster_version="3.5"} 1"#));
+
+    let bad = Command::new(keel_bin()).args(["--advertise-etcd-version", "4.0"]).output()?;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not an etcd 3.x version"));
+    Ok(())
+}
+
 fn curl(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("curl").args(["-s", "-m", "5"]).args(args).output()?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -186,7 +205,8 @@ fn metrics_health_version_and_json_gateway() -> anyhow::Result<()> {
         "etcd_mvcc_delete_total 1",
         "etcd_server_has_leader 1",
         "etcd_server_is_leader 1",
-        r#"etcd_server_version{server_version="3.5.13"} 1"#,
+        r#"etcd_server_version{server_version="3.4.23"} 1"#,
+        r#"etcd_cluster_version{cluster_version="3.4"} 1"#,
         r#"grpc_server_handled_total{grpc_code="OK",grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#,
         "etcd_disk_wal_fsync_duration_seconds_count",
         "etcd_disk_backend_commit_duration_seconds_count",
@@ -196,7 +216,7 @@ fn metrics_health_version_and_json_gateway() -> anyhow::Result<()> {
         assert!(metrics.contains(want), "missing {want:?} in /metrics");
     }
     assert_eq!(curl(&[&format!("{base}/health")])?, r#"{"health":"true"}"#);
-    assert!(curl(&[&format!("{base}/version")])?.contains(r#""etcdserver":"3.5.13""#));
+    assert_eq!(curl(&[&format!("{base}/version")])?, r#"{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}"#);
     assert_eq!(curl(&[&format!("{base}/livez")])?, "ok");
 
     // grpc-gateway JSON: base64 bytes, int64 as strings, proto field names.

@@ -14,7 +14,6 @@ use keel_proto::etcdserverpb::{
 use tonic::{Request, Response, Status};
 
 use super::errors::unimplemented;
-use crate::config::ETCD_API_VERSION;
 use crate::error::Error;
 use crate::server::Server;
 use crate::storage::Table;
@@ -56,7 +55,7 @@ impl Maintenance for MaintenanceService {
             s.log_store.last_index().map_err(Error::from)?.unwrap_or(0).max(s.state_machine.applied_index());
         Ok(Response::new(StatusResponse {
             header: Some(s.header(s.mvcc.current_rev())),
-            version: ETCD_API_VERSION.to_string(),
+            version: s.config.etcd_version.clone(),
             db_size: size.total_bytes as i64,
             leader: metrics.current_leader.unwrap_or(0),
             raft_index,

@@ -211,9 +211,30 @@ impl Applier {
         Ok(committed)
     }
 
-    /// One KV write (put, delete range, txn) inside `txn`.
+    /// One KV write (put, delete range, txn) inside `txn`; in a batch,
+    /// also a lease grant or revoke.
     fn kv_op(&self, txn: &mut WriteTxn<'_>, req: &Request) -> Result<Response, Error> {
         match req {
+            Request::LeaseGrant(g) => {
+                self.leases.grant(g.id, g.ttl, txn.batch_mut())?;
+                Ok(Response::LeaseGrant(LeaseGrantResponse {
+                    header: Some(ResponseHeader { revision: txn.write_rev(), ..Default::default() }),
+                    id: g.id,
+                    ttl: g.ttl,
+                    error: String::new(),
+                }))
+            }
+            Request::LeaseRevoke(r) => {
+                let keys = self.leases.keys_to_revoke(r.id)?;
+                // Every attached key goes in one revision, in key order.
+                for key in &keys {
+                    txn.delete_range(key, None);
+                }
+                self.leases.remove(r.id, txn.batch_mut());
+                Ok(Response::LeaseRevoke(LeaseRevokeResponse {
+                    header: Some(ResponseHeader { revision: txn.write_rev(), ..Default::default() }),
+                }))
+            }
             Request::Put(p) => {
                 // A plain put checks its lease before anything else (a txn
                 // checks keys first: see kv::check_put).
@@ -256,8 +277,10 @@ impl Applier {
                     failed.push((i, e.clone()));
                     drop(txn);
                     self.mvcc.reload().map_err(storage_fatal)?;
+                    self.leases.reload(&self.engine, &self.mvcc)?;
                     continue 'attempt;
                 }
+                self.leases.apply_key_changes(&txn.take_lease_changes());
                 let rev = txn.seal_request();
                 outcomes.push((outcome, rev));
             }
@@ -420,7 +443,8 @@ mod batch_tests {
     use std::sync::Mutex;
 
     use keel_proto::etcdserverpb::{
-        compare, request_op, Compare, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
+        compare, request_op, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RequestOp,
+        TxnRequest,
     };
     use keel_proto::keelpb::InternalBatch;
 
@@ -472,8 +496,9 @@ mod batch_tests {
         InternalRequest { header: None, request: Some(r) }
     }
 
-    /// A deterministic mix of puts, deletes and txns over a few keys,
-    /// including requests that fail (unknown lease).
+    /// A deterministic mix of puts, deletes, txns, lease grants and
+    /// revocations over a few keys and leases, including requests that
+    /// fail (unknown lease, duplicate grant).
     fn workload(n: usize) -> Vec<InternalRequest> {
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
@@ -485,7 +510,16 @@ mod batch_tests {
         (0..n)
             .map(|i| {
                 let key = format!("k{}", next() % 5).into_bytes();
-                let r = match next() % 5 {
+                let lease = 100 + (next() % 3) as i64;
+                let r = match next() % 8 {
+                    5 => Request::LeaseGrant(LeaseGrantRequest { id: lease, ttl: 60 }),
+                    6 => Request::LeaseRevoke(LeaseRevokeRequest { id: lease }),
+                    7 => Request::Put(PutRequest {
+                        key: key.into(),
+                        value: b"l".to_vec().into(),
+                        lease,
+                        ..Default::default()
+                    }),
                     0 => Request::DeleteRange(DeleteRangeRequest {
                         key: b"k".to_vec().into(),
                         range_end: b"k2".to_vec().into(),
@@ -567,6 +601,22 @@ mod batch_tests {
         assert!(rev > 100, "workload wrote {rev} revisions");
         assert_eq!(batched.applier.mvcc().current_rev(), rev);
         assert_eq!(batched.applier.mvcc().hash_kv(0)?, single.applier.mvcc().hash_kv(0)?);
+        let leases = |m: &Member| {
+            let mut ids = m.applier.leases.leases();
+            ids.sort();
+            ids.into_iter().map(|id| m.applier.leases.time_to_live(id, true).map(|l| l.keys)).collect::<Vec<_>>()
+        };
+        assert_eq!(leases(&batched), leases(&single));
+        // Some revocation deleted keys attached earlier in the same batch
+        // or before it.
+        let deleting_revocations = (1..requests.len())
+            .filter(|&i| {
+                matches!(requests[i].request, Some(Request::LeaseRevoke(_)))
+                    && matches!(expected[i].response, Some(Response::LeaseRevoke(_)))
+                    && expected[i].revision > expected[i - 1].revision
+            })
+            .count();
+        assert!(deleting_revocations > 0, "no revocation deleted a key");
         Ok(())
     }
 

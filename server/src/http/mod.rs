@@ -17,7 +17,6 @@ use axum::Router;
 use keel_proto::etcdserverpb::{AlarmType, RangeRequest};
 
 use crate::api::kv::KvService;
-use crate::config::{ETCD_API_VERSION, ETCD_CLUSTER_VERSION};
 use crate::server::Server;
 
 /// Health and monitoring endpoints.
@@ -31,8 +30,9 @@ pub fn monitoring(server: Arc<Server>) -> Router {
         .with_state(server)
 }
 
-async fn version() -> Response {
-    let body = format!(r#"{{"etcdserver":"{ETCD_API_VERSION}","etcdcluster":"{ETCD_CLUSTER_VERSION}.0"}}"#);
+async fn version(State(server): State<Arc<Server>>) -> Response {
+    let (etcd, cluster) = (&server.config.etcd_version, server.config.etcd_cluster_version());
+    let body = format!(r#"{{"etcdserver":"{etcd}","etcdcluster":"{cluster}.0"}}"#);
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 

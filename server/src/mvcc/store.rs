@@ -578,6 +578,13 @@ impl WriteTxn<'_> {
         doomed.len() as i64
     }
 
+    /// Lease attachment changes so far, handed over (an entry carrying
+    /// several requests applies them after each, so a later lease revoke
+    /// in the same entry sees the keys attached before it).
+    pub fn take_lease_changes(&mut self) -> Vec<(Bytes, i64, i64)> {
+        std::mem::take(&mut self.lease_changes)
+    }
+
     /// Ends the current request: its changes (if any) keep revision
     /// `begin + 1` and the next request starts after it. Returns the
     /// revision the request's response reports.

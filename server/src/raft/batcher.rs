@@ -1,12 +1,13 @@
-//! Group commit for KV writes. openraft 0.9 waits for the log flush of
-//! every client write before it takes the next one, so one Raft entry per
-//! request means one fsync per request. The batcher queues concurrent
-//! puts, deletes and txns and proposes whatever queued while the previous
+//! Group commit for KV and lease writes. openraft 0.9 waits for the log
+//! flush of every client write before it takes the next one, so one Raft
+//! entry per request means one fsync per request. The batcher queues
+//! concurrent puts, deletes, txns, lease grants and lease revocations and
+//! proposes whatever queued while the previous
 //! entries were in flight as one `InternalBatch` entry; apply gives each
 //! request its own revision (see `apply::Applier::apply_batch`). A lone
 //! request is proposed as itself, so an idle member's log looks as before.
 //!
-//! Other requests (leases, members, alarms, compaction) bypass the queue:
+//! Other requests (checkpoints, members, alarms, compaction) bypass the queue:
 //! they are rare, and apply handles them one per entry.
 
 use std::sync::Arc;
@@ -47,7 +48,16 @@ pub struct Batcher {
 
 /// Whether `req` may share an entry with others.
 fn batchable(req: &InternalRequest) -> bool {
-    matches!(req.request, Some(Request::Put(_) | Request::DeleteRange(_) | Request::Txn(_)))
+    matches!(
+        req.request,
+        Some(
+            Request::Put(_)
+                | Request::DeleteRange(_)
+                | Request::Txn(_)
+                | Request::LeaseGrant(_)
+                | Request::LeaseRevoke(_)
+        )
+    )
 }
 
 impl Batcher {

@@ -7,6 +7,8 @@
 //! - `state_machine`: applies committed entries (through `apply/`) and
 //!   builds/installs snapshots;
 //! - `snapshot_file`: the on-disk snapshot format;
+//! - `read_index`: one leadership confirmation for many concurrent
+//!   linearizable reads;
 //! - `network` / `peer_service`: the gRPC peer transport (client / server).
 
 pub mod ack_mark;
@@ -14,6 +16,7 @@ pub mod batcher;
 pub mod log_store;
 pub mod network;
 pub mod peer_service;
+pub mod read_index;
 pub mod snapshot_file;
 pub mod state_machine;
 

@@ -268,6 +268,15 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        // Entries carry whole batches of requests: when a run of them would
+        // not fit in one peer message, ask openraft to send fewer.
+        let limit = (MAX_PEER_MESSAGE - (1 << 20)) as u64;
+        let size = bincode::serialized_size(&rpc).unwrap_or(0);
+        let n = rpc.entries.len() as u64;
+        if size > limit && n > 1 {
+            let hint = (n * limit / size).clamp(1, n - 1);
+            return Err(RPCError::PayloadTooLarge(openraft::error::PayloadTooLarge::new_entries_hint(hint)));
+        }
         self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
     }
 

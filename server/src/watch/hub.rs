@@ -468,8 +468,20 @@ impl CommitObserver for WatchHub {
     fn committed(&self, rev: i64, events: &[Event]) {
         let mut st = self.lock();
         st.rev = rev;
-        let mut per_watcher: HashMap<(StreamId, WatchId), Vec<Event>> = HashMap::new();
         let mut found = Vec::new();
+        if let [ev] = events {
+            // Most revisions change one key: no grouping needed.
+            let Some(kv) = &ev.kv else { return };
+            st.matching(&kv.key, &mut found);
+            for key in found {
+                let wanted = st.watchers.get(&key).is_some_and(|w| rev >= w.next_rev && w.spec.wants(ev));
+                if wanted {
+                    st.deliver(key, rev, vec![ev.clone()]);
+                }
+            }
+            return;
+        }
+        let mut per_watcher: HashMap<(StreamId, WatchId), Vec<Event>> = HashMap::new();
         for ev in events {
             let Some(kv) = &ev.kv else { continue };
             found.clear();
@@ -484,26 +496,34 @@ impl CommitObserver for WatchHub {
             }
         }
         for (key, events) in per_watcher {
-            let bytes = approx_size(&events);
-            let over_budget = st.streams.get(&key.0).is_some_and(|s| {
-                let queued = s.queued.load(Ordering::Acquire);
-                queued > 0 && queued + bytes > STREAM_BUDGET_BYTES
-            });
-            if over_budget {
-                // The client is not keeping up: this watcher catches up from
-                // history from this revision on, at the client's pace.
-                st.desync(key, rev);
-                continue;
-            }
-            let (prev_kv, fragment) = match st.watchers.get_mut(&key) {
-                Some(w) => {
-                    w.quiet = false;
-                    (w.spec.prev_kv, w.spec.fragment)
-                }
-                None => continue,
-            };
-            st.send(key.0, Outgoing::Events { watch_id: key.1, revision: rev, events, bytes, prev_kv, fragment });
+            st.deliver(key, rev, events);
         }
+    }
+}
+
+impl HubState {
+    /// Queues one revision's events for a synced watcher, or moves the
+    /// watcher to catching up when its stream is over budget.
+    fn deliver(&mut self, key: (StreamId, WatchId), rev: i64, events: Vec<Event>) {
+        let bytes = approx_size(&events);
+        let over_budget = self.streams.get(&key.0).is_some_and(|s| {
+            let queued = s.queued.load(Ordering::Acquire);
+            queued > 0 && queued + bytes > STREAM_BUDGET_BYTES
+        });
+        if over_budget {
+            // The client is not keeping up: this watcher catches up from
+            // history from this revision on, at the client's pace.
+            self.desync(key, rev);
+            return;
+        }
+        let (prev_kv, fragment) = match self.watchers.get_mut(&key) {
+            Some(w) => {
+                w.quiet = false;
+                (w.spec.prev_kv, w.spec.fragment)
+            }
+            None => return,
+        };
+        self.send(key.0, Outgoing::Events { watch_id: key.1, revision: rev, events, bytes, prev_kv, fragment });
     }
 }
 
