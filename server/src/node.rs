@@ -371,6 +371,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let mut tasks = Vec::new();
     let http2 = Http2Options {
         max_concurrent_streams: config.max_concurrent_streams,
+        keepalive_min_time: config.grpc_keepalive_min_time,
         keepalive_interval: config.grpc_keepalive_interval,
         keepalive_timeout: config.grpc_keepalive_timeout,
     };

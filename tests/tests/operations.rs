@@ -249,3 +249,33 @@ fn metrics_health_version_and_json_gateway() -> anyhow::Result<()> {
     assert!(watch.contains(r#""result":{"header""#) && watch.contains(r#""value":"YmFy""#), "{watch}");
     Ok(())
 }
+
+/// `--grpc-keepalive-min-time` as grpc-go enforces it: two early pings are
+/// tolerated, the third closes the connection; pings spaced by at least
+/// the minimum time are always answered.
+#[tokio::test]
+async fn clients_pinging_faster_than_keepalive_min_time_are_cut_off() -> anyhow::Result<()> {
+    async fn pings(url: &str, count: usize, gap: Duration) -> anyhow::Result<usize> {
+        let tcp = tokio::net::TcpStream::connect(url.trim_start_matches("http://")).await?;
+        let (_send, mut conn) = h2::client::handshake(tcp).await?;
+        let mut pong = conn.ping_pong().ok_or_else(|| anyhow::anyhow!("no ping handle"))?;
+        let driver = tokio::spawn(conn);
+        let mut answered = 0;
+        for _ in 0..count {
+            match tokio::time::timeout(Duration::from_secs(5), pong.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => answered += 1,
+                _ => break,
+            }
+            tokio::time::sleep(gap).await;
+        }
+        driver.abort();
+        Ok(answered)
+    }
+
+    let strict = Cluster::start(1)?; // etcd's default minimum: 5 s
+    assert_eq!(pings(&strict.members[0].client_url, 6, Duration::ZERO).await?, 3);
+
+    let lax = Cluster::start_with(ClusterOptions::keel(1).args(&["--grpc-keepalive-min-time", "50ms"]))?;
+    assert_eq!(pings(&lax.members[0].client_url, 6, Duration::from_millis(100)).await?, 6);
+    Ok(())
+}

@@ -10,6 +10,8 @@
 //! - a key whose only generation is empty is not in the index at all.
 
 use std::collections::{BTreeMap, HashSet};
+
+use smallvec::SmallVec;
 use std::ops::Bound;
 
 use super::revision::Revision;
@@ -20,7 +22,8 @@ struct Generation {
     version: i64,
     /// Revision of the put that created this generation.
     created: Revision,
-    revs: Vec<Revision>,
+    /// Inline: most generations hold one revision until the key changes.
+    revs: SmallVec<[Revision; 1]>,
 }
 
 impl Generation {
@@ -38,7 +41,9 @@ impl Generation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyIndex {
     modified: Revision,
-    generations: Vec<Generation>,
+    /// Inline: most keys have one generation (the live one); the index's
+    /// memory per key is what bounds keel's RSS with millions of keys.
+    generations: SmallVec<[Generation; 1]>,
     /// Lease of the live generation's latest value (0: none). Kept here so
     /// a put can detach the old lease without reading the old value.
     lease: i64,
@@ -55,7 +60,7 @@ pub struct KeyAt {
 
 impl Default for KeyIndex {
     fn default() -> Self {
-        Self { modified: Revision::default(), generations: vec![Generation::default()], lease: 0 }
+        Self { modified: Revision::default(), generations: smallvec::smallvec![Generation::default()], lease: 0 }
     }
 }
 
@@ -78,7 +83,7 @@ impl KeyIndex {
     /// Rebuilds state for the first surviving revision of a key after
     /// compaction, when earlier revisions of the generation are gone.
     pub fn restore(&mut self, created: Revision, modified: Revision, version: i64) {
-        self.generations = vec![Generation { version, created, revs: vec![modified] }];
+        self.generations = smallvec::smallvec![Generation { version, created, revs: smallvec::smallvec![modified] }];
         self.modified = modified;
     }
 

@@ -10,6 +10,18 @@
 //! `host:port` part, and re-encodes the block with its own encoder, whose
 //! dynamic table the server's decoder then mirrors. Everything else passes
 //! through byte for byte; HTTP/1 connections are not touched at all.
+//!
+//! Seeing every inbound frame, the shim also enforces
+//! `--grpc-keepalive-min-time` as grpc-go's server (and so etcd) does: a
+//! client PING sooner than the minimum time after the previous one is a
+//! strike; after two strikes the next early ping closes the connection
+//! (grpc-go answers GOAWAY "too_many_pings"; hyper offers no way to send
+//! one, so the connection is closed). Like grpc-go, the server sending
+//! HEADERS or DATA clears the strikes (a client pinging to size its flow
+//! control window after data arrives is not abusive), so the shim also
+//! follows the frame boundaries of what the server writes. Unlike
+//! grpc-go, pings on a connection without streams are judged by the same
+//! minimum time rather than refused for two hours.
 
 use std::io;
 use std::pin::Pin;
@@ -20,7 +32,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
+const TYPE_DATA: u8 = 0x0;
 const TYPE_HEADERS: u8 = 0x1;
+const TYPE_PING: u8 = 0x6;
+const FLAG_ACK: u8 = 0x1;
+/// Early pings tolerated before the connection is closed (grpc-go's
+/// maxPingStrikes).
+const MAX_PING_STRIKES: u8 = 2;
 const TYPE_CONTINUATION: u8 = 0x9;
 const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
@@ -60,10 +78,19 @@ pub struct AuthorityFix<S> {
     encoder: loona_hpack::Encoder<'static>,
     pending: Option<PendingHeaders>,
     eof: bool,
+    /// `--grpc-keepalive-min-time`; zero disables the check.
+    min_ping_interval: std::time::Duration,
+    last_ping: Option<std::time::Instant>,
+    ping_strikes: u8,
+    /// Frame header bytes of the server's output seen so far.
+    out_header: [u8; FRAME_HEADER_LEN],
+    out_header_len: usize,
+    /// Payload bytes of the current outbound frame still to pass.
+    out_skip: usize,
 }
 
 impl<S> AuthorityFix<S> {
-    pub fn new(inner: S) -> Self {
+    pub fn new(inner: S, min_ping_interval: std::time::Duration) -> Self {
         Self {
             inner,
             mode: Mode::Sniffing,
@@ -73,7 +100,57 @@ impl<S> AuthorityFix<S> {
             encoder: loona_hpack::Encoder::new(),
             pending: None,
             eof: false,
+            min_ping_interval,
+            last_ping: None,
+            ping_strikes: 0,
+            out_header: [0; FRAME_HEADER_LEN],
+            out_header_len: 0,
+            out_skip: 0,
         }
+    }
+
+    /// Follows the frames in bytes the server wrote; its HEADERS and DATA
+    /// clear the ping strikes.
+    fn scan_outbound(&mut self, mut bytes: &[u8]) {
+        if !matches!(self.mode, Mode::H2) {
+            return;
+        }
+        while !bytes.is_empty() {
+            if self.out_skip > 0 {
+                let k = self.out_skip.min(bytes.len());
+                self.out_skip -= k;
+                bytes = &bytes[k..];
+                continue;
+            }
+            let k = (FRAME_HEADER_LEN - self.out_header_len).min(bytes.len());
+            self.out_header[self.out_header_len..self.out_header_len + k].copy_from_slice(&bytes[..k]);
+            self.out_header_len += k;
+            bytes = &bytes[k..];
+            if self.out_header_len == FRAME_HEADER_LEN {
+                let h = self.out_header;
+                self.out_skip = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                self.out_header_len = 0;
+                if h[3] == TYPE_HEADERS || h[3] == TYPE_DATA {
+                    self.ping_strikes = 0;
+                }
+            }
+        }
+    }
+
+    /// grpc-go's ping policy (see the module doc).
+    fn on_ping(&mut self) -> io::Result<()> {
+        if self.min_ping_interval.is_zero() {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        if self.last_ping.is_some_and(|last| now.duration_since(last) < self.min_ping_interval) {
+            self.ping_strikes += 1;
+            if self.ping_strikes > MAX_PING_STRIKES {
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "too_many_pings"));
+            }
+        }
+        self.last_ping = Some(now);
+        Ok(())
     }
 }
 
@@ -139,6 +216,9 @@ impl<S> AuthorityFix<S> {
                     let payload = self.input.split_to(len);
                     let (ty, flags) = (header[3], header[4]);
                     let stream_id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+                    if ty == TYPE_PING && flags & FLAG_ACK == 0 {
+                        self.on_ping()?;
+                    }
                     match ty {
                         TYPE_HEADERS => self.on_headers(flags, stream_id, &payload)?,
                         TYPE_CONTINUATION => self.on_continuation(flags, stream_id, &payload)?,
@@ -294,7 +374,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            self.scan_outbound(&buf[..n]);
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -341,7 +425,7 @@ mod tests {
         input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, b));
         input.extend(frame(0x0, FLAG_END_STREAM, 1, b"data"));
 
-        let mut fix = AuthorityFix::new(input.as_slice());
+        let mut fix = AuthorityFix::new(input.as_slice(), std::time::Duration::ZERO);
         let mut out = Vec::new();
         fix.read_to_end(&mut out).await?;
 
@@ -362,7 +446,7 @@ mod tests {
     #[tokio::test]
     async fn http1_passes_through_untouched() -> io::Result<()> {
         let req = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
-        let mut fix = AuthorityFix::new(req.as_slice());
+        let mut fix = AuthorityFix::new(req.as_slice(), std::time::Duration::ZERO);
         let mut out = Vec::new();
         fix.read_to_end(&mut out).await?;
         assert_eq!(out, req);

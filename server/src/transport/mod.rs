@@ -165,6 +165,8 @@ impl AsyncWrite for Stream {
 #[derive(Debug, Clone, Copy)]
 pub struct Http2Options {
     pub max_concurrent_streams: u32,
+    /// Clients pinging more often than this are cut off (zero: never).
+    pub keepalive_min_time: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
 }
@@ -250,7 +252,7 @@ pub async fn serve(
                 }
             }
             let service = TowerToHyperService::new(router);
-            let stream = h2_authority::AuthorityFix::new(stream);
+            let stream = h2_authority::AuthorityFix::new(stream, opts.keepalive_min_time);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
