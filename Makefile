@@ -13,7 +13,7 @@ CONFORMANCE_GROUPS ?= kv cluster watch lease operations
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CARGO_TARGET_DIR := $(TARGET_DIR)
 
-.PHONY: all deps build run test unit-test lint fmt conformance jepsen jepsen-smoke jepsen-etcd bench bench-compare clean
+.PHONY: all deps build run test unit-test lint fmt fuzz conformance jepsen jepsen-smoke jepsen-etcd bench bench-compare clean
 
 all: build
 
@@ -45,6 +45,14 @@ run: build
 test: build
 	$(CARGO) test --release --workspace
 	$(MAKE) --no-print-directory jepsen-smoke
+
+# Hostile-input property tests (server/src/fuzz_targets.rs: apply of
+# arbitrary requests and batches, log records, peer messages, snapshot
+# streams, the HTTP/2 shim) with far more cases than `make test` runs,
+# bounded to 30 minutes.
+FUZZ_CASES ?= 1000000
+fuzz:
+	KEEL_FUZZ_CASES=$(FUZZ_CASES) timeout 1800 $(CARGO) test --release -p keel-server --lib fuzz_targets
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -133,6 +133,7 @@ enum Bench {
     Range { clients: usize, total: u64, serializable: bool },
     TxnMixed { clients: usize, total: u64 },
     Watch { watchers: usize, puts: u64 },
+    WatchSteady { watchers: usize, rate: f64, puts: u64 },
     WatchLatency { puts: u64 },
     Keepalive { clients: usize, total: u64 },
     LeaseGrant { clients: usize, total: u64 },
@@ -149,6 +150,9 @@ impl Bench {
             }
             Bench::TxnMixed { clients, .. } => format!("txn-mixed 1:1, {clients} clients"),
             Bench::Watch { watchers, .. } => format!("watch fan-out, {watchers} watchers"),
+            Bench::WatchSteady { watchers, rate, .. } => {
+                format!("watch, {watchers} watchers on one member, {rate:.0} puts/s")
+            }
             Bench::WatchLatency { .. } => "watch latency, 100 watchers".to_string(),
             Bench::Keepalive { clients, .. } => format!("lease-keepalive, {clients} clients"),
             Bench::LeaseGrant { clients, .. } => format!("lease grant+revoke, {clients} clients"),
@@ -180,6 +184,12 @@ impl Bench {
             }
             Bench::TxnMixed { clients, total } => {
                 workloads::txn_mixed(&s.target(false), &keys, 1.0, false, &cfg(*clients, *total)).await?
+            }
+            Bench::WatchSteady { watchers, rate, puts } => {
+                let load =
+                    WatchLoad { streams: 100, watchers: *watchers, writers: 1, puts: *puts, put_rate: Some(*rate) };
+                let one = Target { endpoints: vec![s.db.nodes[0].client_url.clone()], conns: 16, target_leader: false };
+                workloads::watch(&one, &load, &self.name(), progress).await?
             }
             Bench::Watch { watchers, puts } => {
                 let load = WatchLoad { streams: 100, watchers: *watchers, writers: 4, puts: *puts, put_rate: None };
@@ -230,6 +240,9 @@ fn suite(quick: bool) -> Vec<Bench> {
         Bench::Watch { watchers: 1_000, puts: k(2_000, 50) },
         Bench::Watch { watchers: 10_000, puts: k(200, 20) },
         Bench::Watch { watchers: 100_000, puts: k(20, 2) },
+        Bench::WatchSteady { watchers: 1_000, rate: 200.0, puts: k(2_000, 200) },
+        Bench::WatchSteady { watchers: 10_000, rate: 50.0, puts: k(500, 50) },
+        Bench::WatchSteady { watchers: 100_000, rate: 5.0, puts: k(50, 5) },
         Bench::WatchLatency { puts: k(2_000, 400) },
         Bench::Keepalive { clients: 64, total: k(100_000, 20_000) },
         Bench::LeaseGrant { clients: 64, total: k(30_000, 5_000) },
@@ -441,7 +454,7 @@ fn render(cfg: &CompareConfig, pairs: &[Pair], scale: &Scale, took: Duration) ->
         );
     }
     let _ =
-        writeln!(s, "\nWatch rows count delivered events (watchers x puts) per second and put-to-delivery latency.\n");
+        writeln!(s, "\nWatch rows count delivered events (watchers x puts) per second and put-to-delivery latency; fan-out rows write as fast as the cluster takes, steady rows at a fixed put rate with every watcher on member 0.\n");
     let _ = writeln!(s, "## Memory, disk and restart\n");
     let _ = writeln!(s, "| figure | keel | etcd | ratio |");
     let _ = writeln!(s, "|---|---:|---:|---:|");

@@ -19,7 +19,8 @@
 //! - `config`, `logging`, `node`: flags, logs, and wiring a member.
 //!
 //! The path of a write: `api::kv` validates -> `server::Server::propose`
-//! (forwards to the leader if needed) -> openraft replicates and commits
+//! (forwards to the leader if needed) -> `raft::batcher` (concurrent writes
+//! share one entry) -> openraft replicates and commits
 //! -> `raft::state_machine` -> `apply::Applier` -> `apply::kv` over an
 //! `mvcc::WriteTxn` -> one engine batch with the applied index -> the
 //! response travels back through Raft's client_write.
@@ -50,6 +51,9 @@ pub mod server;
 pub mod storage;
 pub mod transport;
 pub mod watch;
+
+#[cfg(test)]
+mod fuzz_targets;
 
 /// Runs a member until SIGINT or SIGTERM, then stops it cleanly.
 pub async fn run(config: config::Config) -> anyhow::Result<()> {

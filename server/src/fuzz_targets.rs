@@ -1,0 +1,255 @@
+//! Hostile-input tests: property-based fuzzing of the paths that take
+//! bytes or requests from outside (or from disk) and must answer with an
+//! error, never a panic, a hang or unbounded allocation.
+//!
+//! Each target runs `KEEL_FUZZ_CASES` cases (default 256, so `make test`
+//! stays quick); `make fuzz` runs every target far longer. proptest, not
+//! cargo-fuzz: the machine's toolchain is stable Rust, and proptest
+//! shrinks a failure to a minimal input.
+//!
+//! - `apply_*`: arbitrary KV and lease requests (nested txns, empty and
+//!   inverted ranges, out-of-range enum values, huge revisions) through
+//!   validation and apply; as one entry each and as batch entries, which
+//!   must agree;
+//! - `log_entry_decoder`, `peer_message_decoder`: Raft log records and
+//!   peer messages from arbitrary bytes, and from valid ones with damage;
+//! - `snapshot_reader`: snapshot streams from arbitrary bytes;
+//! - `http2_shim`: the inbound HTTP/2 frame rewriter on arbitrary frames.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use keel_proto::etcdserverpb::compare::TargetUnion;
+use keel_proto::etcdserverpb::{
+    request_op, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest,
+};
+use keel_proto::keelpb::{internal_request::Request, internal_response::Response, InternalBatch, InternalRequest};
+use proptest::prelude::*;
+
+use crate::alarm::AlarmStore;
+use crate::apply::{Applier, CommitObserver, Compactor};
+use crate::cluster::MemberRegistry;
+use crate::lease::Lessor;
+use crate::mvcc::{CompactionJob, MvccStore};
+use crate::raft::LogId;
+use crate::storage::memory::MemoryEngine;
+use crate::storage::SharedEngine;
+
+fn cases() -> u32 {
+    std::env::var("KEEL_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() }
+}
+
+struct Ignore;
+
+impl CommitObserver for Ignore {
+    fn committed(&self, _rev: i64, _events: &[keel_proto::mvccpb::Event]) {}
+}
+
+impl Compactor for Ignore {
+    fn schedule(&self, _job: CompactionJob) {}
+}
+
+fn applier() -> Result<Applier, TestCaseError> {
+    let fail = |e: String| TestCaseError::fail(e);
+    let engine: SharedEngine = Arc::new(MemoryEngine::new());
+    let mvcc = Arc::new(MvccStore::open(engine.clone()).map_err(|e| fail(e.to_string()))?);
+    let members = Arc::new(MemberRegistry::load(&engine).map_err(|e| fail(e.to_string()))?);
+    let leases = Arc::new(Lessor::load(&engine, &mvcc).map_err(|e| fail(e.to_string()))?);
+    let alarms = Arc::new(AlarmStore::load(&engine).map_err(|e| fail(e.to_string()))?);
+    Ok(Applier::new(engine, mvcc, members, leases, alarms, Arc::new(Ignore), Arc::new(Ignore)))
+}
+
+fn key() -> impl Strategy<Value = Bytes> {
+    prop_oneof![
+        Just(Bytes::new()),
+        Just(Bytes::from_static(b"\0")),
+        "[a-d]{1,2}".prop_map(Bytes::from),
+        prop::collection::vec(any::<u8>(), 0..6).prop_map(Bytes::from),
+    ]
+}
+
+fn revision() -> impl Strategy<Value = i64> {
+    prop_oneof![Just(0i64), -2i64..40, Just(i64::MAX), Just(i64::MIN)]
+}
+
+fn compare() -> impl Strategy<Value = Compare> {
+    let target = prop_oneof![
+        Just(None),
+        revision().prop_map(|v| Some(TargetUnion::Version(v))),
+        revision().prop_map(|v| Some(TargetUnion::CreateRevision(v))),
+        revision().prop_map(|v| Some(TargetUnion::ModRevision(v))),
+        key().prop_map(|v| Some(TargetUnion::Value(v))),
+        (-1i64..4).prop_map(|v| Some(TargetUnion::Lease(v))),
+    ];
+    (-1i32..6, -1i32..7, key(), key(), target).prop_map(|(result, target, key, range_end, target_union)| Compare {
+        result,
+        target,
+        key,
+        range_end,
+        target_union,
+    })
+}
+
+fn range() -> impl Strategy<Value = RangeRequest> {
+    (key(), key(), -2i64..5, revision(), -1i32..4, -1i32..7, any::<[bool; 3]>(), revision(), revision()).prop_map(
+        |(key, range_end, limit, revision, sort_order, sort_target, [serializable, keys_only, count_only], lo, hi)| {
+            RangeRequest {
+                key,
+                range_end,
+                limit,
+                revision,
+                sort_order,
+                sort_target,
+                serializable,
+                keys_only,
+                count_only,
+                min_mod_revision: lo,
+                max_mod_revision: hi,
+                min_create_revision: lo,
+                max_create_revision: hi,
+            }
+        },
+    )
+}
+
+fn put() -> impl Strategy<Value = PutRequest> {
+    (key(), key(), -1i64..4, any::<[bool; 3]>()).prop_map(
+        |(key, value, lease, [prev_kv, ignore_value, ignore_lease])| PutRequest {
+            key,
+            value,
+            lease,
+            prev_kv,
+            ignore_value,
+            ignore_lease,
+        },
+    )
+}
+
+fn delete() -> impl Strategy<Value = DeleteRangeRequest> {
+    (key(), key(), any::<bool>()).prop_map(|(key, range_end, prev_kv)| DeleteRangeRequest { key, range_end, prev_kv })
+}
+
+fn txn() -> impl Strategy<Value = TxnRequest> {
+    let leaf = prop_oneof![
+        Just(RequestOp { request: None }),
+        range().prop_map(|r| RequestOp { request: Some(request_op::Request::RequestRange(r)) }),
+        put().prop_map(|r| RequestOp { request: Some(request_op::Request::RequestPut(r)) }),
+        delete().prop_map(|r| RequestOp { request: Some(request_op::Request::RequestDeleteRange(r)) }),
+    ];
+    let ops = leaf.prop_recursive(3, 24, 4, |inner| {
+        (
+            prop::collection::vec(compare(), 0..3),
+            prop::collection::vec(inner.clone(), 0..4),
+            prop::collection::vec(inner, 0..4),
+        )
+            .prop_map(|(compare, success, failure)| RequestOp {
+                request: Some(request_op::Request::RequestTxn(TxnRequest { compare, success, failure })),
+            })
+    });
+    (prop::collection::vec(compare(), 0..3), prop::collection::vec(ops.clone(), 0..4), prop::collection::vec(ops, 0..4))
+        .prop_map(|(compare, success, failure)| TxnRequest { compare, success, failure })
+}
+
+fn request() -> impl Strategy<Value = InternalRequest> {
+    prop_oneof![
+        put().prop_map(Request::Put),
+        delete().prop_map(Request::DeleteRange),
+        txn().prop_map(Request::Txn),
+        (1i64..4, -5i64..100).prop_map(|(id, ttl)| Request::LeaseGrant(LeaseGrantRequest { id, ttl })),
+        (-1i64..4).prop_map(|id| Request::LeaseRevoke(LeaseRevokeRequest { id })),
+    ]
+    .prop_map(|r| InternalRequest { header: None, request: Some(r) })
+}
+
+fn log_id(index: u64) -> LogId {
+    LogId::new(openraft::CommittedLeaderId::new(1, 1), index)
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Validation never panics; apply never panics and never fails with a
+    /// storage error on a healthy engine, whatever it is given; batching
+    /// changes nothing.
+    #[test]
+    fn apply_survives_any_request_and_batches_agree(reqs in prop::collection::vec(request(), 1..12)) {
+        for r in &reqs {
+            if let Some(Request::Txn(t)) = &r.request {
+                let _ = crate::api::kv::check_txn(t, 128);
+            }
+        }
+        let single = applier()?;
+        let mut expected = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            let resp = single.apply(&log_id(i as u64 + 1), r).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            expected.push(resp);
+        }
+        let batched = applier()?;
+        let batch = InternalRequest { header: None, request: Some(Request::Batch(InternalBatch { requests: reqs.clone() })) };
+        let resp = batched.apply(&log_id(1), &batch).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        match resp.response {
+            Some(Response::Batch(b)) => prop_assert_eq!(b.responses, expected),
+            other => prop_assert!(false, "batch answered {:?}", other),
+        }
+        prop_assert_eq!(batched.mvcc().current_rev(), single.mvcc().current_rev());
+    }
+
+    /// Log records: arbitrary bytes and damaged valid records are refused
+    /// (a damaged record never decodes to a different entry).
+    #[test]
+    fn log_entry_decoder(bytes in prop::collection::vec(any::<u8>(), 0..256), at in any::<usize>(), bit in 0u8..8) {
+        let _ = crate::raft::log_store::decode_entry(1, &bytes);
+        let entry = crate::raft::Entry {
+            log_id: log_id(7),
+            payload: openraft::EntryPayload::Normal(crate::raft::Command(InternalRequest {
+                header: None,
+                request: Some(Request::Put(PutRequest { key: Bytes::from_static(b"k"), value: Bytes::from(bytes.clone()), ..Default::default() })),
+            })),
+        };
+        let mut record = crate::raft::log_store::encode_entry(&entry).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let at = at % record.len();
+        record[at] ^= 1 << bit;
+        prop_assert!(crate::raft::log_store::decode_entry(7, &record).is_err());
+    }
+
+    /// Peer messages from arbitrary bytes: an error, not a panic or a huge
+    /// allocation (length prefixes are not trusted).
+    #[test]
+    fn peer_message_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = crate::raft::codec::decode::<openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig>>(&bytes);
+        let _ = crate::raft::codec::decode::<openraft::raft::VoteRequest<u64>>(&bytes);
+        let _ = crate::raft::codec::decode::<openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig>>(&bytes);
+        let _ = <InternalRequest as prost::Message>::decode(bytes.as_slice());
+    }
+
+    /// Snapshot streams from arbitrary bytes are refused cleanly.
+    #[test]
+    fn snapshot_reader(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+        let _ = crate::raft::snapshot_file::verify(bytes.as_slice());
+    }
+
+    /// The HTTP/2 shim on arbitrary frames after a valid preface: it
+    /// passes them on or fails the connection, never panics.
+    #[test]
+    fn http2_shim(frames in prop::collection::vec((any::<u8>(), any::<u8>(), 0u32..4, prop::collection::vec(any::<u8>(), 0..64)), 0..8)) {
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        for (ty, flags, stream, payload) in frames {
+            let ty = ty % 10;
+            input.extend_from_slice(&[(payload.len() >> 16) as u8, (payload.len() >> 8) as u8, payload.len() as u8, ty, flags]);
+            input.extend_from_slice(&stream.to_be_bytes());
+            input.extend_from_slice(&payload);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().build().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        rt.block_on(async {
+            use tokio::io::AsyncReadExt;
+            let mut shim = crate::transport::h2_authority::AuthorityFix::new(input.as_slice(), std::time::Duration::from_secs(5));
+            let mut out = Vec::new();
+            let _ = shim.read_to_end(&mut out).await;
+        });
+    }
+}
