@@ -152,9 +152,9 @@ impl Drop for PeerProxies {
     }
 }
 
-/// Carries one connection from `speaker` to member `hearer` until either
-/// side closes it, or until a cut that discarded some of its bytes is
-/// lifted.
+/// Carries one connection from `peer` (None: not a member) to `member`
+/// until either side closes it, or until a cut that discarded some of its
+/// bytes is lifted.
 async fn relay(shared: Arc<Shared>, member: usize, peer: Option<usize>, inbound: TcpStream, upstream: SocketAddr) {
     let Ok(outbound) = TcpStream::connect(upstream).await else { return };
     let _ = inbound.set_nodelay(true);
@@ -175,35 +175,14 @@ async fn relay(shared: Arc<Shared>, member: usize, peer: Option<usize>, inbound:
             }
         }
     };
+    // Bytes from the connecting member to `member`, and back.
+    let to_member = forward(&shared, in_read, out_write, |r| r.blocks(member, peer), &broken);
+    let to_peer = forward(&shared, out_read, in_write, |r| peer.is_some_and(|p| r.blocks(p, Some(member))), &broken);
     tokio::select! {
-        _ = pump(&shared, in_read, out_write, member, peer, &broken) => {}
-        _ = pump_back(&shared, out_read, in_write, member, peer, &broken) => {}
+        _ = to_member => {}
+        _ = to_peer => {}
         _ = lifted => {}
     }
-}
-
-/// Bytes from the connecting member to `member`.
-async fn pump(
-    shared: &Shared,
-    from: OwnedReadHalf,
-    to: OwnedWriteHalf,
-    member: usize,
-    peer: Option<usize>,
-    broken: &AtomicBool,
-) {
-    forward(shared, from, to, |r| r.blocks(member, peer), broken).await
-}
-
-/// Bytes from `member` back to the connecting member.
-async fn pump_back(
-    shared: &Shared,
-    from: OwnedReadHalf,
-    to: OwnedWriteHalf,
-    member: usize,
-    peer: Option<usize>,
-    broken: &AtomicBool,
-) {
-    forward(shared, from, to, |r| peer.is_some_and(|p| r.blocks(p, Some(member))), broken).await
 }
 
 async fn forward(
