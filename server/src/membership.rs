@@ -314,6 +314,16 @@ impl Server {
         }
     }
 
+    /// Sets etcd_server_has_leader / is_leader from the current view (also
+    /// on every scrape, so a scrape right after an election is not a tick
+    /// behind); returns the leader.
+    pub fn export_leader_gauges(&self) -> Option<NodeId> {
+        let leader = self.leader();
+        crate::metrics::HAS_LEADER.set(i64::from(leader.is_some()));
+        crate::metrics::IS_LEADER.set(i64::from(leader == Some(self.id)));
+        leader
+    }
+
     /// Keeps the server gauges current: leader, proposals, size, watchers.
     pub async fn export_metrics(&self) {
         use crate::metrics as m;
@@ -321,9 +331,7 @@ impl Server {
         let mut last_leader = None;
         loop {
             ticker.tick().await;
-            let leader = self.leader();
-            m::HAS_LEADER.set(i64::from(leader.is_some()));
-            m::IS_LEADER.set(i64::from(leader == Some(self.id)));
+            let leader = self.export_leader_gauges();
             if leader.is_some() && leader != last_leader {
                 if last_leader.is_some() {
                     m::LEADER_CHANGES.inc();

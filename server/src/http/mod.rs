@@ -36,7 +36,8 @@ async fn version(State(server): State<Arc<Server>>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn metrics() -> Response {
+async fn metrics(State(server): State<Arc<Server>>) -> Response {
+    server.export_leader_gauges();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render()).into_response()
 }
 
