@@ -69,6 +69,11 @@ impl System {
         Target { endpoints: self.db.client_urls(), conns: 16, target_leader: leader_only }
     }
 
+    /// Member `i` alone, over `conns` connections.
+    fn member_target(&self, i: usize, conns: usize) -> Target {
+        Target { endpoints: vec![self.db.nodes[i].client_url.clone()], conns, target_leader: false }
+    }
+
     fn rss_kib(&self, i: usize, field: &str) -> u64 {
         let Some(pid) = self.db.pid(i) else { return 0 };
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -188,8 +193,7 @@ impl Bench {
             Bench::WatchSteady { watchers, rate, puts } => {
                 let load =
                     WatchLoad { streams: 100, watchers: *watchers, writers: 1, puts: *puts, put_rate: Some(*rate) };
-                let one = Target { endpoints: vec![s.db.nodes[0].client_url.clone()], conns: 16, target_leader: false };
-                workloads::watch(&one, &load, &self.name(), progress).await?
+                workloads::watch(&s.member_target(0, 16), &load, &self.name(), progress).await?
             }
             Bench::Watch { watchers, puts } => {
                 let load = WatchLoad { streams: 100, watchers: *watchers, writers: 4, puts: *puts, put_rate: None };
@@ -279,7 +283,8 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
         pairs.push(Pair { workload: bench.name(), keel: k, etcd: e });
     }
     let mut systems = [keel, etcd];
-    let scale = scale(&mut systems, cfg.quick, cfg.progress, watchers, watcher_rss).await?;
+    let scale =
+        Scale { watchers, watchers_rss_mib: watcher_rss, ..scale(&mut systems, cfg.quick, cfg.progress).await? };
     let mut report = render(&cfg, &pairs, &scale, started.elapsed());
     // The hand-written analysis at the end of the report survives
     // regeneration.
@@ -300,13 +305,7 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
 /// memory is not reused), in MiB.
 async fn idle_watchers_rss(s: &System, watchers: usize) -> Result<f64> {
     let before = s.rss_kib(0, "VmRSS:");
-    let ch = workloads::Conns::open(&Target {
-        endpoints: vec![s.db.nodes[0].client_url.clone()],
-        conns: 1,
-        target_leader: false,
-    })
-    .await?
-    .channel(0);
+    let ch = workloads::Conns::open(&s.member_target(0, 1)).await?.channel(0);
     let mut held = Vec::new();
     let per_stream = 1000;
     for st in 0..watchers.div_ceil(per_stream) {
@@ -339,21 +338,10 @@ async fn idle_watchers_rss(s: &System, watchers: usize) -> Result<f64> {
     Ok(after.saturating_sub(before) as f64 / 1024.0)
 }
 
-/// Memory and scale: many keys (RSS, disk,
-/// load time), then the time a restarted member takes to serve reads.
-async fn scale(
-    systems: &mut [System; 2],
-    quick: bool,
-    progress: bool,
-    watchers: usize,
-    watcher_rss: [f64; 2],
-) -> Result<Scale> {
-    let mut out = Scale {
-        keys: if quick { 100_000 } else { 1_000_000 },
-        watchers,
-        watchers_rss_mib: watcher_rss,
-        ..Default::default()
-    };
+/// Memory and scale: many keys (RSS, disk, load time), then the time a
+/// restarted member takes to serve reads.
+async fn scale(systems: &mut [System; 2], quick: bool, progress: bool) -> Result<Scale> {
+    let mut out = Scale { keys: if quick { 100_000 } else { 1_000_000 }, ..Default::default() };
     for (i, s) in systems.iter_mut().enumerate() {
         // Many keys of 256 bytes.
         let keys = Keys { key_size: 16, val_size: 256, key_space: out.keys, sequential: true };
@@ -379,8 +367,7 @@ async fn scale(
         s.db.start_member(victim).await?;
         // start_member returned on the readiness marker, so one connection
         // serves every attempt.
-        let target = Target { endpoints: vec![s.db.nodes[victim].client_url.clone()], conns: 1, target_leader: false };
-        let mut kv = KvClient::new(workloads::Conns::open(&target).await?.channel(0));
+        let mut kv = KvClient::new(workloads::Conns::open(&s.member_target(victim, 1)).await?.channel(0));
         while kv.range(RangeRequest { key: "0".into(), serializable: true, ..Default::default() }).await.is_err()
             && t0.elapsed() < Duration::from_secs(300)
         {

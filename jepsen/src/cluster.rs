@@ -87,14 +87,6 @@ impl Network {
             Network::Proxies
         }
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Network::Namespaces => "namespaces",
-            Network::Proxies => "proxies",
-            Network::Loopback => "loopback",
-        }
-    }
 }
 
 /// A libfaketime setting for one member's process.

@@ -179,50 +179,13 @@ impl Nemesis {
             }
             Fault::Drop => {
                 let p: f64 = *[0.1, 0.2, 0.4].choose(&mut self.rng).unwrap_or(&0.2);
-                let db = self.db.lock().await;
-                if let Some(proxies) = &db.proxies {
-                    proxies.set_loss(p);
-                }
-                for n in db.nodes.iter().filter(|_| db.proxies.is_none()) {
-                    let ns = ns_of(n)?;
-                    let prob = format!("{p}");
-                    for dir in ["--dport", "--sport"] {
-                        in_ns(
-                            ns,
-                            &[
-                                "iptables",
-                                "-A",
-                                "INPUT",
-                                "-p",
-                                "tcp",
-                                dir,
-                                "2380",
-                                "-m",
-                                "statistic",
-                                "--mode",
-                                "random",
-                                "--probability",
-                                &prob,
-                                "-j",
-                                "DROP",
-                            ],
-                        )?;
-                    }
-                }
+                drop_packets(&*self.db.lock().await, p)?;
                 self.rec.nemesis("drop", json!({"phase": "start", "probability": p}));
                 Active::Network
             }
             Fault::Delay => {
                 let rate = *["256kbit", "1mbit"].choose(&mut self.rng).unwrap_or(&"1mbit");
-                let db = self.db.lock().await;
-                match &db.proxies {
-                    Some(proxies) => proxies.set_rate(if rate == "256kbit" { 32_000 } else { 125_000 }),
-                    None => {
-                        for n in &db.nodes {
-                            slow_peer_link(ns_of(n)?, rate)?;
-                        }
-                    }
-                }
+                slow_links(&*self.db.lock().await, rate)?;
                 self.rec.nemesis("delay", json!({"phase": "start", "peer_link_rate": rate}));
                 Active::Network
             }
@@ -329,17 +292,9 @@ impl Nemesis {
             }
         }
         for (a, b) in cuts {
-            let (na, nb) = (&db.nodes[a], &db.nodes[b]);
-            if let Some(proxies) = &db.proxies {
-                proxies.cut(a, b);
-                if both {
-                    proxies.cut(b, a);
-                }
-                continue;
-            }
-            in_ns(ns_of(na)?, &["iptables", "-A", "INPUT", "-s", &nb.ip, "-j", "DROP"])?;
+            cut_link(&db, a, b)?;
             if both {
-                in_ns(ns_of(nb)?, &["iptables", "-A", "INPUT", "-s", &na.ip, "-j", "DROP"])?;
+                cut_link(&db, b, a)?;
             }
         }
         if let Some(proxies) = &db.proxies {
@@ -449,12 +404,7 @@ impl Nemesis {
                 self.rec.nemesis("pause", json!({"phase": "stop", "node": db.nodes[i].name}));
             }
             Active::Network => {
-                if let Some(proxies) = &db.proxies {
-                    proxies.heal();
-                }
-                for n in db.nodes.iter().filter(|_| db.proxies.is_none()) {
-                    clear_network(ns_of(n)?);
-                }
+                heal_network(&db);
                 self.rec.nemesis(fault.name(), json!({"phase": "stop"}));
             }
             Active::Clock(i) => {
@@ -472,13 +422,8 @@ impl Nemesis {
     /// faked clocks; a member that cannot start again is replaced.
     pub async fn heal_all(&mut self) -> Result<()> {
         let mut db = self.db.lock().await;
-        if let Some(proxies) = &db.proxies {
-            proxies.heal();
-        }
+        heal_network(&db);
         for i in 0..db.len() {
-            if let Some(ns) = db.nodes[i].ns.clone() {
-                clear_network(&ns);
-            }
             db.resume(i)?;
             if db.nodes[i].clock.is_some() {
                 db.kill(i)?;
@@ -515,6 +460,83 @@ impl Nemesis {
 
 fn ns_of(n: &crate::cluster::Node) -> Result<&str> {
     n.ns.as_deref().ok_or_else(|| anyhow::anyhow!("network faults need namespaces or proxies (--network)"))
+}
+
+// Network faults act on the peer-link proxies when the cluster has them,
+// else as iptables/tc rules inside the members' namespaces.
+
+/// From now on member `hearer` receives nothing from member `speaker`.
+fn cut_link(db: &Db, hearer: usize, speaker: usize) -> Result<()> {
+    match &db.proxies {
+        Some(proxies) => {
+            proxies.cut(hearer, speaker);
+            Ok(())
+        }
+        None => {
+            let source = &db.nodes[speaker].ip;
+            in_ns(ns_of(&db.nodes[hearer])?, &["iptables", "-A", "INPUT", "-s", source, "-j", "DROP"])
+        }
+    }
+}
+
+/// Loses share `p` of peer packets.
+fn drop_packets(db: &Db, p: f64) -> Result<()> {
+    if let Some(proxies) = &db.proxies {
+        proxies.set_loss(p);
+        return Ok(());
+    }
+    let prob = format!("{p}");
+    for n in &db.nodes {
+        for dir in ["--dport", "--sport"] {
+            in_ns(
+                ns_of(n)?,
+                &[
+                    "iptables",
+                    "-A",
+                    "INPUT",
+                    "-p",
+                    "tcp",
+                    dir,
+                    "2380",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &prob,
+                    "-j",
+                    "DROP",
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Limits peer links to `rate` (tc's notation: "256kbit", "1mbit").
+fn slow_links(db: &Db, rate: &str) -> Result<()> {
+    if let Some(proxies) = &db.proxies {
+        let bits: u64 = match rate.strip_suffix("kbit") {
+            Some(k) => k.parse::<u64>()? * 1_000,
+            None => rate.strip_suffix("mbit").unwrap_or(rate).parse::<u64>()? * 1_000_000,
+        };
+        proxies.set_rate(bits / 8);
+        return Ok(());
+    }
+    for n in &db.nodes {
+        slow_peer_link(ns_of(n)?, rate)?;
+    }
+    Ok(())
+}
+
+/// Lifts every network fault.
+fn heal_network(db: &Db) {
+    if let Some(proxies) = &db.proxies {
+        proxies.heal();
+    }
+    for ns in db.nodes.iter().filter_map(|n| n.ns.as_deref()) {
+        clear_network(ns);
+    }
 }
 
 fn clear_network(ns: &str) {

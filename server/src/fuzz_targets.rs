@@ -27,14 +27,9 @@ use keel_proto::etcdserverpb::{
 use keel_proto::keelpb::{internal_request::Request, internal_response::Response, InternalBatch, InternalRequest};
 use proptest::prelude::*;
 
-use crate::alarm::AlarmStore;
 use crate::apply::{Applier, CommitObserver, Compactor};
-use crate::cluster::MemberRegistry;
-use crate::lease::Lessor;
-use crate::mvcc::{CompactionJob, MvccStore};
+use crate::mvcc::CompactionJob;
 use crate::raft::LogId;
-use crate::storage::memory::MemoryEngine;
-use crate::storage::SharedEngine;
 
 fn cases() -> u32 {
     std::env::var("KEEL_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
@@ -55,13 +50,9 @@ impl Compactor for Ignore {
 }
 
 fn applier() -> Result<Applier, TestCaseError> {
-    let fail = |e: String| TestCaseError::fail(e);
-    let engine: SharedEngine = Arc::new(MemoryEngine::new());
-    let mvcc = Arc::new(MvccStore::open(engine.clone()).map_err(|e| fail(e.to_string()))?);
-    let members = Arc::new(MemberRegistry::load(&engine).map_err(|e| fail(e.to_string()))?);
-    let leases = Arc::new(Lessor::load(&engine, &mvcc).map_err(|e| fail(e.to_string()))?);
-    let alarms = Arc::new(AlarmStore::load(&engine).map_err(|e| fail(e.to_string()))?);
-    Ok(Applier::new(engine, mvcc, members, leases, alarms, Arc::new(Ignore), Arc::new(Ignore)))
+    crate::apply::in_memory_applier(Arc::new(Ignore), Arc::new(Ignore))
+        .map(|(applier, _)| applier)
+        .map_err(|e| TestCaseError::fail(e.to_string()))
 }
 
 fn key() -> impl Strategy<Value = Bytes> {

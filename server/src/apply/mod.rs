@@ -60,6 +60,16 @@ pub fn txn_has_puts(t: &TxnRequest) -> bool {
     })
 }
 
+/// Requests applied inside an MVCC write transaction (KV writes, and lease
+/// grants and revocations, whose records and key deletions go in the same
+/// engine write). Only these may share a batch entry.
+pub fn runs_in_write_txn(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Put(_) | Request::DeleteRange(_) | Request::Txn(_) | Request::LeaseGrant(_) | Request::LeaseRevoke(_)
+    )
+}
+
 pub(crate) fn error_response(e: &Error, rev: i64) -> InternalResponse {
     let (kind, detail) = e.apply_code();
     InternalResponse { response: Some(Response::Error(ApplyError { kind, detail })), revision: rev }
@@ -211,8 +221,8 @@ impl Applier {
         Ok(committed)
     }
 
-    /// One KV write (put, delete range, txn) inside `txn`; in a batch,
-    /// also a lease grant or revoke.
+    /// One request of the kinds [`runs_in_write_txn`] accepts, inside
+    /// `txn`.
     fn kv_op(&self, txn: &mut WriteTxn<'_>, req: &Request) -> Result<Response, Error> {
         match req {
             Request::LeaseGrant(g) => {
@@ -245,7 +255,7 @@ impl Applier {
             }
             Request::DeleteRange(d) => Ok(Response::DeleteRange(kv::delete_range(txn, d)?)),
             Request::Txn(t) => Ok(Response::Txn(kv::txn_write(txn, t, &*self.leases)?)),
-            _ => Err(Error::Unimplemented("this request in a batch")),
+            _ => Err(Error::Unimplemented("this request in a write transaction")),
         }
     }
 
@@ -308,9 +318,7 @@ impl Applier {
             return Ok(error_response(&refused, self.mvcc.current_rev()));
         }
         match &req.request {
-            Some(r @ (Request::Put(_) | Request::DeleteRange(_) | Request::Txn(_))) => {
-                self.kv_write(log_id, |txn| self.kv_op(txn, r))
-            }
+            Some(r) if runs_in_write_txn(r) => self.kv_write(log_id, |txn| self.kv_op(txn, r)),
             Some(Request::Batch(b)) => self.apply_batch(log_id, &b.requests),
             Some(Request::Compaction(c)) => {
                 let mut b = WriteBatch::new();
@@ -330,45 +338,6 @@ impl Applier {
                     }
                     Err(Error::Storage(m)) => return Err(StorageError::Io(m)),
                     Err(e) => error_response(&e, rev),
-                })
-            }
-            Some(Request::LeaseGrant(g)) => {
-                let mut b = WriteBatch::new();
-                applied_put(&mut b, log_id)?;
-                let outcome = self.leases.grant(g.id, g.ttl, &mut b);
-                self.engine.write(b, false)?;
-                let rev = self.mvcc.current_rev();
-                Ok(match outcome {
-                    Ok(()) => InternalResponse {
-                        response: Some(Response::LeaseGrant(LeaseGrantResponse {
-                            header: Some(ResponseHeader { revision: rev, ..Default::default() }),
-                            id: g.id,
-                            ttl: g.ttl,
-                            error: String::new(),
-                        })),
-                        revision: rev,
-                    },
-                    Err(e) => error_response(&e, rev),
-                })
-            }
-            Some(Request::LeaseRevoke(r)) => {
-                let keys = match self.leases.keys_to_revoke(r.id) {
-                    Ok(keys) => keys,
-                    Err(e) => {
-                        self.apply_noop(log_id)?;
-                        return Ok(error_response(&e, self.mvcc.current_rev()));
-                    }
-                };
-                let id = r.id;
-                self.kv_write(log_id, |txn| {
-                    // Every attached key goes in one revision, in key order.
-                    for key in &keys {
-                        txn.delete_range(key, None);
-                    }
-                    self.leases.remove(id, txn.batch_mut());
-                    Ok(Response::LeaseRevoke(LeaseRevokeResponse {
-                        header: Some(ResponseHeader { revision: txn.write_rev(), ..Default::default() }),
-                    }))
                 })
             }
             Some(Request::LeaseCheckpoint(c)) => {
@@ -438,6 +407,21 @@ impl Applier {
     }
 }
 
+/// An applier over a fresh in-memory engine, for tests.
+#[cfg(test)]
+pub(crate) fn in_memory_applier(
+    observer: Arc<dyn CommitObserver>,
+    compactor: Arc<dyn Compactor>,
+) -> anyhow::Result<(Applier, SharedEngine)> {
+    let engine: SharedEngine = Arc::new(crate::storage::memory::MemoryEngine::new());
+    let mvcc = Arc::new(MvccStore::open(engine.clone())?);
+    let members = Arc::new(MemberRegistry::load(&engine)?);
+    let leases = Arc::new(Lessor::load(&engine, &mvcc)?);
+    let alarms = Arc::new(AlarmStore::load(&engine)?);
+    let applier = Applier::new(engine.clone(), mvcc, members, leases, alarms, observer, compactor);
+    Ok((applier, engine))
+}
+
 #[cfg(test)]
 mod batch_tests {
     use std::sync::Mutex;
@@ -449,7 +433,6 @@ mod batch_tests {
     use keel_proto::keelpb::InternalBatch;
 
     use super::*;
-    use crate::storage::memory::MemoryEngine;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<(i64, Vec<Event>)>>);
@@ -474,13 +457,8 @@ mod batch_tests {
     }
 
     fn member() -> Result<Member, Box<dyn std::error::Error>> {
-        let engine: SharedEngine = Arc::new(MemoryEngine::new());
-        let mvcc = Arc::new(MvccStore::open(engine.clone())?);
-        let members = Arc::new(MemberRegistry::load(&engine)?);
-        let leases = Arc::new(Lessor::load(&engine, &mvcc)?);
-        let alarms = Arc::new(AlarmStore::load(&engine)?);
         let recorder = Arc::new(Recorder::default());
-        let applier = Applier::new(engine.clone(), mvcc, members, leases, alarms, recorder.clone(), recorder.clone());
+        let (applier, engine) = in_memory_applier(recorder.clone(), recorder.clone())?;
         Ok(Member { applier, engine, recorder, next_index: 1 })
     }
 

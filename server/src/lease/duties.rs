@@ -162,34 +162,31 @@ impl Server {
     /// The leader side of a renewal.
     pub async fn lease_renew_local(&self, id: i64) -> Result<i64> {
         let deadline = Instant::now() + self.request_timeout();
-        loop {
-            return match self.leases.renew(id) {
-                Ok((ttl, clear_checkpoint)) => {
-                    if clear_checkpoint {
-                        let cp = LeaseCheckpoint { id, remaining_ttl: 0 };
-                        let req = internal(internal_request::Request::LeaseCheckpoint(LeaseCheckpointRequest {
-                            checkpoints: vec![cp],
-                        }));
-                        self.propose(req).await?;
-                    }
-                    Ok(ttl)
-                }
-                // Expired here, but its revocation is not applied yet. Like
-                // etcd, wait for the outcome instead of answering TTL 0: a
-                // leader that lost its quorum cannot revoke, and its
-                // successor may keep the lease alive (found by the Jepsen
-                // lease workload: a keepalive answered 0, the next one 3).
+        // Expired here, but its revocation is not applied yet. Like etcd,
+        // wait for the outcome instead of answering TTL 0: a leader that
+        // lost its quorum cannot revoke, and its successor may keep the
+        // lease alive (found by the Jepsen lease workload: a keepalive
+        // answered 0, the next one 3).
+        let (ttl, clear_checkpoint) = loop {
+            match self.leases.renew(id) {
+                Ok(renewed) => break renewed,
                 Err(Error::LeaseNotFound) if self.leases.exists(id) => {
                     if Instant::now() >= deadline {
                         return Err(Error::Timeout);
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
                 }
-                Err(Error::LeaseNotFound) => Ok(0),
-                Err(e) => Err(e),
-            };
+                Err(Error::LeaseNotFound) => return Ok(0),
+                Err(e) => return Err(e),
+            }
+        };
+        if clear_checkpoint {
+            let cp = LeaseCheckpoint { id, remaining_ttl: 0 };
+            let req =
+                internal(internal_request::Request::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints: vec![cp] }));
+            self.propose(req).await?;
         }
+        Ok(ttl)
     }
 
     /// LeaseTimeToLive, answered by the leader (which keeps expiry times).

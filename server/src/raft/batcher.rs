@@ -48,16 +48,12 @@ pub struct Batcher {
 
 /// Whether `req` may share an entry with others.
 fn batchable(req: &InternalRequest) -> bool {
-    matches!(
-        req.request,
-        Some(
-            Request::Put(_)
-                | Request::DeleteRange(_)
-                | Request::Txn(_)
-                | Request::LeaseGrant(_)
-                | Request::LeaseRevoke(_)
-        )
-    )
+    req.request.as_ref().is_some_and(crate::apply::runs_in_write_txn)
+}
+
+/// Proposes one request as its own entry.
+async fn write_one(raft: &Raft, req: InternalRequest) -> WriteResult {
+    raft.client_write(Command(req)).await.map(|w| (w.data.0, w.log_id))
 }
 
 impl Batcher {
@@ -72,7 +68,7 @@ impl Batcher {
     /// log id. Same errors as `Raft::client_write`.
     pub async fn write(&self, req: InternalRequest) -> WriteResult {
         if !batchable(&req) {
-            return self.raft.client_write(Command(req)).await.map(|w| (w.data.0, w.log_id));
+            return write_one(&self.raft, req).await;
         }
         let (reply, rx) = oneshot::channel();
         if self.queue.send(Queued { req, reply }).await.is_err() {
@@ -118,8 +114,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Queued>) {
 async fn propose(raft: &Raft, mut batch: Vec<Queued>) {
     if batch.len() == 1 {
         let Some(q) = batch.pop() else { return };
-        let result = raft.client_write(Command(q.req)).await.map(|w| (w.data.0, w.log_id));
-        let _ = q.reply.send(result);
+        let _ = q.reply.send(write_one(raft, q.req).await);
         return;
     }
     let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|q| (q.req, q.reply)).unzip();

@@ -228,12 +228,18 @@ pub struct PeerNetwork {
 #[error("{0}")]
 struct TransportError(String);
 
-type RpcResult<T, E> = Result<T, RPCError<NodeId, MemberNode, RaftError<NodeId, E>>>;
+type RpcError<E> = RPCError<NodeId, MemberNode, RaftError<NodeId, E>>;
+type RpcResult<T, E> = Result<T, RpcError<E>>;
+
+/// Serializes a peer request.
+fn encode_rpc<Req: Serialize, E: std::error::Error>(req: &Req) -> Result<Vec<u8>, RpcError<E>> {
+    codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+}
 
 impl PeerNetwork {
-    async fn call<Req, Resp, E, F, Fut>(&self, req: &Req, option: &RPCOption, send: F) -> RpcResult<Resp, E>
+    /// Sends an encoded request (see [`encode_rpc`]) and decodes the reply.
+    async fn call<Resp, E, F, Fut>(&self, data: Vec<u8>, option: &RPCOption, send: F) -> RpcResult<Resp, E>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
         F: FnOnce(RaftPeerClient<Channel>, tonic::Request<RaftPayload>) -> Fut,
@@ -243,7 +249,6 @@ impl PeerNetwork {
             .clients
             .client(self.target, &self.node)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&TransportError(e.to_string()))))?;
-        let data = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { data: data.into() });
         request.set_timeout(option.hard_ttl());
         let reply = send(client, request).await.map_err(|status| {
@@ -270,14 +275,14 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
         // Entries carry whole batches of requests: when a run of them would
         // not fit in one peer message, ask openraft to send fewer.
-        let limit = (MAX_PEER_MESSAGE - (1 << 20)) as u64;
-        let size = bincode::serialized_size(&rpc).unwrap_or(0);
-        let n = rpc.entries.len() as u64;
-        if size > limit && n > 1 {
-            let hint = (n * limit / size).clamp(1, n - 1);
+        let data = encode_rpc(&rpc)?;
+        let limit = MAX_PEER_MESSAGE - (1 << 20);
+        let n = rpc.entries.len();
+        if data.len() > limit && n > 1 {
+            let hint = (n * limit / data.len()).clamp(1, n - 1) as u64;
             return Err(RPCError::PayloadTooLarge(openraft::error::PayloadTooLarge::new_entries_hint(hint)));
         }
-        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
+        self.call(data, &option, |mut c, r| async move { c.append_entries(r).await }).await
     }
 
     async fn install_snapshot(
@@ -285,7 +290,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(&rpc, &option, |mut c, r| async move { c.install_snapshot(r).await }).await
+        self.call(encode_rpc(&rpc)?, &option, |mut c, r| async move { c.install_snapshot(r).await }).await
     }
 
     async fn vote(
@@ -293,6 +298,6 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
+        self.call(encode_rpc(&rpc)?, &option, |mut c, r| async move { c.vote(r).await }).await
     }
 }
