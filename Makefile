@@ -8,7 +8,7 @@ RUN_DATA_DIR ?= default.etcd
 E2E          ?= ../shared/conformance/etcd-e2e
 # etcd-e2e groups keel claims; `make conformance` keeps them passing, minus
 # the tests in conformance/known-failures.txt (reasons in its README).
-CONFORMANCE_GROUPS ?= kv cluster watch lease operations
+CONFORMANCE_GROUPS ?= kv cluster watch lease operations security
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CARGO_TARGET_DIR := $(TARGET_DIR)
@@ -23,7 +23,7 @@ all: build
 # tests and for you), etcd-server (real etcd, the reference the differential
 # tests compare against), iproute2 and iptables (network namespaces and
 # faults for the Jepsen harness).
-DEB_PACKAGES := clang libclang-dev etcd-client etcd-server iproute2 iptables
+DEB_PACKAGES := clang libclang-dev etcd-client etcd-server iproute2 iptables curl
 deps:
 	@missing=""; \
 	for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

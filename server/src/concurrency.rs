@@ -21,6 +21,7 @@ use keel_proto::etcdserverpb::{
 use keel_proto::mvccpb::{event::EventType, KeyValue};
 
 use crate::api::kv::KvService;
+use crate::auth::AuthInfo;
 use crate::error::Error;
 use crate::server::Server;
 use crate::storage::keys::prefix_end;
@@ -58,6 +59,8 @@ pub type RecipeResult<T> = std::result::Result<T, RecipeError>;
 pub struct Recipes {
     server: Arc<Server>,
     kv: KvService,
+    /// Whose request this is: every KV operation runs with their rights.
+    who: Option<AuthInfo>,
 }
 
 fn op(request: request_op::Request) -> RequestOp {
@@ -97,7 +100,13 @@ fn range_kvs(resp: &TxnResponse, i: usize) -> Vec<KeyValue> {
 impl Recipes {
     pub fn new(server: Arc<Server>) -> Self {
         let kv = KvService::new(server.clone());
-        Self { server, kv }
+        Self { server, kv, who: None }
+    }
+
+    /// The recipes acting for the sender of `req`.
+    pub async fn for_request<T>(&self, req: &tonic::Request<T>) -> Result<Arc<Recipes>, tonic::Status> {
+        let who = crate::api::credentials::auth_info(&self.server, req).await?;
+        Ok(Arc::new(Recipes { server: self.server.clone(), kv: KvService::new(self.server.clone()), who }))
     }
 
     /// Completes a header with this member's identity.
@@ -123,7 +132,8 @@ impl Recipes {
     /// remains; returns the header of the final check.
     async fn wait_deletes(&self, pfx: &[u8], max_create_rev: i64) -> RecipeResult<ResponseHeader> {
         loop {
-            let resp = self.kv.range_inner(by_create(pfx, SortOrder::Descend, max_create_rev)).await?;
+            let resp =
+                self.kv.range_inner(by_create(pfx, SortOrder::Descend, max_create_rev), self.who.as_ref()).await?;
             let header = resp.header.unwrap_or_default();
             let Some(last) = resp.kvs.first() else { return Ok(header) };
             self.wait_delete(&last.key, header.revision).await?;
@@ -154,7 +164,7 @@ impl Recipes {
                 owner,
             ],
         };
-        let resp = self.kv.txn_inner(txn).await?;
+        let resp = self.kv.txn_inner(txn, self.who.as_ref()).await?;
         *cleanup.lock().await = Some(my_key.clone());
         let header = resp.header.unwrap_or_default();
         let my_rev = if resp.succeeded {
@@ -174,7 +184,8 @@ impl Recipes {
             }
         };
         // The waiter's own key may have gone with its lease meanwhile.
-        let mine = self.kv.range_inner(RangeRequest { key: my_key.clone(), ..Default::default() }).await?;
+        let mine =
+            self.kv.range_inner(RangeRequest { key: my_key.clone(), ..Default::default() }, self.who.as_ref()).await?;
         if mine.kvs.is_empty() {
             return Err(RecipeError::SessionExpired);
         }
@@ -182,8 +193,13 @@ impl Recipes {
     }
 
     pub async fn unlock(&self, key: &[u8]) -> RecipeResult<ResponseHeader> {
-        let resp =
-            self.kv.delete_inner(DeleteRangeRequest { key: Bytes::copy_from_slice(key), ..Default::default() }).await?;
+        let resp = self
+            .kv
+            .delete_inner(
+                DeleteRangeRequest { key: Bytes::copy_from_slice(key), ..Default::default() },
+                self.who.as_ref(),
+            )
+            .await?;
         Ok(resp.header.unwrap_or_default())
     }
 
@@ -212,7 +228,7 @@ impl Recipes {
                 ..Default::default()
             }))],
         };
-        let resp = self.kv.txn_inner(txn).await?;
+        let resp = self.kv.txn_inner(txn, self.who.as_ref()).await?;
         let header = resp.header.unwrap_or_default();
         let mut rev = header.revision;
         if !resp.succeeded {
@@ -241,7 +257,7 @@ impl Recipes {
             }))],
             failure: vec![],
         };
-        let resp = self.kv.txn_inner(txn).await?;
+        let resp = self.kv.txn_inner(txn, self.who.as_ref()).await?;
         if !resp.succeeded {
             return Err(RecipeError::NotLeader);
         }
@@ -257,14 +273,14 @@ impl Recipes {
             }))],
             failure: vec![],
         };
-        Ok(self.kv.txn_inner(txn).await?.header.unwrap_or_default())
+        Ok(self.kv.txn_inner(txn, self.who.as_ref()).await?.header.unwrap_or_default())
     }
 
     /// concurrency.Election.Leader: the current leader's key-value.
     pub async fn leader(&self, name: &[u8]) -> RecipeResult<(ResponseHeader, KeyValue)> {
         let mut pfx = name.to_vec();
         pfx.push(b'/');
-        let resp = self.kv.range_inner(by_create(&pfx, SortOrder::Ascend, 0)).await?;
+        let resp = self.kv.range_inner(by_create(&pfx, SortOrder::Ascend, 0), self.who.as_ref()).await?;
         let header = resp.header.unwrap_or_default();
         let kv = resp.kvs.into_iter().next().ok_or(RecipeError::NoLeader)?;
         Ok((header, kv))
@@ -280,7 +296,7 @@ impl Recipes {
         let mut pfx = name.to_vec();
         pfx.push(b'/');
         loop {
-            let resp = self.kv.range_inner(by_create(&pfx, SortOrder::Ascend, 0)).await?;
+            let resp = self.kv.range_inner(by_create(&pfx, SortOrder::Ascend, 0), self.who.as_ref()).await?;
             let mut header = resp.header.unwrap_or_default();
             let kv = match resp.kvs.into_iter().next() {
                 Some(kv) => kv,

@@ -11,7 +11,8 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::cluster::{parse_url, parse_urls};
-use crate::transport::TlsFiles;
+use crate::transport::tls_policy::AllowedClient;
+use crate::transport::{TlsFiles, TlsPolicy};
 
 /// The etcd release keel is measured against (its e2e suite, Debian's
 /// etcd-server), and so the version it reports by default (Status,
@@ -110,7 +111,10 @@ macro_rules! go_bool {
     name = "keel",
     about = "keel: an etcd-compatible, Raft-replicated key-value store",
     disable_version_flag = true,
-    disable_help_subcommand = true
+    disable_help_subcommand = true,
+    // Go's flag package lets a flag repeat (the last one wins); etcd's
+    // test harness relies on it.
+    args_override_self = true
 )]
 pub struct Flags {
     /// Print the version and exit.
@@ -466,6 +470,13 @@ pub struct Config {
     pub corrupt_check_interval: Duration,
     pub initial_corrupt_check: bool,
     pub unsafe_no_fsync: bool,
+    /// `--auth-token` as given ("simple", or "jwt,...").
+    pub auth_token: String,
+    pub auth_token_ttl: Duration,
+    pub bcrypt_cost: u32,
+    /// The common name of a verified client certificate names the user
+    /// when a request carries no token (`--client-cert-auth`).
+    pub client_cert_auth: bool,
 }
 
 /// Why a configuration was refused; printed before exiting non-zero.
@@ -478,7 +489,7 @@ fn reject(msg: impl Into<String>) -> ConfigError {
 }
 
 /// Certificate, key and CA flags of one side (client or peer).
-fn tls_files(prefix: &str, cert: &str, key: &str, ca: &str) -> Result<Option<TlsFiles>, ConfigError> {
+fn tls_files(prefix: &str, cert: &str, key: &str, ca: &str, crl: &str) -> Result<Option<TlsFiles>, ConfigError> {
     match (cert.is_empty(), key.is_empty()) {
         (true, true) => {
             if !ca.is_empty() {
@@ -489,7 +500,10 @@ fn tls_files(prefix: &str, cert: &str, key: &str, ca: &str) -> Result<Option<Tls
             Ok(None)
         }
         (false, false) => {
-            for (flag, path) in [("cert-file", cert), ("key-file", key), ("trusted-ca-file", ca)] {
+            if !crl.is_empty() && ca.is_empty() {
+                return Err(reject(format!("--{prefix}crl-file needs --{prefix}trusted-ca-file")));
+            }
+            for (flag, path) in [("cert-file", cert), ("key-file", key), ("trusted-ca-file", ca), ("crl-file", crl)] {
                 if !path.is_empty() && !std::path::Path::new(path).exists() {
                     return Err(reject(format!("--{prefix}{flag}: {path}: no such file")));
                 }
@@ -498,6 +512,9 @@ fn tls_files(prefix: &str, cert: &str, key: &str, ca: &str) -> Result<Option<Tls
                 cert: PathBuf::from(cert),
                 key: PathBuf::from(key),
                 trusted_ca: (!ca.is_empty()).then(|| PathBuf::from(ca)),
+                crl: (!crl.is_empty()).then(|| PathBuf::from(crl)),
+                policy: TlsPolicy::default(),
+                allowed_client: None,
             }))
         }
         _ => Err(reject(format!("--{prefix}cert-file and --{prefix}key-file must be given together"))),
@@ -546,16 +563,28 @@ impl Flags {
         if self.enable_pprof {
             return Err(reject("--enable-pprof is not supported by keel"));
         }
-        if !self.client_crl_file.is_empty() || !self.peer_crl_file.is_empty() {
-            return Err(reject(
-                "certificate revocation lists (--client-crl-file, --peer-crl-file) are not supported by keel yet",
-            ));
-        }
-        if !self.cipher_suites.is_empty() {
-            return Err(reject("--cipher-suites is not supported by keel yet (keel uses rustls' safe defaults)"));
-        }
-        let client_tls = tls_files("", &self.cert_file, &self.key_file, &self.trusted_ca_file)?;
-        let peer_tls = tls_files("peer-", &self.peer_cert_file, &self.peer_key_file, &self.peer_trusted_ca_file)?;
+        let allowed_client = match (self.peer_cert_allowed_cn.as_str(), self.peer_cert_allowed_hostname.as_str()) {
+            ("", "") => None,
+            (cn, "") => Some(AllowedClient::CommonName(cn.to_string())),
+            ("", host) => Some(AllowedClient::Hostname(host.to_string())),
+            (cn, host) => {
+                return Err(reject(format!(
+                    "AllowedCN and AllowedHostname are mutually exclusive (cn={cn:?}, hostname={host:?})"
+                )))
+            }
+        };
+        let policy =
+            TlsPolicy::from_flags(&self.cipher_suites, &self.tls_min_version, &self.tls_max_version).map_err(reject)?;
+        let client_tls = tls_files("", &self.cert_file, &self.key_file, &self.trusted_ca_file, &self.client_crl_file)?
+            .map(|f| TlsFiles { policy: policy.clone(), ..f });
+        let peer_tls = tls_files(
+            "peer-",
+            &self.peer_cert_file,
+            &self.peer_key_file,
+            &self.peer_trusted_ca_file,
+            &self.peer_crl_file,
+        )?
+        .map(|f| TlsFiles { policy: policy.clone(), allowed_client: allowed_client.clone(), ..f });
         if self.client_cert_auth && self.trusted_ca_file.is_empty() {
             return Err(reject("--client-cert-auth needs --trusted-ca-file to verify client certificates"));
         }
@@ -580,11 +609,11 @@ impl Flags {
         if !(4..=31).contains(&self.bcrypt_cost) {
             return Err(reject(format!("--bcrypt-cost {} out of range [4, 31]", self.bcrypt_cost)));
         }
-        if self.auth_token != "simple" {
-            return Err(reject(format!(
-                "--auth-token {}: only 'simple' tokens are supported by keel yet",
-                self.auth_token
-            )));
+        if let Err(e) = crate::auth::tokens::TokenProvider::from_flag(
+            &self.auth_token,
+            std::time::Duration::from_secs(self.auth_token_ttl),
+        ) {
+            return Err(reject(format!("--auth-token {}: {e}", self.auth_token)));
         }
         if self.max_request_bytes == 0 {
             return Err(reject("--max-request-bytes must be > 0"));
@@ -724,6 +753,10 @@ impl Flags {
             corrupt_check_interval: self.experimental_corrupt_check_time,
             initial_corrupt_check: self.experimental_initial_corrupt_check,
             unsafe_no_fsync: self.unsafe_no_fsync,
+            auth_token: self.auth_token.clone(),
+            auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
+            bcrypt_cost: self.bcrypt_cost,
+            client_cert_auth: self.client_cert_auth,
         })
     }
 }

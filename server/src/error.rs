@@ -77,6 +77,8 @@ pub enum Error {
     RoleEmpty,
     #[error("authentication failed, invalid user ID or password")]
     AuthFailed,
+    #[error("authentication failed, password was given for no password user")]
+    NoPasswordUser,
     #[error("permission denied")]
     PermissionDenied,
     #[error("role is not granted to the user")]

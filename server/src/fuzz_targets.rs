@@ -13,6 +13,9 @@
 //!   must agree;
 //! - `log_entry_decoder`, `peer_message_decoder`: Raft log records and
 //!   peer messages from arbitrary bytes, and from valid ones with damage;
+//! - `auth_store_survives_any_change_sequence`: arbitrary auth changes
+//!   from arbitrary senders; the cached state always equals what a reload
+//!   from storage gives;
 //! - `snapshot_reader`: snapshot streams from arbitrary bytes;
 //! - `http2_shim`: the inbound HTTP/2 frame rewriter on arbitrary frames.
 
@@ -157,6 +160,44 @@ fn request() -> impl Strategy<Value = InternalRequest> {
     .prop_map(|r| InternalRequest { header: None, request: Some(r) })
 }
 
+fn auth_change() -> impl Strategy<Value = (Option<(String, u64)>, Request)> {
+    use keel_proto::authpb::{Permission, UserAddOptions};
+    use keel_proto::etcdserverpb::*;
+    let name = || prop::sample::select(vec!["", "root", "a", "b"]).prop_map(String::from);
+    let bytes = || prop::collection::vec(prop::sample::select(vec![0u8, b'a', b'b', 0xff]), 0..3).prop_map(Bytes::from);
+    let perm =
+        (-1i32..4, bytes(), bytes()).prop_map(|(perm_type, key, range_end)| Permission { perm_type, key, range_end });
+    let change = prop_oneof![
+        Just(Request::AuthEnable(AuthEnableRequest {})),
+        Just(Request::AuthDisable(AuthDisableRequest {})),
+        name().prop_map(|name| Request::Authenticate(keel_proto::keelpb::AuthenticateInternal {
+            name,
+            simple_token: "tok".into()
+        })),
+        (name(), any::<bool>()).prop_map(|(name, no_password)| Request::AuthUserAdd(AuthUserAddRequest {
+            name,
+            hashed_password: "$2b$04$invalidinvalidinvalidinvalidinvalidinvalidinvalidinval".into(),
+            options: Some(UserAddOptions { no_password }),
+            ..Default::default()
+        })),
+        name().prop_map(|name| Request::AuthUserDelete(AuthUserDeleteRequest { name })),
+        name().prop_map(|name| Request::AuthUserChangePassword(AuthUserChangePasswordRequest {
+            name,
+            ..Default::default()
+        })),
+        (name(), name()).prop_map(|(user, role)| Request::AuthUserGrantRole(AuthUserGrantRoleRequest { user, role })),
+        (name(), name()).prop_map(|(name, role)| Request::AuthUserRevokeRole(AuthUserRevokeRoleRequest { name, role })),
+        name().prop_map(|name| Request::AuthRoleAdd(AuthRoleAddRequest { name })),
+        name().prop_map(|role| Request::AuthRoleDelete(AuthRoleDeleteRequest { role })),
+        (name(), prop::option::of(perm))
+            .prop_map(|(name, perm)| Request::AuthRoleGrantPermission(AuthRoleGrantPermissionRequest { name, perm })),
+        (name(), bytes(), bytes()).prop_map(|(role, key, range_end)| Request::AuthRoleRevokePermission(
+            AuthRoleRevokePermissionRequest { role, key, range_end }
+        )),
+    ];
+    (prop::option::of((name(), 0u64..12)), change)
+}
+
 fn log_id(index: u64) -> LogId {
     LogId::new(openraft::CommittedLeaderId::new(1, 1), index)
 }
@@ -216,6 +257,38 @@ proptest! {
         let _ = crate::raft::codec::decode::<openraft::raft::VoteRequest<u64>>(&bytes);
         let _ = crate::raft::codec::decode::<openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig>>(&bytes);
         let _ = <InternalRequest as prost::Message>::decode(bytes.as_slice());
+    }
+
+    /// Any sequence of auth changes from any sender applies without a
+    /// panic or storage error, and the cache always matches storage.
+    #[test]
+    fn auth_store_survives_any_change_sequence(changes in prop::collection::vec(auth_change(), 1..24)) {
+        use crate::auth::{AuthInfo, AuthStore};
+        use crate::auth::tokens::TokenProvider;
+        use crate::storage::{SharedEngine, WriteBatch};
+        let fail = |e: &dyn std::fmt::Display| TestCaseError::fail(e.to_string());
+        let tokens = || TokenProvider::from_flag("simple", std::time::Duration::from_secs(60));
+        let engine: SharedEngine = Arc::new(crate::storage::memory::MemoryEngine::new());
+        let store = AuthStore::load(&engine, tokens().map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
+        let probes: [(&[u8], &[u8]); 4] = [(b"a", b""), (b"a", b"b"), (b"\0", b"\0"), (b"b", b"\xff")];
+        for (i, (sender, change)) in changes.iter().enumerate() {
+            let who = sender.as_ref().map(|(username, revision)| AuthInfo { username: username.clone(), revision: *revision }).unwrap_or_default();
+            let mut batch = WriteBatch::new();
+            if let Ok((_, update)) = store.apply(&who, change, i as u64 + 1, &mut batch) {
+                engine.write(batch, false).map_err(|e| fail(&e))?;
+                store.install(update);
+            }
+            let reloaded = AuthStore::load(&engine, tokens().map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
+            prop_assert_eq!(reloaded.revision(), store.revision());
+            prop_assert_eq!(reloaded.is_enabled(), store.is_enabled());
+            for user in ["", "root", "a", "b"] {
+                let who = AuthInfo { username: user.to_string(), revision: store.revision() };
+                for (key, end) in probes {
+                    prop_assert_eq!(reloaded.check_read(&who, key, end), store.check_read(&who, key, end));
+                    prop_assert_eq!(reloaded.check_write(&who, key, end), store.check_write(&who, key, end));
+                }
+            }
+        }
     }
 
     /// Snapshot streams from arbitrary bytes are refused cleanly.

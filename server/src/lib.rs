@@ -8,6 +8,9 @@
 //!   store with etcd's semantics.
 //! - `apply`: etcd's request semantics (range/put/delete/txn) and the
 //!   application of committed Raft entries.
+//! - `auth`: users, roles, key-range permissions and tokens; auth changes
+//!   are applied through Raft, permission checks run at apply (writes)
+//!   and in the API layer (reads, watches, admin RPCs).
 //! - `raft`: openraft's type config, log store, state machine, snapshot
 //!   files and the gRPC peer transport.
 //! - `cluster`: member/cluster ids, URL rules, published member attributes.
@@ -32,6 +35,7 @@
 pub mod alarm;
 pub mod api;
 pub mod apply;
+pub mod auth;
 pub mod backup;
 pub mod cli;
 pub mod cluster;

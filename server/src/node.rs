@@ -21,7 +21,9 @@ use tokio::task::JoinHandle;
 
 use crate::alarm::AlarmStore;
 use crate::api;
-use crate::apply::{Applier, Compactor};
+use crate::apply::{Applier, Compactor, Stores};
+use crate::auth::tokens::TokenProvider;
+use crate::auth::AuthStore;
 use crate::cluster::{cluster_id, member_id, MemberRegistry};
 use crate::config::{ClusterState, Config};
 use crate::lease::duties::LeaseIdGen;
@@ -98,6 +100,7 @@ struct Reloader {
     hub: Arc<WatchHub>,
     leases: Arc<Lessor>,
     alarms: Arc<AlarmStore>,
+    auth: Arc<AuthStore>,
 }
 
 impl Reloadable for Reloader {
@@ -105,6 +108,7 @@ impl Reloadable for Reloader {
         self.mvcc.reload().map_err(|e| StorageError::Io(e.to_string()))?;
         self.leases.reload(&self.engine, &self.mvcc)?;
         self.alarms.reload(&self.engine)?;
+        self.auth.reload(&self.engine)?;
         self.hub.reset(self.mvcc.current_rev());
         self.members.reload(&self.engine)
     }
@@ -295,12 +299,17 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let hub = Arc::new(WatchHub::new(mvcc.current_rev()));
     let leases = Arc::new(Lessor::load(&engine, &mvcc)?);
     let alarms = Arc::new(AlarmStore::load(&engine)?);
+    let tokens = TokenProvider::from_flag(&config.auth_token, config.auth_token_ttl)?;
+    let auth = Arc::new(AuthStore::load(&engine, tokens)?);
     let applier = Applier::new(
         engine.clone(),
-        mvcc.clone(),
-        members.clone(),
-        leases.clone(),
-        alarms.clone(),
+        Stores {
+            mvcc: mvcc.clone(),
+            members: members.clone(),
+            leases: leases.clone(),
+            alarms: alarms.clone(),
+            auth: auth.clone(),
+        },
         hub.clone(),
         compactor,
     );
@@ -311,6 +320,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         hub: hub.clone(),
         leases: leases.clone(),
         alarms: alarms.clone(),
+        auth: auth.clone(),
     });
     let state_machine = StateMachine::open(engine.clone(), applier, snap_dir, reloader)?;
     let log_store = LogStore::open_checked(engine.clone(), &member_dir.join("raft.ack"))?;
@@ -360,6 +370,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         members,
         leases,
         alarms,
+        auth,
         hub: hub.clone(),
         db_size: std::sync::atomic::AtomicU64::new(0),
         lease_ids: LeaseIdGen::new(id),

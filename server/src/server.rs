@@ -12,6 +12,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
 
 use crate::alarm::AlarmStore;
+use crate::auth::AuthStore;
 use crate::cluster::MemberRegistry;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -43,6 +44,7 @@ pub struct Server {
     pub members: Arc<MemberRegistry>,
     pub leases: Arc<Lessor>,
     pub alarms: Arc<AlarmStore>,
+    pub auth: Arc<AuthStore>,
     pub hub: Arc<WatchHub>,
     /// Backend size as of the last refresh (the quota check reads it on
     /// every write; see [`Server::refresh_db_size`]).

@@ -70,11 +70,20 @@ pub struct ClusterOptions {
     pub token: String,
     /// Build every member's data dir with `keel snapshot restore` first.
     pub restore_from: Option<PathBuf>,
+    /// Peer URLs use https (the caller passes the peer TLS flags).
+    pub peer_tls: bool,
 }
 
 impl ClusterOptions {
     pub fn keel(size: usize) -> Self {
-        Self { size, binary: keel_bin(), extra_args: Vec::new(), token: "keel-test".into(), restore_from: None }
+        Self {
+            size,
+            binary: keel_bin(),
+            extra_args: Vec::new(),
+            token: "keel-test".into(),
+            restore_from: None,
+            peer_tls: false,
+        }
     }
 
     pub fn args(mut self, args: &[&str]) -> Self {
@@ -113,7 +122,7 @@ impl Cluster {
                 data_dir: dir.path().join(format!("{name}.data")),
                 log: dir.path().join(format!("{name}.log")),
                 client_url: format!("http://127.0.0.1:{}", free_port()?),
-                peer_url: format!("http://127.0.0.1:{}", free_port()?),
+                peer_url: format!("{}://127.0.0.1:{}", if opts.peer_tls { "https" } else { "http" }, free_port()?),
                 name,
                 args: Vec::new(),
                 child: None,

@@ -42,17 +42,29 @@ impl ClusterService {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
-        let member = self.change(Change::Add(req.into_inner())).await?;
+        let member = {
+            super::credentials::require_admin(&self.server, &req).await?;
+            self.change(Change::Add(req.into_inner()))
+        }
+        .await?;
         Ok(Response::new(MemberAddResponse { header: self.header(), member, members: self.member_list() }))
     }
 
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        self.change(Change::Remove(req.into_inner())).await?;
+        {
+            super::credentials::require_admin(&self.server, &req).await?;
+            self.change(Change::Remove(req.into_inner()))
+        }
+        .await?;
         Ok(Response::new(MemberRemoveResponse { header: self.header(), members: self.member_list() }))
     }
 
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
-        self.change(Change::Update(req.into_inner())).await?;
+        {
+            super::credentials::require_admin(&self.server, &req).await?;
+            self.change(Change::Update(req.into_inner()))
+        }
+        .await?;
         Ok(Response::new(MemberUpdateResponse { header: self.header(), members: self.member_list() }))
     }
 
@@ -67,7 +79,11 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        self.change(Change::Promote(req.into_inner())).await?;
+        {
+            super::credentials::require_admin(&self.server, &req).await?;
+            self.change(Change::Promote(req.into_inner()))
+        }
+        .await?;
         Ok(Response::new(MemberPromoteResponse { header: self.header(), members: self.member_list() }))
     }
 }

@@ -52,13 +52,14 @@ impl Drop for ResignOnDrop {
 #[tonic::async_trait]
 impl Election for ElectionService {
     async fn campaign(&self, req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
+        let recipes = self.recipes.for_request(&req).await?;
         let req = req.into_inner();
-        let recipes = self.recipes.clone();
         let candidate = Arc::new(tokio::sync::Mutex::new(None));
         let task_candidate = candidate.clone();
         let (name, lease, value) = (req.name.clone(), req.lease, req.value.clone());
-        let task = tokio::spawn(async move { recipes.campaign(&name, lease, value, &task_candidate).await });
-        let mut guard = ResignOnDrop { task: Some(task), candidate, recipes: self.recipes.clone() };
+        let task_recipes = recipes.clone();
+        let task = tokio::spawn(async move { task_recipes.campaign(&name, lease, value, &task_candidate).await });
+        let mut guard = ResignOnDrop { task: Some(task), candidate, recipes: recipes.clone() };
         let outcome = match guard.task.as_mut() {
             Some(t) => t.await.map_err(|e| Status::internal(e.to_string()))?,
             None => return Err(Status::internal("campaign task missing")),
@@ -73,15 +74,17 @@ impl Election for ElectionService {
     }
 
     async fn proclaim(&self, req: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
+        let recipes = self.recipes.for_request(&req).await?;
         let req = req.into_inner();
         let leader = req.leader.ok_or(RecipeError::MissingLeaderKey)?;
-        let mut header = self.recipes.proclaim(&leader.key, leader.rev, leader.lease, req.value).await?;
+        let mut header = recipes.proclaim(&leader.key, leader.rev, leader.lease, req.value).await?;
         self.recipes.kv_header(&mut header);
         Ok(Response::new(ProclaimResponse { header: Some(header) }))
     }
 
     async fn leader(&self, req: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
-        let (mut header, kv) = self.recipes.leader(&req.into_inner().name).await?;
+        let recipes = self.recipes.for_request(&req).await?;
+        let (mut header, kv) = recipes.leader(&req.into_inner().name).await?;
         self.recipes.kv_header(&mut header);
         Ok(Response::new(LeaderResponse { header: Some(header), kv: Some(kv) }))
     }
@@ -89,8 +92,8 @@ impl Election for ElectionService {
     type ObserveStream = Pin<Box<dyn Stream<Item = Result<LeaderResponse, Status>> + Send>>;
 
     async fn observe(&self, req: Request<LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
+        let recipes = self.recipes.for_request(&req).await?;
         let name = req.into_inner().name;
-        let recipes = self.recipes.clone();
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
@@ -121,8 +124,9 @@ impl Election for ElectionService {
     }
 
     async fn resign(&self, req: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
+        let recipes = self.recipes.for_request(&req).await?;
         let leader = req.into_inner().leader.ok_or(RecipeError::MissingLeaderKey)?;
-        let mut header = self.recipes.resign(&leader.key, leader.rev).await?;
+        let mut header = recipes.resign(&leader.key, leader.rev).await?;
         self.recipes.kv_header(&mut header);
         Ok(Response::new(ResignResponse { header: Some(header) }))
     }

@@ -12,7 +12,9 @@ use keel_proto::etcdserverpb::{
 use keel_proto::keelpb::{internal_request, internal_response::Response as Applied, InternalRequest};
 use tonic::{Request as GrpcRequest, Response, Status};
 
+use super::credentials::{self, authorized_read};
 use crate::apply::kv as semantics;
+use crate::auth::AuthInfo;
 use crate::error::Error;
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -147,14 +149,14 @@ fn check_intervals<'a>(ops: &'a [RequestOp]) -> Result<(Vec<&'a [u8]>, Vec<Inter
     Ok((puts, dels))
 }
 
-fn internal(req: internal_request::Request) -> InternalRequest {
-    InternalRequest { header: None, request: Some(req) }
+fn internal(who: Option<&AuthInfo>, req: internal_request::Request) -> InternalRequest {
+    InternalRequest { header: who.and_then(AuthInfo::header), request: Some(req) }
 }
 
 /// The KV operations with etcd's validation, for this service and for the
 /// server-side lock and election recipes.
 impl KvService {
-    pub async fn range_inner(&self, r: RangeRequest) -> Result<RangeResponse> {
+    pub async fn range_inner(&self, r: RangeRequest, who: Option<&AuthInfo>) -> Result<RangeResponse> {
         check_range(&r)?;
         if self.server.alarms.is_active(keel_proto::etcdserverpb::AlarmType::Corrupt) {
             return Err(Error::Corrupt);
@@ -162,15 +164,25 @@ impl KvService {
         if !r.serializable {
             self.server.linearizable_barrier().await?;
         }
+        let auth = self.server.auth.clone();
+        let (key, end) = (r.key.clone(), r.range_end.clone());
         let mvcc = self.server.mvcc.clone();
-        let mut resp = tokio::task::spawn_blocking(move || semantics::range(&mvcc.read()?, &r))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
+        let mut resp = authorized_read(
+            &self.server,
+            who,
+            |who| auth.check_read(who, &key, &end),
+            || async move {
+                tokio::task::spawn_blocking(move || semantics::range(&mvcc.read()?, &r))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))?
+            },
+        )
+        .await?;
         self.server.fill_header(&mut resp.header);
         Ok(resp)
     }
 
-    pub async fn txn_inner(&self, t: TxnRequest) -> Result<TxnResponse> {
+    pub async fn txn_inner(&self, t: TxnRequest, who: Option<&AuthInfo>) -> Result<TxnResponse> {
         check_txn(&t, self.server.config.max_txn_ops as i64)?;
         check_intervals(&t.success)?;
         check_intervals(&t.failure)?;
@@ -179,13 +191,23 @@ impl KvService {
                 self.server.linearizable_barrier().await?;
             }
             let mvcc = self.server.mvcc.clone();
-            let mut resp = tokio::task::spawn_blocking(move || semantics::txn_read(&mvcc.read()?, &t))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
+            let auth = self.server.auth.clone();
+            let checked = t.clone();
+            let mut resp = authorized_read(
+                &self.server,
+                who,
+                |who| auth.check_txn(who, &checked),
+                || async move {
+                    tokio::task::spawn_blocking(move || semantics::txn_read(&mvcc.read()?, &t))
+                        .await
+                        .map_err(|e| Error::Internal(e.to_string()))?
+                },
+            )
+            .await?;
             self.server.fill_header(&mut resp.header);
             return Ok(resp);
         }
-        match self.server.propose(internal(internal_request::Request::Txn(t))).await?.response {
+        match self.server.propose(internal(who, internal_request::Request::Txn(t))).await?.response {
             Some(Applied::Txn(mut resp)) => {
                 self.server.fill_header(&mut resp.header);
                 Ok(resp)
@@ -196,9 +218,9 @@ impl KvService {
 }
 
 impl KvService {
-    pub async fn put_inner(&self, p: PutRequest) -> Result<PutResponse> {
+    pub async fn put_inner(&self, p: PutRequest, who: Option<&AuthInfo>) -> Result<PutResponse> {
         check_put(&p)?;
-        match self.server.propose(internal(internal_request::Request::Put(p))).await?.response {
+        match self.server.propose(internal(who, internal_request::Request::Put(p))).await?.response {
             Some(Applied::Put(mut resp)) => {
                 self.server.fill_header(&mut resp.header);
                 Ok(resp)
@@ -207,9 +229,9 @@ impl KvService {
         }
     }
 
-    pub async fn delete_inner(&self, d: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+    pub async fn delete_inner(&self, d: DeleteRangeRequest, who: Option<&AuthInfo>) -> Result<DeleteRangeResponse> {
         check_delete(&d)?;
-        match self.server.propose(internal(internal_request::Request::DeleteRange(d))).await?.response {
+        match self.server.propose(internal(who, internal_request::Request::DeleteRange(d))).await?.response {
             Some(Applied::DeleteRange(mut resp)) => {
                 self.server.fill_header(&mut resp.header);
                 Ok(resp)
@@ -222,44 +244,33 @@ impl KvService {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: GrpcRequest<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        Ok(Response::new(self.range_inner(req.into_inner()).await?))
+        let who = credentials::auth_info(&self.server, &req).await?;
+        Ok(Response::new(self.range_inner(req.into_inner(), who.as_ref()).await?))
     }
 
     async fn put(&self, req: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let p = req.into_inner();
-        check_put(&p)?;
-        match self.server.propose(internal(internal_request::Request::Put(p))).await?.response {
-            Some(Applied::Put(mut resp)) => {
-                self.server.fill_header(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
-        }
+        let who = credentials::auth_info(&self.server, &req).await?;
+        Ok(Response::new(self.put_inner(req.into_inner(), who.as_ref()).await?))
     }
 
     async fn delete_range(
         &self,
         req: GrpcRequest<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let d = req.into_inner();
-        check_delete(&d)?;
-        match self.server.propose(internal(internal_request::Request::DeleteRange(d))).await?.response {
-            Some(Applied::DeleteRange(mut resp)) => {
-                self.server.fill_header(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(Error::Internal(format!("unexpected apply result {other:?}")).into()),
-        }
+        let who = credentials::auth_info(&self.server, &req).await?;
+        Ok(Response::new(self.delete_inner(req.into_inner(), who.as_ref()).await?))
     }
 
     async fn txn(&self, req: GrpcRequest<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        Ok(Response::new(self.txn_inner(req.into_inner()).await?))
+        let who = credentials::auth_info(&self.server, &req).await?;
+        Ok(Response::new(self.txn_inner(req.into_inner(), who.as_ref()).await?))
     }
 
     async fn compact(&self, req: GrpcRequest<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let who = credentials::auth_info(&self.server, &req).await?;
         let c = req.into_inner();
         let physical = c.physical;
-        match self.server.propose(internal(internal_request::Request::Compaction(c))).await?.response {
+        match self.server.propose(internal(who.as_ref(), internal_request::Request::Compaction(c))).await?.response {
             Some(Applied::Compaction(mut resp)) => {
                 if physical {
                     let mvcc = self.server.mvcc.clone();

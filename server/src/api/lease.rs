@@ -15,6 +15,8 @@ use keel_proto::etcdserverpb::{
 use keel_proto::keelpb::{internal_request, internal_response::Response as Applied, InternalRequest};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::credentials;
+use crate::auth::AuthInfo;
 use crate::error::Error;
 use crate::lease::MAX_LEASE_TTL;
 use crate::server::Server;
@@ -61,13 +63,14 @@ impl LeaseService {
     }
 }
 
-fn internal(r: internal_request::Request) -> InternalRequest {
-    InternalRequest { header: None, request: Some(r) }
+fn internal(who: Option<&AuthInfo>, r: internal_request::Request) -> InternalRequest {
+    InternalRequest { header: who.and_then(AuthInfo::header), request: Some(r) }
 }
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        let who = credentials::auth_info(&self.server, &req).await?;
         let mut r = req.into_inner();
         if r.ttl > MAX_LEASE_TTL {
             return Err(Error::LeaseTtlTooLarge.into());
@@ -77,7 +80,7 @@ impl Lease for LeaseService {
             r.id = self.server.lease_ids.next();
         }
         r.ttl = r.ttl.max(self.server.min_lease_ttl());
-        match self.server.propose(internal(internal_request::Request::LeaseGrant(r))).await?.response {
+        match self.server.propose(internal(who.as_ref(), internal_request::Request::LeaseGrant(r))).await?.response {
             Some(Applied::LeaseGrant(mut resp)) => {
                 self.server.fill_header(&mut resp.header);
                 Ok(Response::new(resp))
@@ -87,7 +90,9 @@ impl Lease for LeaseService {
     }
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
-        match self.server.propose(internal(internal_request::Request::LeaseRevoke(req.into_inner()))).await?.response {
+        let who = credentials::auth_info(&self.server, &req).await?;
+        let revoke = internal(who.as_ref(), internal_request::Request::LeaseRevoke(req.into_inner()));
+        match self.server.propose(revoke).await?.response {
             Some(Applied::LeaseRevoke(mut resp)) => {
                 self.server.fill_header(&mut resp.header);
                 Ok(Response::new(resp))
@@ -109,7 +114,16 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let who = credentials::auth_info(&self.server, &req).await?;
         let r = req.into_inner();
+        if self.server.auth.is_enabled() {
+            // etcd 3.5's checkLeaseTimeToLive: the answer can list the
+            // lease's keys, so the caller must be able to read each.
+            let who = who.unwrap_or_default();
+            for key in self.server.leases.keys_to_revoke(r.id).unwrap_or_default() {
+                self.server.auth.check_read(&who, &key, &[])?;
+            }
+        }
         let header = Some(self.server.header(self.server.mvcc.current_rev()));
         let resp = match self.server.lease_time_to_live(r.id, r.keys).await? {
             Some(info) => LeaseTimeToLiveResponse {

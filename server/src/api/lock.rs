@@ -24,14 +24,15 @@ impl LockService {
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let recipes = self.recipes.for_request(&req).await?;
         let req = req.into_inner();
-        let recipes = self.recipes.clone();
         let waiter = Arc::new(tokio::sync::Mutex::new(None));
         let task_waiter = waiter.clone();
-        let task = tokio::spawn(async move { recipes.lock(&req.name, req.lease, &task_waiter).await });
+        let task_recipes = recipes.clone();
+        let task = tokio::spawn(async move { task_recipes.lock(&req.name, req.lease, &task_waiter).await });
         // If the client goes away while waiting, this future is dropped:
         // the guard aborts the wait and removes the waiter's key.
-        let mut guard = AbortGuard { task: Some(task), waiter, recipes: self.recipes.clone() };
+        let mut guard = AbortGuard { task: Some(task), waiter, recipes: recipes.clone() };
         let outcome = match guard.task.as_mut() {
             Some(t) => t.await.map_err(|e| Status::internal(e.to_string()))?,
             None => return Err(Status::internal("lock task missing")),
@@ -43,7 +44,8 @@ impl Lock for LockService {
     }
 
     async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
-        let mut header = self.recipes.unlock(&req.into_inner().key).await?;
+        let recipes = self.recipes.for_request(&req).await?;
+        let mut header = recipes.unlock(&req.into_inner().key).await?;
         self.recipes.kv_header(&mut header);
         Ok(Response::new(UnlockResponse { header: Some(header) }))
     }

@@ -71,7 +71,8 @@ impl Maintenance for MaintenanceService {
 
     /// Rewrites the engine's files to return deleted space. RocksDB
     /// compacts in the background: reads and writes continue meanwhile.
-    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        super::credentials::require_admin(&self.server, &req).await?;
         let engine = self.server.engine.clone();
         let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || engine.defragment())
@@ -84,7 +85,8 @@ impl Maintenance for MaintenanceService {
     }
 
     /// A hash of this member's whole state machine.
-    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        super::credentials::require_admin(&self.server, &req).await?;
         let engine = self.server.engine.clone();
         let hash = tokio::task::spawn_blocking(move || {
             let mut h = crc32fast::Hasher::new();
@@ -104,6 +106,7 @@ impl Maintenance for MaintenanceService {
 
     /// etcd's HashKV: the same on every member at the same revision.
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        super::credentials::require_admin(&self.server, &req).await?;
         let rev = req.into_inner().revision;
         let mvcc = self.server.mvcc.clone();
         let (hash, compact_revision, current, hash_revision) = tokio::task::spawn_blocking(move || mvcc.hash_kv(rev))
@@ -122,7 +125,8 @@ impl Maintenance for MaintenanceService {
     /// Streams a point-in-time backup of this member (keel's format with a
     /// SHA-256 trailer), written to a temporary file first so the total
     /// size is known, as etcd reports remaining_bytes.
-    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        super::credentials::require_admin(&self.server, &req).await?;
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let engine = self.server.engine.clone();
         let path = self.server.config.data_dir.join(format!(

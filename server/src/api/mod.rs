@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod credentials;
 pub mod election;
 pub mod errors;
 pub mod kv;

@@ -30,7 +30,14 @@ impl Watch for WatchService {
 
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let require_leader = req.metadata().get("hasleader").is_some_and(|v| v.as_bytes() == b"true");
-        let responses = session::start(self.server.clone(), self.hub.clone(), req.into_inner(), require_leader);
+        let options = session::StreamOptions {
+            require_leader,
+            credentials: session::Credentials {
+                metadata: req.metadata().clone(),
+                common_name: req.extensions().get::<super::credentials::ClientCommonName>().cloned(),
+            },
+        };
+        let responses = session::start(self.server.clone(), self.hub.clone(), req.into_inner(), options);
         Ok(Response::new(Box::pin(responses)))
     }
 }

@@ -23,6 +23,7 @@ use keel_proto::keelpb::{
 use keel_proto::mvccpb::Event;
 
 use crate::alarm::AlarmStore;
+use crate::auth::{is_auth_request, AuthInfo, AuthStore};
 use crate::cluster::MemberRegistry;
 use crate::error::Error;
 use crate::lease::Lessor;
@@ -47,8 +48,18 @@ pub struct Applier {
     members: Arc<MemberRegistry>,
     leases: Arc<Lessor>,
     alarms: Arc<AlarmStore>,
+    auth: Arc<AuthStore>,
     observer: Arc<dyn CommitObserver>,
     compactor: Arc<dyn Compactor>,
+}
+
+/// The in-memory state the applier keeps current, each over the engine.
+pub struct Stores {
+    pub mvcc: Arc<MvccStore>,
+    pub members: Arc<MemberRegistry>,
+    pub leases: Arc<Lessor>,
+    pub alarms: Arc<AlarmStore>,
+    pub auth: Arc<AuthStore>,
 }
 
 /// Whether any branch of a txn (nested ones included) puts a key.
@@ -68,6 +79,14 @@ pub fn runs_in_write_txn(req: &Request) -> bool {
         req,
         Request::Put(_) | Request::DeleteRange(_) | Request::Txn(_) | Request::LeaseGrant(_) | Request::LeaseRevoke(_)
     )
+}
+
+/// Who a request acts for; `None` when a member proposed it for itself.
+fn requester(req: &InternalRequest) -> Option<AuthInfo> {
+    match &req.header {
+        Some(h) if h.internal => None,
+        h => Some(AuthInfo::from_header(h.as_ref())),
+    }
 }
 
 pub(crate) fn error_response(e: &Error, rev: i64) -> InternalResponse {
@@ -91,14 +110,51 @@ fn applied_put(batch: &mut WriteBatch, log_id: &LogId) -> Result<(), StorageErro
 impl Applier {
     pub fn new(
         engine: SharedEngine,
-        mvcc: Arc<MvccStore>,
-        members: Arc<MemberRegistry>,
-        leases: Arc<Lessor>,
-        alarms: Arc<AlarmStore>,
+        stores: Stores,
         observer: Arc<dyn CommitObserver>,
         compactor: Arc<dyn Compactor>,
     ) -> Self {
-        Self { engine, mvcc, members, leases, alarms, observer, compactor }
+        let Stores { mvcc, members, leases, alarms, auth } = stores;
+        Self { engine, mvcc, members, leases, alarms, auth, observer, compactor }
+    }
+
+    /// etcd's authApplierV3 for KV and lease writes: the sender needs
+    /// write permission on what a request changes (including every key
+    /// attached to a lease it uses or revokes) and read permission on what
+    /// it returns or compares.
+    fn check_permission(&self, who: Option<&AuthInfo>, req: &Request) -> Result<(), Error> {
+        let Some(who) = who else {
+            return Ok(());
+        };
+        if !self.auth.is_enabled() {
+            return Ok(());
+        }
+        let lease_keys_writable = |id: i64| -> Result<(), Error> {
+            for key in self.leases.keys_to_revoke(id).unwrap_or_default() {
+                self.auth.check_write(who, &key, &[])?;
+            }
+            Ok(())
+        };
+        match req {
+            Request::Put(p) => {
+                self.auth.check_write(who, &p.key, &[])?;
+                lease_keys_writable(p.lease)?;
+                if p.prev_kv {
+                    self.auth.check_read(who, &p.key, &[])?;
+                }
+                Ok(())
+            }
+            Request::DeleteRange(d) => {
+                self.auth.check_write(who, &d.key, &d.range_end)?;
+                if d.prev_kv {
+                    self.auth.check_read(who, &d.key, &d.range_end)?;
+                }
+                Ok(())
+            }
+            Request::Txn(t) => self.auth.check_txn(who, t),
+            Request::LeaseRevoke(r) => lease_keys_writable(r.id),
+            _ => Ok(()),
+        }
     }
 
     /// What an active alarm forbids (etcd's capped and corrupt appliers):
@@ -223,7 +279,9 @@ impl Applier {
 
     /// One request of the kinds [`runs_in_write_txn`] accepts, inside
     /// `txn`.
-    fn kv_op(&self, txn: &mut WriteTxn<'_>, req: &Request) -> Result<Response, Error> {
+    /// `who` is `None` for a member's own requests (no permission check).
+    fn kv_op(&self, txn: &mut WriteTxn<'_>, who: Option<&AuthInfo>, req: &Request) -> Result<Response, Error> {
+        self.check_permission(who, req)?;
         match req {
             Request::LeaseGrant(g) => {
                 self.leases.grant(g.id, g.ttl, txn.batch_mut())?;
@@ -276,7 +334,7 @@ impl Applier {
                     (None, None) => Err(Error::Unimplemented("empty request")),
                     (None, Some(r)) => match self.refused_by_alarm(r) {
                         Some(refused) => Err(refused),
-                        None => self.kv_op(&mut txn, r),
+                        None => self.kv_op(&mut txn, requester(req).as_ref(), r),
                     },
                 };
                 if let Err(Error::Storage(m)) = &outcome {
@@ -318,7 +376,27 @@ impl Applier {
             return Ok(error_response(&refused, self.mvcc.current_rev()));
         }
         match &req.request {
-            Some(r) if runs_in_write_txn(r) => self.kv_write(log_id, |txn| self.kv_op(txn, r)),
+            Some(r) if runs_in_write_txn(r) => {
+                let who = requester(req);
+                self.kv_write(log_id, |txn| self.kv_op(txn, who.as_ref(), r))
+            }
+            Some(r) if is_auth_request(r) => {
+                let who = AuthInfo::from_header(req.header.as_ref());
+                let mut b = WriteBatch::new();
+                applied_put(&mut b, log_id)?;
+                let rev = self.mvcc.current_rev();
+                match self.auth.apply(&who, r, log_id.index, &mut b) {
+                    Ok((response, update)) => {
+                        self.engine.write(b, false)?;
+                        self.auth.install(update);
+                        Ok(InternalResponse { response: Some(response), revision: rev })
+                    }
+                    Err(e) => {
+                        self.apply_noop(log_id)?;
+                        Ok(error_response(&e, rev))
+                    }
+                }
+            }
             Some(Request::Batch(b)) => self.apply_batch(log_id, &b.requests),
             Some(Request::Compaction(c)) => {
                 let mut b = WriteBatch::new();
@@ -418,7 +496,9 @@ pub(crate) fn in_memory_applier(
     let members = Arc::new(MemberRegistry::load(&engine)?);
     let leases = Arc::new(Lessor::load(&engine, &mvcc)?);
     let alarms = Arc::new(AlarmStore::load(&engine)?);
-    let applier = Applier::new(engine.clone(), mvcc, members, leases, alarms, observer, compactor);
+    let tokens = crate::auth::tokens::TokenProvider::from_flag("simple", std::time::Duration::from_secs(300))?;
+    let auth = Arc::new(AuthStore::load(&engine, tokens)?);
+    let applier = Applier::new(engine.clone(), Stores { mvcc, members, leases, alarms, auth }, observer, compactor);
     Ok((applier, engine))
 }
 

@@ -247,12 +247,15 @@ async fn dispatch(
                 // open after the client's CloseSend).
                 let requests = futures::stream::iter(reqs.into_iter().map(Ok)).chain(futures::stream::pending());
                 let require_leader = headers.get("hasleader").is_some_and(|v| v.as_bytes() == b"true");
-                let responses = crate::watch::session::start(
-                    gw.server.clone(),
-                    gw.server.hub.clone(),
-                    Box::pin(requests),
+                let options = crate::watch::session::StreamOptions {
                     require_leader,
-                );
+                    credentials: crate::watch::session::Credentials {
+                        metadata: grpc_request((), &headers).metadata().clone(),
+                        common_name: None,
+                    },
+                };
+                let responses =
+                    crate::watch::session::start(gw.server.clone(), gw.server.hub.clone(), Box::pin(requests), options);
                 stream_body(responses, permit)
             }
             Err(s) => error(&s),

@@ -56,8 +56,11 @@ async fn check_health(server: &Arc<Server>, params: &HashMap<String, String>) ->
     let serializable = params.get("serializable").is_some_and(|v| v == "true");
     let kv = KvService::new(server.clone());
     let probe = RangeRequest { key: "health".into(), serializable, ..Default::default() };
-    match tokio::time::timeout(Duration::from_secs(1), kv.range_inner(probe)).await {
+    match tokio::time::timeout(Duration::from_secs(1), kv.range_inner(probe, None)).await {
         Ok(Ok(_)) => None,
+        // With auth enabled the anonymous probe is refused, which still
+        // proves the member answers (etcd's checkHealth does the same).
+        Ok(Err(crate::error::Error::UserEmpty | crate::error::Error::PermissionDenied)) => None,
         Ok(Err(e)) => Some(format!("QGET ERROR: {e}")),
         Err(_) => Some("QGET ERROR: timeout".into()),
     }
@@ -84,8 +87,10 @@ async fn health(State(server): State<Arc<Server>>, Query(params): Query<HashMap<
 /// The process is up and its apply loop is not wedged.
 async fn livez(State(server): State<Arc<Server>>) -> Response {
     let probe = RangeRequest { key: "health".into(), serializable: true, ..Default::default() };
-    match tokio::time::timeout(Duration::from_secs(1), KvService::new(server).range_inner(probe)).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ok").into_response(),
+    match tokio::time::timeout(Duration::from_secs(1), KvService::new(server).range_inner(probe, None)).await {
+        Ok(Ok(_)) | Ok(Err(crate::error::Error::UserEmpty | crate::error::Error::PermissionDenied)) => {
+            (StatusCode::OK, "ok").into_response()
+        }
         _ => (StatusCode::SERVICE_UNAVAILABLE, "not ok").into_response(),
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use keel_proto::etcdserverpb::{
     LeaseCheckpoint, LeaseCheckpointRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
 };
-use keel_proto::keelpb::{internal_request, InternalRequest};
+use keel_proto::keelpb::{internal_request, internal_response::Response as Applied, InternalRequest, RequestHeader};
 
 use super::LeaseInfo;
 use crate::error::{Error, Result};
@@ -104,9 +104,14 @@ impl Server {
             return;
         }
         for id in self.leases.expired(REVOKE_BATCH) {
-            let req = internal(internal_request::Request::LeaseRevoke(LeaseRevokeRequest { id }));
-            match self.propose_local(req).await {
-                Ok(_) => tracing::debug!(lease = id, "revoked expired lease"),
+            let mut req = internal(internal_request::Request::LeaseRevoke(LeaseRevokeRequest { id }));
+            req.header = Some(RequestHeader { internal: true, ..Default::default() });
+            let outcome = self.propose_local(req).await.and_then(|(resp, _)| match resp.response {
+                Some(Applied::Error(e)) => Err(Error::from_apply_code(e.kind, e.detail)),
+                _ => Ok(()),
+            });
+            match outcome {
+                Ok(()) => tracing::debug!(lease = id, "revoked expired lease"),
                 Err(Error::LeaseNotFound) | Err(Error::NotLeader) => return,
                 Err(e) => {
                     tracing::warn!(lease = id, error = %e, "failed to revoke expired lease");

@@ -236,6 +236,32 @@ fn encode_rpc<Req: Serialize, E: std::error::Error>(req: &Req) -> Result<Vec<u8>
     codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))
 }
 
+/// Logs a peer's refusal of this member's certificate with Go's TLS error
+/// text, which operators' scripts (and etcd's tests) look for; at most
+/// every ten seconds.
+fn note_tls_refusal(target: NodeId, status: &tonic::Status) {
+    static LAST_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut chain = String::new();
+    let mut cur: Option<&dyn std::error::Error> = Some(status);
+    while let Some(e) = cur {
+        chain.push_str(&e.to_string());
+        chain.push('\n');
+        cur = e.source();
+    }
+    if !chain.contains("BadCertificate") {
+        return;
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let last = LAST_LOGGED.load(std::sync::atomic::Ordering::Relaxed);
+    if now >= last + 10
+        && LAST_LOGGED
+            .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(peer = %format!("{target:x}"), "peer refused this member's certificate: remote error: tls: bad certificate");
+    }
+}
+
 impl PeerNetwork {
     /// Sends an encoded request (see [`encode_rpc`]) and decodes the reply.
     async fn call<Resp, E, F, Fut>(&self, data: Vec<u8>, option: &RPCOption, send: F) -> RpcResult<Resp, E>
@@ -252,6 +278,7 @@ impl PeerNetwork {
         let mut request = tonic::Request::new(RaftPayload { data: data.into() });
         request.set_timeout(option.hard_ttl());
         let reply = send(client, request).await.map_err(|status| {
+            note_tls_refusal(self.target, &status);
             if status.code() == tonic::Code::FailedPrecondition && status.message() == MEMBER_REMOVED {
                 self.clients.mark_removed();
             }

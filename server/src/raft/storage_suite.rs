@@ -46,8 +46,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         let members = Arc::new(MemberRegistry::load(&engine).map_err(storage_err)?);
         let leases = Arc::new(crate::lease::Lessor::load(&engine, &mvcc).map_err(storage_err)?);
         let alarms = Arc::new(crate::alarm::AlarmStore::load(&engine).map_err(storage_err)?);
-        let applier =
-            Applier::new(engine.clone(), mvcc.clone(), members, leases, alarms, Arc::new(Nothing), Arc::new(Nothing));
+        let tokens = crate::auth::tokens::TokenProvider::from_flag("simple", std::time::Duration::from_secs(300))
+            .map_err(storage_err)?;
+        let auth = Arc::new(crate::auth::AuthStore::load(&engine, tokens).map_err(storage_err)?);
+        let stores = crate::apply::Stores { mvcc: mvcc.clone(), members, leases, alarms, auth };
+        let applier = Applier::new(engine.clone(), stores, Arc::new(Nothing), Arc::new(Nothing));
         let sm = StateMachine::open(engine.clone(), applier, dir.path().join("snap"), Arc::new(ReloadMvcc(mvcc)))
             .map_err(storage_err)?;
         let log = LogStore::open(engine).map_err(storage_err)?;

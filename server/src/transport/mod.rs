@@ -25,6 +25,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::{Channel, Endpoint};
 
 pub mod h2_authority;
+pub mod tls_policy;
+
+pub use tls_policy::TlsPolicy;
 
 /// Where a URL points.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +164,18 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// The common name of a connection's verified client certificate. The
+/// server puts it in every request's extensions (etcd's CN auth reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCommonName(pub String);
+
+/// The subject common name of a DER certificate.
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
+}
+
 /// HTTP/2 limits applied to every served connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Http2Options {
@@ -219,7 +234,7 @@ pub async fn serve(
             }
         };
         let security = security.clone();
-        let router = router.clone();
+        let mut router = router.clone();
         let mut conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
             let acceptor = match security {
@@ -233,9 +248,24 @@ pub async fn serve(
             };
             let stream = match acceptor {
                 Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(s) => Stream::ServerTls(Box::new(s)),
+                    Ok(s) => {
+                        let cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+                        if let Some(cn) = cn {
+                            router = router.layer(axum::Extension(ClientCommonName(cn)));
+                        }
+                        Stream::ServerTls(Box::new(s))
+                    }
                     Err(e) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
+                        let refused =
+                            e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some_and(|r| {
+                                matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate))
+                            });
+                        if refused {
+                            // Go's wording, which operators' scripts look for.
+                            tracing::warn!("TLS handshake error: remote error: tls: bad certificate");
+                        } else {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                        }
                         return;
                     }
                 },
@@ -278,11 +308,17 @@ pub struct TlsFiles {
     /// CA that signs acceptable client certificates; when set, clients
     /// must present one (etcd requires them whenever a trusted CA is given).
     pub trusted_ca: Option<PathBuf>,
+    /// Revoked client certificates (`--client-crl-file`, `--peer-crl-file`).
+    pub crl: Option<PathBuf>,
+    pub policy: TlsPolicy,
+    /// What client certificates must name (`--peer-cert-allowed-cn`,
+    /// `--peer-cert-allowed-hostname`).
+    pub allowed_client: Option<tls_policy::AllowedClient>,
 }
 
 /// Creates (once) a self-signed certificate for `hosts` under `dir`.
 pub fn self_signed(dir: &Path, hosts: &[String]) -> io::Result<TlsFiles> {
-    let files = TlsFiles { cert: dir.join("cert.pem"), key: dir.join("key.pem"), trusted_ca: None };
+    let files = TlsFiles { cert: dir.join("cert.pem"), key: dir.join("key.pem"), ..Default::default() };
     if files.cert.exists() && files.key.exists() {
         return Ok(files);
     }
@@ -326,15 +362,24 @@ fn root_store(ca: &Path) -> io::Result<Arc<rustls::RootCertStore>> {
 /// A TLS server configuration speaking h2 and http/1.1; with a trusted
 /// CA it requires and verifies client certificates.
 pub fn server_tls(files: &TlsFiles) -> io::Result<TlsAcceptor> {
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+    let provider = Arc::new(files.policy.provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&files.policy.versions())
         .map_err(io::Error::other)?;
     let builder = match &files.trusted_ca {
         Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(root_store(ca)?, provider())
-                .build()
-                .map_err(io::Error::other)?;
-            builder.with_client_cert_verifier(verifier)
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(root_store(ca)?, provider);
+            if let Some(crl) = &files.crl {
+                let crls = tls_policy::load_crls(crl)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", crl.display())))?;
+                verifier = verifier.with_crls(crls);
+            }
+            let inner = verifier.build().map_err(io::Error::other)?;
+            builder.with_client_cert_verifier(Arc::new(tls_policy::RootAsClientVerifier {
+                inner,
+                roots: load_certs(ca)?,
+                allowed: files.allowed_client.clone(),
+            }))
         }
         None => builder.with_no_client_auth(),
     };
@@ -350,8 +395,18 @@ pub fn server_tls(files: &TlsFiles) -> io::Result<TlsAcceptor> {
 pub fn verified_client_tls(ca: &Path, identity: Option<&TlsFiles>) -> io::Result<Arc<rustls::ClientConfig>> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(io::Error::other)?
-        .with_root_certificates(root_store(ca)?);
+        .map_err(io::Error::other)?;
+    let builder = match identity.and_then(|f| f.allowed_client.clone()) {
+        Some(allowed) => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(root_store(ca)?, provider())
+                .build()
+                .map_err(io::Error::other)?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(tls_policy::AllowedServerVerifier { inner, allowed }))
+        }
+        None => builder.with_root_certificates(root_store(ca)?),
+    };
     let mut cfg = match identity {
         Some(files) => {
             builder.with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?).map_err(io::Error::other)?

@@ -38,7 +38,7 @@ const GRPC_BUFFER: usize = 16;
 pub type ResponseStream = tokio_stream::wrappers::ReceiverStream<Result<WatchResponse, Status>>;
 
 /// Starts serving one Watch stream; returns the response stream.
-pub fn start<S>(server: Arc<Server>, hub: Arc<WatchHub>, requests: S, require_leader: bool) -> ResponseStream
+pub fn start<S>(server: Arc<Server>, hub: Arc<WatchHub>, requests: S, options: StreamOptions) -> ResponseStream
 where
     S: futures::Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
 {
@@ -61,11 +61,47 @@ where
         stop_rx.clone(),
     ));
     tokio::spawn(async move {
-        request_loop(&server, &hub, stream_id, requests, require_leader, out_tx, stop_rx).await;
+        request_loop(&server, &hub, stream_id, requests, &options, out_tx, stop_rx).await;
         hub.close_stream(stream_id);
         let _ = stop_tx.send(true);
     });
     tokio_stream::wrappers::ReceiverStream::new(out_rx)
+}
+
+/// What a watch stream was opened with.
+pub struct StreamOptions {
+    /// Cancel the stream when this member has no leader (`hasleader`).
+    pub require_leader: bool,
+    pub credentials: Credentials,
+}
+
+/// The stream's credentials: checked again at every create, as etcd
+/// does, so a token that expired or an auth change is noticed.
+pub struct Credentials {
+    pub metadata: tonic::metadata::MetadataMap,
+    pub common_name: Option<crate::api::credentials::ClientCommonName>,
+}
+
+/// etcd's isWatchPermitted: read permission on the watched range. The
+/// refusal's cancel reason is the text of etcd's gRPC error.
+async fn watch_refusal(
+    server: &Server,
+    credentials: &Credentials,
+    create: &keel_proto::etcdserverpb::WatchCreateRequest,
+) -> Option<String> {
+    if !server.auth.is_enabled() && credentials.metadata.get("token").is_none() {
+        return None;
+    }
+    let who = crate::api::credentials::from_parts(server, &credentials.metadata, credentials.common_name.as_ref())
+        .await
+        .and_then(|who| server.auth.check_read(&who.unwrap_or_default(), &create.key, &create.range_end));
+    let e = match who {
+        Ok(()) => return None,
+        Err(e @ (Error::InvalidAuthToken | Error::AuthOldRevision | Error::UserEmpty)) => e,
+        Err(_) => Error::PermissionDenied,
+    };
+    let (code, msg) = crate::api::errors::code_and_message(&e);
+    Some(format!("rpc error: code = {code:?} desc = {msg}"))
 }
 
 fn spec_from(create: &keel_proto::etcdserverpb::WatchCreateRequest) -> WatchSpec {
@@ -93,7 +129,7 @@ async fn request_loop<S>(
     hub: &Arc<WatchHub>,
     stream_id: StreamId,
     mut requests: S,
-    require_leader: bool,
+    options: &StreamOptions,
     out_tx: mpsc::Sender<Result<WatchResponse, Status>>,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -110,6 +146,17 @@ async fn request_loop<S>(
                 let Some(Ok(req)) = req else { return };
                 match req.request_union {
                     Some(RequestUnion::CreateRequest(create)) => {
+                        if let Some(reason) = watch_refusal(server, &options.credentials, &create).await {
+                            let refused = WatchResponse {
+                                watch_id: INVALID_WATCH_ID,
+                                created: true,
+                                canceled: true,
+                                cancel_reason: reason,
+                                ..Default::default()
+                            };
+                            hub.send_control(stream_id, refused, server.mvcc.current_rev());
+                            continue;
+                        }
                         let spec = spec_from(&create);
                         if let Err(e) = hub.create(stream_id, create.watch_id, spec, create.start_revision) {
                             let refused = WatchResponse {
@@ -128,7 +175,7 @@ async fn request_loop<S>(
                 }
             }
             _ = progress.tick() => hub.progress_tick(stream_id),
-            _ = leader_check.tick(), if require_leader => {
+            _ = leader_check.tick(), if options.require_leader => {
                 // etcd cancels a WithRequireLeader watch stream once its
                 // member has been without a leader for a while.
                 if server.leader().is_none() {

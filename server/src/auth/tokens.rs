@@ -1,0 +1,352 @@
+//! Auth tokens (`--auth-token`): etcd's simple tokens and JWTs.
+//!
+//! A simple token is `<16 random letters>.<log index>`: the proposing
+//! member picks the letters, every member registers the token when it
+//! applies the Authenticate entry at that index, and a member asked about
+//! a token first waits until it has applied that index. Simple tokens
+//! live only in memory, expire after `--auth-token-ttl` seconds without
+//! use, and die with their user's deletion or password change, or when
+//! auth is disabled.
+//!
+//! A JWT carries the user name and the auth revision it was issued at,
+//! signed with the configured key; any member holding the key verifies it
+//! without shared state.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Who a valid token names, and (JWT only) the auth revision it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub username: String,
+    /// Set by JWTs; simple tokens are checked against the current
+    /// revision instead.
+    pub revision: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenConfigError {
+    #[error(
+        "invalid auth token option {0:?} (want 'simple' or 'jwt,sign-method=...,pub-key=...,priv-key=...,ttl=...')"
+    )]
+    Options(String),
+    #[error("unknown auth token type {0:?}")]
+    UnknownType(String),
+    #[error("invalid JWT sign-method {0:?}")]
+    SignMethod(String),
+    #[error("JWT option ttl={0:?} is not a duration")]
+    Ttl(String),
+    #[error("JWT {0}: {1}")]
+    Key(&'static str, String),
+    #[error("JWT needs priv-key (to sign) or pub-key (to verify)")]
+    MissingKey,
+}
+
+pub enum TokenProvider {
+    Simple(SimpleTokens),
+    Jwt(Box<JwtTokens>),
+}
+
+impl TokenProvider {
+    /// Parses `--auth-token` as etcd does: a type, then `name=value`
+    /// options separated by commas.
+    pub fn from_flag(flag: &str, simple_ttl: Duration) -> Result<TokenProvider, TokenConfigError> {
+        let mut parts = flag.split(',');
+        let kind = parts.next().unwrap_or_default();
+        let mut opts: HashMap<&str, &str> = HashMap::new();
+        for p in parts {
+            let Some((k, v)) = p.split_once('=') else {
+                return Err(TokenConfigError::Options(flag.to_string()));
+            };
+            if opts.insert(k, v).is_some() {
+                return Err(TokenConfigError::Options(flag.to_string()));
+            }
+        }
+        match kind {
+            "simple" => Ok(TokenProvider::Simple(SimpleTokens::new(simple_ttl))),
+            "jwt" => Ok(TokenProvider::Jwt(Box::new(JwtTokens::new(&opts)?))),
+            other => Err(TokenConfigError::UnknownType(other.to_string())),
+        }
+    }
+
+    pub fn simple_tokens(&self) -> Option<&SimpleTokens> {
+        match self {
+            TokenProvider::Simple(s) => Some(s),
+            TokenProvider::Jwt(_) => None,
+        }
+    }
+}
+
+/// The random part of a simple token (etcd: 16 ASCII letters).
+pub fn simple_token_prefix() -> String {
+    const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut rng = rand::rng();
+    (0..16).map(|_| LETTERS[rng.random_range(0..LETTERS.len())] as char).collect()
+}
+
+/// The log index a simple token was issued at, if it is well formed.
+pub fn simple_token_index(token: &str) -> Option<u64> {
+    let (prefix, index) = token.rsplit_once('.')?;
+    if prefix.is_empty() {
+        return None;
+    }
+    index.parse().ok()
+}
+
+struct SimpleToken {
+    username: String,
+    expires: Instant,
+}
+
+pub struct SimpleTokens {
+    ttl: Duration,
+    tokens: Mutex<HashMap<String, SimpleToken>>,
+}
+
+impl SimpleTokens {
+    fn new(ttl: Duration) -> Self {
+        Self { ttl, tokens: Mutex::new(HashMap::new()) }
+    }
+
+    /// Registers a token issued by an applied Authenticate entry.
+    pub fn assign(&self, token: &str, username: &str) {
+        let now = Instant::now();
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.retain(|_, t| t.expires > now);
+            tokens.insert(token.to_string(), SimpleToken { username: username.to_string(), expires: now + self.ttl });
+        }
+    }
+
+    /// The user of a live token; using it extends its life.
+    pub fn lookup(&self, token: &str) -> Option<String> {
+        let now = Instant::now();
+        let mut tokens = self.tokens.lock().ok()?;
+        match tokens.get_mut(token) {
+            Some(t) if t.expires > now => {
+                t.expires = now + self.ttl;
+                Some(t.username.clone())
+            }
+            Some(_) => {
+                tokens.remove(token);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn invalidate_user(&self, username: &str) {
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.retain(|_, t| t.username != username);
+        }
+    }
+
+    pub fn clear(&self) {
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.clear();
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    username: String,
+    revision: u64,
+    exp: u64,
+}
+
+pub struct JwtTokens {
+    algorithm: Algorithm,
+    signing: Option<EncodingKey>,
+    verifying: DecodingKey,
+    ttl: Duration,
+}
+
+/// Parses a Go duration such as `5m`, `1s`, `300ms`, `1h30m`.
+fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += Duration::from_secs_f64(value * scale);
+    }
+    Some(total)
+}
+
+fn read_key(option: &'static str, path: &str) -> Result<Vec<u8>, TokenConfigError> {
+    std::fs::read(path).map_err(|e| TokenConfigError::Key(option, format!("{path}: {e}")))
+}
+
+/// The public key in a PEM certificate, as the DER jsonwebtoken wants
+/// (PKCS#1 for RSA, the encoded point for ECDSA).
+fn certificate_public_key(pem: &[u8]) -> Result<Vec<u8>, TokenConfigError> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem).map_err(|e| TokenConfigError::Key("pub-key", e.to_string()))?;
+    let cert = pem.parse_x509().map_err(|e| TokenConfigError::Key("pub-key", e.to_string()))?;
+    Ok(cert.public_key().subject_public_key.data.to_vec())
+}
+
+impl JwtTokens {
+    fn new(opts: &HashMap<&str, &str>) -> Result<JwtTokens, TokenConfigError> {
+        let method = opts.get("sign-method").copied().unwrap_or_default();
+        let algorithm: Algorithm = method.parse().map_err(|_| TokenConfigError::SignMethod(method.to_string()))?;
+        let ttl = match opts.get("ttl") {
+            Some(t) => parse_go_duration(t).ok_or_else(|| TokenConfigError::Ttl(t.to_string()))?,
+            None => Duration::from_secs(300),
+        };
+        for k in opts.keys() {
+            if !["sign-method", "ttl", "pub-key", "priv-key"].contains(k) {
+                tracing::warn!(option = k, "unknown JWT option");
+            }
+        }
+        let private = opts.get("priv-key").map(|p| read_key("priv-key", p)).transpose()?;
+        let public = opts.get("pub-key").map(|p| read_key("pub-key", p)).transpose()?;
+        let bad =
+            |which: &'static str| move |e: jsonwebtoken::errors::Error| TokenConfigError::Key(which, e.to_string());
+        use Algorithm::*;
+        let (signing, verifying) = match algorithm {
+            HS256 | HS384 | HS512 => {
+                let secret = private.ok_or(TokenConfigError::MissingKey)?;
+                (Some(EncodingKey::from_secret(&secret)), DecodingKey::from_secret(&secret))
+            }
+            RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
+                let signing = private.as_deref().map(EncodingKey::from_rsa_pem).transpose().map_err(bad("priv-key"))?;
+                let verifying = match &public {
+                    Some(p) if p.starts_with(b"-----BEGIN CERTIFICATE") => {
+                        DecodingKey::from_rsa_der(&certificate_public_key(p)?)
+                    }
+                    Some(p) => DecodingKey::from_rsa_pem(p).map_err(bad("pub-key"))?,
+                    None => return Err(TokenConfigError::Key("pub-key", "needed to verify RSA tokens".into())),
+                };
+                (signing, verifying)
+            }
+            ES256 | ES384 => {
+                let signing = private.as_deref().map(EncodingKey::from_ec_pem).transpose().map_err(bad("priv-key"))?;
+                let verifying = match &public {
+                    Some(p) if p.starts_with(b"-----BEGIN CERTIFICATE") => {
+                        DecodingKey::from_ec_der(&certificate_public_key(p)?)
+                    }
+                    Some(p) => DecodingKey::from_ec_pem(p).map_err(bad("pub-key"))?,
+                    None => return Err(TokenConfigError::Key("pub-key", "needed to verify ECDSA tokens".into())),
+                };
+                (signing, verifying)
+            }
+            EdDSA => {
+                let signing = private.as_deref().map(EncodingKey::from_ed_pem).transpose().map_err(bad("priv-key"))?;
+                let verifying = match &public {
+                    Some(p) => DecodingKey::from_ed_pem(p).map_err(bad("pub-key"))?,
+                    None => return Err(TokenConfigError::MissingKey),
+                };
+                (signing, verifying)
+            }
+        };
+        Ok(JwtTokens { algorithm, signing, verifying, ttl })
+    }
+
+    /// Signs a token for `username` at auth revision `revision`; `None`
+    /// when only a public key was configured (etcd's verify-only mode).
+    pub fn sign(&self, username: &str, revision: u64) -> Option<Result<String, jsonwebtoken::errors::Error>> {
+        let key = self.signing.as_ref()?;
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_add(self.ttl)
+            .as_secs();
+        let claims = Claims { username: username.to_string(), revision, exp };
+        Some(jsonwebtoken::encode(&Header::new(self.algorithm), &claims, key))
+    }
+
+    pub fn verify(&self, token: &str) -> Option<TokenInfo> {
+        let mut validation = Validation::new(self.algorithm);
+        validation.leeway = 0;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.verifying, &validation).ok()?;
+        Some(TokenInfo { username: data.claims.username, revision: Some(data.claims.revision) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_go_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_go_duration("5"), None);
+        assert_eq!(parse_go_duration(""), None);
+    }
+
+    #[test]
+    fn simple_tokens_expire_and_die_with_their_user() {
+        let t = SimpleTokens::new(Duration::from_secs(60));
+        t.assign("abc.5", "alice");
+        t.assign("def.6", "bob");
+        assert_eq!(t.lookup("abc.5").as_deref(), Some("alice"));
+        t.invalidate_user("alice");
+        assert_eq!(t.lookup("abc.5"), None);
+        assert_eq!(t.lookup("def.6").as_deref(), Some("bob"));
+        let short = SimpleTokens::new(Duration::ZERO);
+        short.assign("x.1", "carol");
+        assert_eq!(short.lookup("x.1"), None);
+        assert_eq!(simple_token_index("abcdef.42"), Some(42));
+        assert_eq!(simple_token_index("nodot"), None);
+        assert_eq!(simple_token_index(".3"), None);
+    }
+
+    #[test]
+    fn flag_parsing_rejects_malformed_options() {
+        assert!(matches!(TokenProvider::from_flag("simple", Duration::from_secs(1)), Ok(TokenProvider::Simple(_))));
+        assert!(matches!(
+            TokenProvider::from_flag("bogus", Duration::from_secs(1)),
+            Err(TokenConfigError::UnknownType(_))
+        ));
+        assert!(matches!(
+            TokenProvider::from_flag("jwt,ttl", Duration::from_secs(1)),
+            Err(TokenConfigError::Options(_))
+        ));
+        assert!(matches!(
+            TokenProvider::from_flag("jwt,sign-method=XX256", Duration::from_secs(1)),
+            Err(TokenConfigError::SignMethod(_))
+        ));
+    }
+
+    #[test]
+    fn hmac_tokens_round_trip_and_reject_tampering() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"not-so-secret")?;
+        let flag = format!("jwt,sign-method=HS256,priv-key={},ttl=1m", secret.display());
+        let TokenProvider::Jwt(jwt) = TokenProvider::from_flag(&flag, Duration::from_secs(1))? else {
+            return Err("expected a JWT provider".into());
+        };
+        let token = jwt.sign("alice", 7).ok_or("no signing key")??;
+        assert_eq!(jwt.verify(&token), Some(TokenInfo { username: "alice".into(), revision: Some(7) }));
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(jwt.verify(&tampered), None);
+        Ok(())
+    }
+}
