@@ -4,9 +4,11 @@
 //! A backup is a point-in-time copy of the state machine in a
 //! [`BackupFormat`] followed by the SHA-256 of everything before it (as
 //! etcd appends to its snapshots), so a truncated or damaged file is
-//! refused. keel's own format is the snapshot stream of
-//! `raft/snapshot_file.rs`; the format is a trait so that etcd's bbolt
-//! format can be added as another writer.
+//! refused. Maintenance.Snapshot writes etcd's format (a bbolt database
+//! laid out as etcd's backend: `etcd_format.rs`), so `etcdctl snapshot
+//! status` and `snapshot restore` accept keel's backups; keel's own
+//! format (the snapshot stream of `raft/snapshot_file.rs`) is still read,
+//! and `keel snapshot restore` takes either.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -52,6 +54,34 @@ impl BackupFormat for KeelFormat {
         w.finish()?;
         Ok(())
     }
+}
+
+/// etcd's format: a bbolt database with etcd's buckets.
+pub struct EtcdFormat;
+
+impl BackupFormat for EtcdFormat {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn write(&self, engine: &dyn Engine, out: &mut dyn Write) -> io::Result<()> {
+        crate::bbolt::write(&crate::etcd_format::buckets(engine)?, out).map(|_| ())
+    }
+}
+
+/// Whether the backup at `path` is a bbolt (etcd) database.
+fn is_bbolt(path: &Path) -> io::Result<bool> {
+    let mut head = [0u8; 32];
+    let mut file = std::fs::File::open(path)?;
+    let n = file.read(&mut head)?;
+    Ok(crate::bbolt::looks_like_bbolt(&head[..n]))
+}
+
+/// The body of a backup (without its checksum trailer) in memory.
+fn body(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = std::fs::read(path)?;
+    bytes.truncate(bytes.len().saturating_sub(SHA_LEN));
+    Ok(bytes)
 }
 
 /// Writes `w` through while hashing it.
@@ -119,6 +149,9 @@ pub fn verify(path: &Path) -> io::Result<()> {
     if sha.finalize().as_slice() != trailer {
         return Err(invalid("snapshot file has a bad checksum (truncated or corrupt)"));
     }
+    if is_bbolt(path)? {
+        return crate::bbolt::read(&body(path)?, &mut |_, _| Ok(()));
+    }
     let body = std::fs::File::open(path)?.take(len - SHA_LEN as u64);
     crate::raft::snapshot_file::verify(BufReader::new(body)).map(|_| ())
 }
@@ -133,6 +166,16 @@ pub struct Status {
 }
 
 fn for_each_record(path: &Path, mut f: impl FnMut(Table, Vec<u8>, Vec<u8>) -> io::Result<()>) -> io::Result<()> {
+    if is_bbolt(path)? {
+        return crate::bbolt::read(&body(path)?, &mut |bucket, pair| {
+            if let Some((k, v)) = pair {
+                if let Some((table, k, v)) = crate::etcd_format::to_keel(bucket, k, v)? {
+                    f(table, k, v)?;
+                }
+            }
+            Ok(())
+        });
+    }
     let len = std::fs::metadata(path)?.len();
     let body = std::fs::File::open(path)?.take(len.saturating_sub(SHA_LEN as u64));
     let mut reader = SnapshotReader::new(BufReader::new(body))?;
@@ -144,6 +187,25 @@ fn for_each_record(path: &Path, mut f: impl FnMut(Table, Vec<u8>, Vec<u8>) -> io
 
 pub fn status(path: &Path) -> io::Result<Status> {
     verify(path)?;
+    if is_bbolt(path)? {
+        // etcdctl's figures: CRC-32C of every bucket name and pair, the
+        // newest revision in `key`, and the number of pairs.
+        let (mut hash, mut revision, mut total_keys) = (0u32, 0i64, 0u64);
+        crate::bbolt::read(&body(path)?, &mut |bucket, pair| {
+            match pair {
+                None => hash = crate::etcd_format::crc32c(hash, bucket),
+                Some((k, v)) => {
+                    hash = crate::etcd_format::crc32c(crate::etcd_format::crc32c(hash, k), v);
+                    total_keys += 1;
+                    if bucket == b"key" && k.len() >= 8 {
+                        revision = i64::from_be_bytes(k[..8].try_into().unwrap_or_default());
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        return Ok(Status { hash, revision, total_keys, total_size: std::fs::metadata(path)?.len() });
+    }
     let mut hasher = crc32fast::Hasher::new();
     let mut revision = 1;
     let mut total_keys = 0u64;
@@ -195,6 +257,26 @@ pub fn restore(path: &Path, data_dir: &Path, local: WriteBatch) -> anyhow::Resul
         }
         Ok(())
     })?;
+    engine.write(batch, true)?;
+    engine.write(local, true)?;
+    engine.close()?;
+    Ok(())
+}
+
+/// Creates a member's engine under `data_dir` holding `records` (state
+/// machine tables, already converted) and `local` (identity, bootstrap
+/// membership).
+pub fn fill_member(data_dir: &Path, records: Vec<crate::etcd_format::Record>, local: WriteBatch) -> anyhow::Result<()> {
+    let db_dir: PathBuf = data_dir.join("member").join("db");
+    std::fs::create_dir_all(&db_dir)?;
+    let engine = RocksEngine::open(&db_dir)?;
+    let mut batch = WriteBatch::new();
+    for (table, k, v) in records {
+        batch.put(table, k, v);
+        if batch.len() >= 10_000 {
+            engine.write(std::mem::take(&mut batch), false)?;
+        }
+    }
     engine.write(batch, true)?;
     engine.write(local, true)?;
     engine.close()?;

@@ -27,6 +27,7 @@ use crate::server::Server;
 use crate::storage::keys::prefix_end;
 use crate::watch::hub::WatchSpec;
 use crate::watch::internal::InternalWatch;
+use crate::watch::session::Credentials;
 
 /// Errors the Go recipes return as plain errors (gRPC code Unknown).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,8 +60,10 @@ pub type RecipeResult<T> = std::result::Result<T, RecipeError>;
 pub struct Recipes {
     server: Arc<Server>,
     kv: KvService,
-    /// Whose request this is: every KV operation runs with their rights.
-    who: Option<AuthInfo>,
+    /// Whose request this is: every KV operation runs with their rights,
+    /// resolved again for each (as etcd passes the request's context), so
+    /// a long wait survives unrelated auth changes.
+    credentials: Option<Credentials>,
 }
 
 fn op(request: request_op::Request) -> RequestOp {
@@ -100,13 +103,30 @@ fn range_kvs(resp: &TxnResponse, i: usize) -> Vec<KeyValue> {
 impl Recipes {
     pub fn new(server: Arc<Server>) -> Self {
         let kv = KvService::new(server.clone());
-        Self { server, kv, who: None }
+        Self { server, kv, credentials: None }
     }
 
-    /// The recipes acting for the sender of `req`.
+    /// The recipes acting for the sender of `req` (whose credentials are
+    /// checked here once, so a bad token fails the call at once).
     pub async fn for_request<T>(&self, req: &tonic::Request<T>) -> Result<Arc<Recipes>, tonic::Status> {
-        let who = crate::api::credentials::auth_info(&self.server, req).await?;
-        Ok(Arc::new(Recipes { server: self.server.clone(), kv: KvService::new(self.server.clone()), who }))
+        crate::api::credentials::auth_info(&self.server, req).await?;
+        let credentials = Credentials {
+            metadata: req.metadata().clone(),
+            common_name: req.extensions().get::<crate::api::credentials::ClientCommonName>().cloned(),
+        };
+        Ok(Arc::new(Recipes {
+            server: self.server.clone(),
+            kv: KvService::new(self.server.clone()),
+            credentials: Some(credentials),
+        }))
+    }
+
+    /// Who the next KV operation acts for.
+    async fn who(&self) -> Result<Option<AuthInfo>, Error> {
+        match &self.credentials {
+            None => Ok(None),
+            Some(c) => crate::api::credentials::from_parts(&self.server, &c.metadata, c.common_name.as_ref()).await,
+        }
     }
 
     /// Completes a header with this member's identity.
@@ -132,8 +152,10 @@ impl Recipes {
     /// remains; returns the header of the final check.
     async fn wait_deletes(&self, pfx: &[u8], max_create_rev: i64) -> RecipeResult<ResponseHeader> {
         loop {
-            let resp =
-                self.kv.range_inner(by_create(pfx, SortOrder::Descend, max_create_rev), self.who.as_ref()).await?;
+            let resp = self
+                .kv
+                .range_inner(by_create(pfx, SortOrder::Descend, max_create_rev), self.who().await?.as_ref())
+                .await?;
             let header = resp.header.unwrap_or_default();
             let Some(last) = resp.kvs.first() else { return Ok(header) };
             self.wait_delete(&last.key, header.revision).await?;
@@ -164,7 +186,7 @@ impl Recipes {
                 owner,
             ],
         };
-        let resp = self.kv.txn_inner(txn, self.who.as_ref()).await?;
+        let resp = self.kv.txn_inner(txn, self.who().await?.as_ref()).await?;
         *cleanup.lock().await = Some(my_key.clone());
         let header = resp.header.unwrap_or_default();
         let my_rev = if resp.succeeded {
@@ -184,8 +206,10 @@ impl Recipes {
             }
         };
         // The waiter's own key may have gone with its lease meanwhile.
-        let mine =
-            self.kv.range_inner(RangeRequest { key: my_key.clone(), ..Default::default() }, self.who.as_ref()).await?;
+        let mine = self
+            .kv
+            .range_inner(RangeRequest { key: my_key.clone(), ..Default::default() }, self.who().await?.as_ref())
+            .await?;
         if mine.kvs.is_empty() {
             return Err(RecipeError::SessionExpired);
         }
@@ -197,7 +221,7 @@ impl Recipes {
             .kv
             .delete_inner(
                 DeleteRangeRequest { key: Bytes::copy_from_slice(key), ..Default::default() },
-                self.who.as_ref(),
+                self.who().await?.as_ref(),
             )
             .await?;
         Ok(resp.header.unwrap_or_default())
@@ -228,7 +252,7 @@ impl Recipes {
                 ..Default::default()
             }))],
         };
-        let resp = self.kv.txn_inner(txn, self.who.as_ref()).await?;
+        let resp = self.kv.txn_inner(txn, self.who().await?.as_ref()).await?;
         let header = resp.header.unwrap_or_default();
         let mut rev = header.revision;
         if !resp.succeeded {
@@ -257,7 +281,7 @@ impl Recipes {
             }))],
             failure: vec![],
         };
-        let resp = self.kv.txn_inner(txn, self.who.as_ref()).await?;
+        let resp = self.kv.txn_inner(txn, self.who().await?.as_ref()).await?;
         if !resp.succeeded {
             return Err(RecipeError::NotLeader);
         }
@@ -273,14 +297,14 @@ impl Recipes {
             }))],
             failure: vec![],
         };
-        Ok(self.kv.txn_inner(txn, self.who.as_ref()).await?.header.unwrap_or_default())
+        Ok(self.kv.txn_inner(txn, self.who().await?.as_ref()).await?.header.unwrap_or_default())
     }
 
     /// concurrency.Election.Leader: the current leader's key-value.
     pub async fn leader(&self, name: &[u8]) -> RecipeResult<(ResponseHeader, KeyValue)> {
         let mut pfx = name.to_vec();
         pfx.push(b'/');
-        let resp = self.kv.range_inner(by_create(&pfx, SortOrder::Ascend, 0), self.who.as_ref()).await?;
+        let resp = self.kv.range_inner(by_create(&pfx, SortOrder::Ascend, 0), self.who().await?.as_ref()).await?;
         let header = resp.header.unwrap_or_default();
         let kv = resp.kvs.into_iter().next().ok_or(RecipeError::NoLeader)?;
         Ok((header, kv))
@@ -296,7 +320,7 @@ impl Recipes {
         let mut pfx = name.to_vec();
         pfx.push(b'/');
         loop {
-            let resp = self.kv.range_inner(by_create(&pfx, SortOrder::Ascend, 0), self.who.as_ref()).await?;
+            let resp = self.kv.range_inner(by_create(&pfx, SortOrder::Ascend, 0), self.who().await?.as_ref()).await?;
             let mut header = resp.header.unwrap_or_default();
             let kv = match resp.kvs.into_iter().next() {
                 Some(kv) => kv,

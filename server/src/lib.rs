@@ -19,6 +19,8 @@
 //! - `api`: the etcd gRPC services, one file each; `api/errors.rs` maps
 //!   errors to etcd's codes and messages.
 //! - `transport`: listeners, TLS, peer dialing.
+//! - `backup`, `bbolt`, `etcd_format`, `etcd_data_dir`: backups in etcd's
+//!   bbolt format (and keel's own), and taking over etcd's data dirs.
 //! - `config`, `logging`, `node`: flags, logs, and wiring a member.
 //!
 //! The path of a write: `api::kv` validates -> `server::Server::propose`
@@ -37,11 +39,14 @@ pub mod api;
 pub mod apply;
 pub mod auth;
 pub mod backup;
+pub mod bbolt;
 pub mod cli;
 pub mod cluster;
 pub mod concurrency;
 pub mod config;
 pub mod error;
+pub mod etcd_data_dir;
+pub mod etcd_format;
 pub mod http;
 pub mod lease;
 pub mod logging;

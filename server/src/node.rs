@@ -121,6 +121,31 @@ fn host_of(url: &str) -> Option<String> {
     }
 }
 
+/// The restored data is in the state machine, not in the Raft log: a
+/// member joining later must get it as a snapshot, not by replaying the
+/// log. So once the bootstrap membership applies, take a snapshot and
+/// purge the log it covers.
+async fn snapshot_restored_state(raft: Raft) {
+    let wait = Some(Duration::from_secs(600));
+    if raft.wait(wait).applied_index_at_least(Some(0), "restored membership applied").await.is_err() {
+        return;
+    }
+    if let Err(e) = raft.trigger().snapshot().await {
+        tracing::warn!(error = %e, "cannot snapshot the restored state");
+        return;
+    }
+    let built = raft.wait(wait).metrics(|m| m.snapshot.is_some(), "snapshot of the restored state").await;
+    let Ok(metrics) = built else {
+        tracing::warn!("no snapshot of the restored state; members added later will replay the log");
+        return;
+    };
+    if let Some(last) = metrics.snapshot {
+        if let Err(e) = raft.trigger().purge_log(last.index).await {
+            tracing::warn!(error = %e, "cannot purge the log behind the restored state's snapshot");
+        }
+    }
+}
+
 /// Determines this member's id and the cluster id: from the data dir when
 /// it was initialised before, from the bootstrap flags for a new cluster,
 /// or by asking the existing cluster's members (`--initial-cluster-state
@@ -262,6 +287,8 @@ fn listeners(urls: &[String], tls: &Option<tokio_rustls::TlsAcceptor>) -> anyhow
 /// Opens storage, starts Raft and the servers, and returns once the
 /// member has joined its cluster and serves clients.
 pub async fn start(config: Config) -> anyhow::Result<Node> {
+    // An etcd member's data dir is taken over on the first start.
+    crate::etcd_data_dir::convert_if_etcd(&config.data_dir)?;
     let member_dir = config.data_dir.join("member");
     let db_dir = member_dir.join("db");
     let snap_dir = member_dir.join("snap");
@@ -338,6 +365,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
                 members.into_iter().map(|(id, urls)| (id, MemberNode { peer_urls: urls })).collect();
             raft.initialize(nodes).await.map_err(|e| anyhow!("cannot bootstrap the restored cluster: {e}"))?;
             tracing::info!("bootstrapped a cluster restored from a snapshot");
+            tokio::spawn(snapshot_restored_state(raft.clone()));
         }
     }
     if bootstrap != Bootstrap::Restart {

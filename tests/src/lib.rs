@@ -72,6 +72,9 @@ pub struct ClusterOptions {
     pub restore_from: Option<PathBuf>,
     /// Peer URLs use https (the caller passes the peer TLS flags).
     pub peer_tls: bool,
+    /// The program that runs `snapshot restore` for `restore_from`
+    /// (default: the server binary; etcdctl takes the same flags).
+    pub restore_tool: Option<PathBuf>,
 }
 
 impl ClusterOptions {
@@ -83,6 +86,7 @@ impl ClusterOptions {
             token: "keel-test".into(),
             restore_from: None,
             peer_tls: false,
+            restore_tool: None,
         }
     }
 
@@ -153,7 +157,8 @@ impl Cluster {
         }
         if let Some(backup) = &opts.restore_from {
             for m in &members {
-                let out = Command::new(&opts.binary)
+                let out = Command::new(opts.restore_tool.as_ref().unwrap_or(&opts.binary))
+                    .env("ETCDCTL_API", "3")
                     .args(["snapshot", "restore"])
                     .arg(backup)
                     .args(["--name", &m.name, "--data-dir"])

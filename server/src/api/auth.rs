@@ -59,7 +59,14 @@ impl AuthService {
         Ok(who)
     }
 
-    async fn hash(&self, password: String) -> Result<String> {
+    /// Hashes a password for a UserAdd/ChangePassword from the sender of
+    /// `req`; non-admins are refused first (bcrypt is slow on purpose, so
+    /// it must not be anyone's to trigger). Apply checks again.
+    async fn hash<T>(&self, req: &Request<T>, password: String) -> Result<String> {
+        if self.server.auth.is_enabled() {
+            let who = credentials::auth_info(&self.server, req).await?;
+            self.server.auth.check_admin(who.as_ref())?;
+        }
         let cost = self.server.config.bcrypt_cost;
         tokio::task::spawn_blocking(move || bcrypt::hash(password, cost))
             .await
@@ -138,7 +145,7 @@ impl Auth for AuthService {
     async fn user_add(&self, r: Request<AuthUserAddRequest>) -> Result<Response<AuthUserAddResponse>, Status> {
         let mut add = r.get_ref().clone();
         if !add.options.is_some_and(|o| o.no_password) {
-            add.hashed_password = self.hash(std::mem::take(&mut add.password)).await?;
+            add.hashed_password = self.hash(&r, std::mem::take(&mut add.password)).await?;
         }
         add.password.clear();
         self.change(&r, Internal::AuthUserAdd(add)).await?;
@@ -167,7 +174,7 @@ impl Auth for AuthService {
         r: Request<AuthUserChangePasswordRequest>,
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
         let mut change = r.get_ref().clone();
-        change.hashed_password = self.hash(std::mem::take(&mut change.password)).await?;
+        change.hashed_password = self.hash(&r, std::mem::take(&mut change.password)).await?;
         self.change(&r, Internal::AuthUserChangePassword(change)).await?;
         Ok(Response::new(AuthUserChangePasswordResponse { header: self.header() }))
     }

@@ -136,7 +136,7 @@ impl Maintenance for MaintenanceService {
         ));
         let write_path = path.clone();
         let size = tokio::task::spawn_blocking(move || {
-            crate::backup::write_backup(engine.as_ref(), &crate::backup::KeelFormat, &write_path)
+            crate::backup::write_backup(engine.as_ref(), &crate::backup::EtcdFormat, &write_path)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

@@ -211,7 +211,9 @@ impl AuthStore {
             return Err(e);
         }
         state.refresh_perms();
-        if !state.enabled {
+        // A snapshot may skip user deletions and password changes whose
+        // tokens would otherwise outlive them.
+        if !state.enabled || state.revision != self.snapshot().revision {
             if let Some(s) = self.tokens.simple_tokens() {
                 s.clear();
             }

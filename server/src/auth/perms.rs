@@ -70,6 +70,11 @@ impl UserPerms {
         let mut perms = UserPerms::default();
         for role in roles {
             for p in &role.key_permission {
+                // etcd reads an empty begin key as "past every key": such
+                // a grant covers nothing.
+                if p.key.is_empty() {
+                    continue;
+                }
                 let ivl = Interval::of(&p.key, &p.range_end);
                 match PermType::try_from(p.perm_type) {
                     Ok(PermType::Read) => perms.read.push(ivl),

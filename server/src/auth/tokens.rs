@@ -188,7 +188,7 @@ fn parse_go_duration(s: &str) -> Option<Duration> {
             _ => return None,
         };
         rest = &rest[unit_len..];
-        total += Duration::from_secs_f64(value * scale);
+        total = total.checked_add(Duration::try_from_secs_f64(value * scale).ok()?)?;
     }
     Some(total)
 }
@@ -296,6 +296,7 @@ mod tests {
         assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_go_duration("5"), None);
         assert_eq!(parse_go_duration(""), None);
+        assert_eq!(parse_go_duration("99999999999999999999h"), None);
     }
 
     #[test]

@@ -187,8 +187,15 @@ impl ClientCertVerifier for RootAsClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        use rustls::CertificateError::*;
         let verified = match self.inner.verify_client_cert(end_entity, intermediates, now) {
             Ok(v) => v,
+            // Expired, not yet valid or revoked stays refused.
+            Err(
+                e @ rustls::Error::InvalidCertificate(
+                    Expired | ExpiredContext { .. } | NotValidYet | NotValidYetContext { .. } | Revoked,
+                ),
+            ) => return Err(e),
             Err(_) if self.roots.iter().any(|r| r.as_ref() == end_entity.as_ref()) => ClientCertVerified::assertion(),
             Err(e) => return Err(e),
         };

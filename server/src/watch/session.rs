@@ -92,9 +92,11 @@ async fn watch_refusal(
     if !server.auth.is_enabled() && credentials.metadata.get("token").is_none() {
         return None;
     }
+    // The range as the watch will use it (etcd: an empty key is "\0").
+    let key: &[u8] = if create.key.is_empty() { b"\0" } else { &create.key };
     let who = crate::api::credentials::from_parts(server, &credentials.metadata, credentials.common_name.as_ref())
         .await
-        .and_then(|who| server.auth.check_read(&who.unwrap_or_default(), &create.key, &create.range_end));
+        .and_then(|who| server.auth.check_read(&who.unwrap_or_default(), key, &create.range_end));
     let e = match who {
         Ok(()) => return None,
         Err(e @ (Error::InvalidAuthToken | Error::AuthOldRevision | Error::UserEmpty)) => e,

@@ -1,0 +1,251 @@
+//! etcd's backend layout over bbolt (`bbolt.rs`), both ways: keel's state
+//! machine written as the database etcd's `snapshot save` produces, and
+//! an etcd database read back as keel's tables.
+//!
+//! | etcd bucket | key                                  | value                    | keel |
+//! |-------------|--------------------------------------|--------------------------|------|
+//! | key         | main (8, BE) `_` sub (8, BE) [`t`]   | mvccpb.KeyValue          | kv (16-byte revision; tombstone: version 0) |
+//! | meta        | consistent_index, scheduledCompactRev, finishedCompactRev | u64 BE, revision bytes | meta |
+//! | lease       | lease id (8, BE)                     | leasepb.Lease            | lease |
+//! | auth        | authEnabled, authRevision            | [1]/[0], u64 BE          | meta |
+//! | authUsers   | user name                            | authpb.User              | auth `u/` |
+//! | authRoles   | role name                            | authpb.Role              | auth `r/` |
+//! | members, members_removed, cluster, alarm | (membership) |                  | not carried: a restore starts a new cluster |
+
+use std::io;
+
+use prost::Message;
+
+use crate::bbolt::Bucket;
+use crate::mvcc::Revision;
+use crate::storage::keys::{
+    META_APPLIED, META_AUTH_ENABLED, META_AUTH_REVISION, META_COMPACT_FINISHED, META_COMPACT_SCHEDULED,
+};
+use crate::storage::{Engine, StorageError, Table};
+
+/// etcd's leasepb.Lease.
+#[derive(Clone, PartialEq, prost::Message)]
+struct EtcdLease {
+    #[prost(int64, tag = "1")]
+    id: i64,
+    #[prost(int64, tag = "2")]
+    ttl: i64,
+    #[prost(int64, tag = "3")]
+    remaining_ttl: i64,
+}
+
+const AUTH_USER_PREFIX: &[u8] = b"u/";
+const AUTH_ROLE_PREFIX: &[u8] = b"r/";
+const CLUSTER_VERSION: &[u8] = b"3.4.0";
+
+/// etcd's revToBytes: main, '_', sub.
+fn etcd_revision(rev: Revision, tombstone: bool) -> Vec<u8> {
+    let mut k = Vec::with_capacity(18);
+    k.extend_from_slice(&rev.main.to_be_bytes());
+    k.push(b'_');
+    k.extend_from_slice(&rev.sub.to_be_bytes());
+    if tombstone {
+        k.push(b't');
+    }
+    k
+}
+
+fn parse_etcd_revision(k: &[u8]) -> Option<Revision> {
+    if !(k.len() == 17 || (k.len() == 18 && k[17] == b't')) || k[8] != b'_' {
+        return None;
+    }
+    let main = i64::from_be_bytes(k[..8].try_into().ok()?);
+    let sub = i64::from_be_bytes(k[9..17].try_into().ok()?);
+    Some(Revision { main, sub })
+}
+
+fn storage(e: StorageError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// keel's state machine as etcd's buckets.
+pub fn buckets(engine: &dyn Engine) -> io::Result<Vec<Bucket>> {
+    let mut key = Vec::new();
+    let mut lease = Vec::new();
+    let mut users = Vec::new();
+    let mut roles = Vec::new();
+    let mut meta = Vec::new();
+    let mut auth = Vec::new();
+    let mut failure = None;
+    engine
+        .scan_consistent(&Table::STATE_MACHINE, &mut |table, k, v| {
+            match table {
+                Table::Kv => match (Revision::from_key(k), keel_proto::mvccpb::KeyValue::decode(v)) {
+                    (Some(rev), Ok(kv)) => key.push((etcd_revision(rev, kv.version == 0), v.to_vec())),
+                    _ => failure = Some(format!("undecodable kv record at {k:?}")),
+                },
+                Table::Lease => match keel_proto::keelpb::LeaseRecord::decode(v) {
+                    Ok(r) => lease.push((
+                        r.id.to_be_bytes().to_vec(),
+                        EtcdLease { id: r.id, ttl: r.ttl, remaining_ttl: r.remaining_ttl }.encode_to_vec(),
+                    )),
+                    Err(e) => failure = Some(format!("undecodable lease record: {e}")),
+                },
+                Table::Auth => {
+                    if let Some(name) = k.strip_prefix(AUTH_USER_PREFIX) {
+                        users.push((name.to_vec(), v.to_vec()));
+                    } else if let Some(name) = k.strip_prefix(AUTH_ROLE_PREFIX) {
+                        roles.push((name.to_vec(), v.to_vec()));
+                    }
+                }
+                Table::Meta => {
+                    if k == META_APPLIED {
+                        if let Ok(applied) = crate::raft::codec::decode::<crate::raft::LogId>(v) {
+                            meta.push((b"consistent_index".to_vec(), applied.index.to_be_bytes().to_vec()));
+                        }
+                    } else if k == META_COMPACT_SCHEDULED || k == META_COMPACT_FINISHED {
+                        if let Some(main) = crate::storage::keys::decode_i64(v) {
+                            let name: &[u8] = if k == META_COMPACT_SCHEDULED {
+                                b"scheduledCompactRev"
+                            } else {
+                                b"finishedCompactRev"
+                            };
+                            meta.push((name.to_vec(), etcd_revision(Revision { main, sub: 0 }, false)));
+                        }
+                    } else if k == META_AUTH_ENABLED {
+                        auth.push((b"authEnabled".to_vec(), v.to_vec()));
+                    } else if k == META_AUTH_REVISION {
+                        auth.push((b"authRevision".to_vec(), v.to_vec()));
+                    }
+                }
+                Table::RaftLog | Table::RaftState => {}
+            }
+            Ok(failure.is_none())
+        })
+        .map_err(storage)?;
+    if let Some(f) = failure {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, f));
+    }
+    if !auth.iter().any(|(k, _)| k == b"authRevision") {
+        auth.push((b"authRevision".to_vec(), 1u64.to_be_bytes().to_vec()));
+    }
+    for pairs in [&mut key, &mut lease, &mut users, &mut roles, &mut meta, &mut auth] {
+        pairs.sort();
+    }
+    Ok(vec![
+        (b"alarm".to_vec(), Vec::new()),
+        (b"auth".to_vec(), auth),
+        (b"authRoles".to_vec(), roles),
+        (b"authUsers".to_vec(), users),
+        (b"cluster".to_vec(), vec![(b"clusterVersion".to_vec(), CLUSTER_VERSION.to_vec())]),
+        (b"key".to_vec(), key),
+        (b"lease".to_vec(), lease),
+        (b"members".to_vec(), Vec::new()),
+        (b"members_removed".to_vec(), Vec::new()),
+        (b"meta".to_vec(), meta),
+    ])
+}
+
+/// A record of one of keel's tables.
+pub type Record = (Table, Vec<u8>, Vec<u8>);
+
+/// One etcd record as a keel state-machine record, if it is one keel
+/// keeps (membership, alarms and the consistent index are not).
+pub fn to_keel(bucket: &[u8], k: &[u8], v: &[u8]) -> io::Result<Option<Record>> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("etcd {what} record: {k:?}"));
+    Ok(match bucket {
+        b"key" => {
+            let rev = parse_etcd_revision(k).ok_or_else(|| bad("key"))?;
+            keel_proto::mvccpb::KeyValue::decode(v).map_err(|_| bad("key"))?;
+            Some((Table::Kv, rev.to_key().to_vec(), v.to_vec()))
+        }
+        b"lease" => {
+            let l = EtcdLease::decode(v).map_err(|_| bad("lease"))?;
+            let record = keel_proto::keelpb::LeaseRecord { id: l.id, ttl: l.ttl, remaining_ttl: l.remaining_ttl };
+            Some((Table::Lease, l.id.to_be_bytes().to_vec(), record.encode_to_vec()))
+        }
+        b"authUsers" => Some((Table::Auth, [AUTH_USER_PREFIX, k].concat(), v.to_vec())),
+        b"authRoles" => Some((Table::Auth, [AUTH_ROLE_PREFIX, k].concat(), v.to_vec())),
+        b"auth" if k == b"authEnabled" => Some((Table::Meta, META_AUTH_ENABLED.to_vec(), v.to_vec())),
+        b"auth" if k == b"authRevision" => Some((Table::Meta, META_AUTH_REVISION.to_vec(), v.to_vec())),
+        b"meta" if k == b"scheduledCompactRev" || k == b"finishedCompactRev" => {
+            let rev = parse_etcd_revision(v).ok_or_else(|| bad("meta"))?;
+            let key = if k == b"scheduledCompactRev" { META_COMPACT_SCHEDULED } else { META_COMPACT_FINISHED };
+            Some((Table::Meta, key.to_vec(), rev.main.to_be_bytes().to_vec()))
+        }
+        _ => None,
+    })
+}
+
+/// etcd's CRC-32C (Castagnoli), which `etcdctl snapshot status` reports.
+pub fn crc32c(crc: u32, bytes: &[u8]) -> u32 {
+    let mut c = !crc;
+    for b in bytes {
+        c ^= u32::from(*b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::storage::memory::MemoryEngine;
+    use crate::storage::{SharedEngine, WriteBatch};
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(crc32c(0, b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(crc32c(0, b"1234"), b"56789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn keel_tables_survive_the_etcd_layout() -> anyhow::Result<()> {
+        let engine: SharedEngine = Arc::new(MemoryEngine::new());
+        let mut b = WriteBatch::new();
+        let live = keel_proto::mvccpb::KeyValue {
+            key: "a".into(),
+            value: "1".into(),
+            create_revision: 2,
+            mod_revision: 3,
+            version: 2,
+            lease: 7,
+        };
+        b.put(Table::Kv, Revision { main: 3, sub: 0 }.to_key(), live.encode_to_vec());
+        let tomb = keel_proto::mvccpb::KeyValue { key: "b".into(), ..Default::default() };
+        b.put(Table::Kv, Revision { main: 4, sub: 1 }.to_key(), tomb.encode_to_vec());
+        let lease = keel_proto::keelpb::LeaseRecord { id: 7, ttl: 60, remaining_ttl: 30 };
+        b.put(Table::Lease, 7i64.to_be_bytes(), lease.encode_to_vec());
+        b.put(Table::Auth, b"u/alice".to_vec(), b"user".to_vec());
+        b.put(Table::Auth, b"r/reader".to_vec(), b"role".to_vec());
+        b.put(Table::Meta, META_AUTH_ENABLED, vec![1]);
+        b.put(Table::Meta, META_AUTH_REVISION, 5u64.to_be_bytes().to_vec());
+        b.put(Table::Meta, META_COMPACT_FINISHED, 2i64.to_be_bytes().to_vec());
+        engine.write(b, false)?;
+
+        let mut file = Vec::new();
+        crate::bbolt::write(&buckets(engine.as_ref())?, &mut file)?;
+        let mut back = Vec::new();
+        let mut tombstone_keys = 0;
+        crate::bbolt::read(&file, &mut |bucket, pair| {
+            if let Some((k, v)) = pair {
+                if bucket == b"key" && k.ends_with(b"t") {
+                    tombstone_keys += 1;
+                }
+                if let Some(r) = to_keel(bucket, k, v)? {
+                    back.push(r);
+                }
+            }
+            Ok(())
+        })?;
+        assert_eq!(tombstone_keys, 1, "a tombstone's etcd key ends in 't'");
+        let mut expected = Vec::new();
+        engine.scan_consistent(&Table::STATE_MACHINE, &mut |t, k, v| {
+            expected.push((t, k.to_vec(), v.to_vec()));
+            Ok(true)
+        })?;
+        back.sort();
+        expected.sort();
+        assert_eq!(back, expected);
+        Ok(())
+    }
+}
