@@ -47,7 +47,8 @@ pub fn parse_retention(mode: CompactionMode, s: &str) -> std::result::Result<Opt
 impl Server {
     async fn compact_to(&self, rev: i64) -> Result<()> {
         let req = InternalRequest {
-            header: None,
+            // The member's own request: no user's permission applies.
+            header: Some(keel_proto::keelpb::RequestHeader { internal: true, ..Default::default() }),
             request: Some(internal_request::Request::Compaction(CompactionRequest { revision: rev, physical: false })),
         };
         match self.propose(req).await {

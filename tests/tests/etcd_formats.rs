@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use etcd_client::{Client, GetOptions, LeaseGrantOptions, Permission, PutOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, LeaseGrantOptions, Permission, PutOptions};
 use keel_tests::{etcd_bin, etcdctl_bin, Cluster, ClusterOptions};
 
 const LEASE_ID: i64 = 0x1234;
@@ -18,28 +18,38 @@ const LEASE_ID: i64 = 0x1234;
 async fn write_history(url: &str) -> anyhow::Result<()> {
     let mut c = Client::connect([url], None).await?;
     c.lease_grant(3600, Some(LeaseGrantOptions::new().with_id(LEASE_ID))).await?;
-    for i in 0..1500u32 {
-        let key = format!("key/{:03}", i % 400);
+    for i in 0..3000u32 {
+        let key = format!("key/{:04}", i % 2500);
         let opts = (i % 97 == 0).then(|| PutOptions::new().with_lease(LEASE_ID));
         c.put(key, format!("value-{i}"), opts).await?;
         if i % 50 == 49 {
-            c.delete(format!("key/{:03}", (i * 7) % 400), None).await?;
+            c.delete(format!("key/{:04}", (i * 7) % 2500), None).await?;
         }
     }
     c.user_add("alice", "alicepw", None).await?;
     c.role_add("reader").await?;
     c.role_grant_permission("reader", Permission::read("key/").with_prefix()).await?;
     c.user_grant_role("alice", "reader").await?;
+    c.user_add("root", "rootpw", None).await?;
+    c.user_grant_role("root", "root").await?;
+    c.auth_enable().await?;
     Ok(())
+}
+
+async fn as_root(url: &str) -> anyhow::Result<Client> {
+    Ok(Client::connect([url], Some(ConnectOptions::new().with_user("root", "rootpw"))).await?)
 }
 
 /// Everything a client can observe of the data: the latest keys with
 /// their revisions, the keys as of an older revision, the lease and its
 /// keys, users and roles.
 async fn observe(url: &str) -> anyhow::Result<Vec<String>> {
-    let mut c = Client::connect([url], None).await?;
+    let mut c = as_root(url).await?;
     let mut seen = Vec::new();
-    for rev in [0, 900] {
+    // Anonymous clients are refused: the auth state came along.
+    let anonymous = Client::connect([url], None).await?.get("key/0001", None).await;
+    seen.push(format!("anonymous read refused {}", anonymous.is_err()));
+    for rev in [0, 1800] {
         let resp = c.get("", Some(GetOptions::new().with_all_keys().with_revision(rev))).await?;
         if rev == 0 {
             seen.push(format!("revision {}", resp.header().map(|h| h.revision()).unwrap_or_default()));
@@ -76,7 +86,7 @@ async fn observe(url: &str) -> anyhow::Result<Vec<String>> {
 fn snapshot_save(url: &str, file: &Path) -> anyhow::Result<()> {
     let out = std::process::Command::new(etcdctl_bin())
         .env("ETCDCTL_API", "3")
-        .args(["--endpoints", url, "snapshot", "save"])
+        .args(["--endpoints", url, "--user", "root:rootpw", "snapshot", "save"])
         .arg(file)
         .output()?;
     anyhow::ensure!(out.status.success(), "snapshot save: {}", String::from_utf8_lossy(&out.stderr));
@@ -101,7 +111,8 @@ async fn snapshots_round_trip_between_keel_and_etcd() -> anyhow::Result<()> {
     let keel = Cluster::start(1)?;
     write_history(&keel.members[0].client_url).await?;
     let from_keel = observe(&keel.members[0].client_url).await?;
-    assert!(from_keel.len() > 400, "the workload leaves a few hundred keys");
+    assert!(from_keel.len() > 2000, "the workload leaves a few thousand keys");
+    assert!(from_keel.contains(&"anonymous read refused true".to_string()), "auth is enabled");
 
     // keel's backup is an etcd backup: real etcd restores and serves it.
     let keel_backup = dir.path().join("keel.db");

@@ -32,6 +32,8 @@ async fn a_read_only_user_stays_inside_its_prefix() -> anyhow::Result<()> {
     // Anonymous requests and bad passwords are refused with etcd's errors.
     let anonymous = admin.get("app/config", None).await.err().map(|e| status_message(&e)).unwrap_or_default();
     assert_eq!(anonymous, "InvalidArgument: etcdserver: user name is empty");
+    let compact = admin.compact(2, None).await.err().map(|e| status_message(&e)).unwrap_or_default();
+    assert_eq!(compact, "InvalidArgument: etcdserver: user name is empty", "anonymous clients cannot compact");
     let bad = Client::connect([urls[1]], Some(ConnectOptions::new().with_user("reader", "wrong"))).await;
     let bad = bad.err().map(|e| status_message(&e)).unwrap_or_default();
     assert!(bad.contains("etcdserver: authentication failed, invalid user ID or password"), "{bad}");

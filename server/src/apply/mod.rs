@@ -399,6 +399,12 @@ impl Applier {
             }
             Some(Request::Batch(b)) => self.apply_batch(log_id, &b.requests),
             Some(Request::Compaction(c)) => {
+                if let Some(who) = requester(req) {
+                    if let Err(e) = self.auth.check_authenticated(&who) {
+                        self.apply_noop(log_id)?;
+                        return Ok(error_response(&e, self.mvcc.current_rev()));
+                    }
+                }
                 let mut b = WriteBatch::new();
                 applied_put(&mut b, log_id)?;
                 let outcome = self.mvcc.compact(c.revision, &mut b);

@@ -273,6 +273,13 @@ impl AuthStore {
         }
     }
 
+    /// Any known user with current credentials (when auth is enabled):
+    /// what keel asks of Compact, which touches no key range (etcd 3.4
+    /// lets anonymous clients compact).
+    pub fn check_authenticated(&self, who: &AuthInfo) -> Result<(), Error> {
+        self.snapshot().check(who, |_| true)
+    }
+
     pub fn check_read(&self, who: &AuthInfo, key: &[u8], range_end: &[u8]) -> Result<(), Error> {
         self.snapshot().check(who, |p| p.can_read(key, range_end))
     }
