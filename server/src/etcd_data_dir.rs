@@ -62,6 +62,17 @@ struct ConfChange {
     context: Vec<u8>,
 }
 
+/// raftpb.HardState.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HardState {
+    #[prost(uint64, tag = "1")]
+    term: u64,
+    #[prost(uint64, tag = "2")]
+    vote: u64,
+    #[prost(uint64, tag = "3")]
+    commit: u64,
+}
+
 /// The member record etcd puts in a configuration change's context.
 #[derive(serde::Deserialize)]
 struct EtcdMember {
@@ -71,6 +82,8 @@ struct EtcdMember {
 
 const METADATA_RECORD: i64 = 1;
 const ENTRY_RECORD: i64 = 2;
+const STATE_RECORD: i64 = 3;
+const NORMAL_ENTRY: i32 = 0;
 const CONF_CHANGE_ENTRY: i32 = 1;
 const ADD_NODE: i32 = 0;
 const REMOVE_NODE: i32 = 1;
@@ -84,6 +97,8 @@ pub struct WalIdentity {
     pub cluster_id: u64,
     /// Member id -> peer URLs.
     pub members: BTreeMap<u64, Vec<String>>,
+    /// The newest committed log index holding a client request (0: none).
+    pub last_committed_request: u64,
 }
 
 /// Reads the records of one WAL file (etcd's framing: a little-endian
@@ -120,13 +135,19 @@ pub fn read_wal(wal_dir: &Path) -> anyhow::Result<WalIdentity> {
     }
     let mut metadata = None;
     let mut members = BTreeMap::new();
+    let mut commit = 0u64;
+    let mut request_indexes = Vec::new();
     for file in files {
         let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
         wal_records(&bytes, |r| {
             match r.r#type {
                 METADATA_RECORD => metadata = Some(WalMetadata::decode(r.data.as_slice())?),
+                STATE_RECORD => commit = commit.max(HardState::decode(r.data.as_slice())?.commit),
                 ENTRY_RECORD => {
                     let entry = RaftEntry::decode(r.data.as_slice())?;
+                    if entry.r#type == NORMAL_ENTRY && !entry.data.is_empty() {
+                        request_indexes.push(entry.index);
+                    }
                     if entry.r#type == CONF_CHANGE_ENTRY {
                         let cc = ConfChange::decode(entry.data.as_slice())?;
                         match cc.r#type {
@@ -155,7 +176,20 @@ pub fn read_wal(wal_dir: &Path) -> anyhow::Result<WalIdentity> {
     if members.is_empty() {
         bail!("the WAL records no cluster members");
     }
-    Ok(WalIdentity { member_id: m.node_id, cluster_id: m.cluster_id, members })
+    let last_committed_request = request_indexes.into_iter().filter(|i| *i <= commit).max().unwrap_or(0);
+    Ok(WalIdentity { member_id: m.node_id, cluster_id: m.cluster_id, members, last_committed_request })
+}
+
+/// etcd's consistent index: the last log index the database reflects.
+fn consistent_index(db: &[u8]) -> std::io::Result<u64> {
+    let mut index = 0;
+    crate::bbolt::read(db, &mut |bucket, pair| {
+        if let (b"meta", Some((b"consistent_index", v))) = (bucket, pair) {
+            index = v.try_into().map(u64::from_be_bytes).unwrap_or(0);
+        }
+        Ok(())
+    })?;
+    Ok(index)
 }
 
 /// Converts an etcd data dir in place; `Ok(false)` when `data_dir` is
@@ -185,6 +219,15 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
         Ok(())
     })
     .map_err(|e| refuse(e.into()))?;
+    // The conversion starts from the database: committed requests it does
+    // not reflect yet (etcd crashed instead of stopping) would be lost.
+    let applied = consistent_index(&db).map_err(|e| refuse(e.into()))?;
+    if identity.last_committed_request > applied {
+        return Err(refuse(anyhow::anyhow!(
+            "its WAL holds committed requests up to index {} that its database (consistent index {applied}) does not reflect yet: start etcd on it and stop it cleanly, or restore a snapshot",
+            identity.last_committed_request
+        )));
+    }
 
     let original = data_dir.join("member.etcd-original");
     if original.exists() {
@@ -261,6 +304,38 @@ mod tests {
         assert_eq!(id.member_id, 0xaa);
         assert_eq!(id.cluster_id, 0xcc);
         assert_eq!(id.members.get(&0xbb), Some(&vec!["http://b:2380".to_string()]));
+        Ok(())
+    }
+
+    #[test]
+    fn committed_requests_missing_from_the_database_are_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let wal_dir = dir.path().join("member/wal");
+        std::fs::create_dir_all(&wal_dir)?;
+        std::fs::create_dir_all(dir.path().join("member/snap"))?;
+        let meta = WalMetadata { node_id: 1, cluster_id: 2 };
+        let cc = ConfChange {
+            id: 0,
+            r#type: ADD_NODE,
+            node_id: 1,
+            context: br#"{"id":1,"peerURLs":["http://a:2380"]}"#.to_vec(),
+        };
+        let conf = RaftEntry { term: 1, index: 1, r#type: CONF_CHANGE_ENTRY, data: cc.encode_to_vec() };
+        let put = RaftEntry { term: 2, index: 5, r#type: NORMAL_ENTRY, data: b"a request".to_vec() };
+        let mut wal = frame(&WalRecord { r#type: METADATA_RECORD, crc: 0, data: meta.encode_to_vec() });
+        for e in [conf, put] {
+            wal.extend(frame(&WalRecord { r#type: ENTRY_RECORD, crc: 0, data: e.encode_to_vec() }));
+        }
+        let state = HardState { term: 2, vote: 1, commit: 5 };
+        wal.extend(frame(&WalRecord { r#type: STATE_RECORD, crc: 0, data: state.encode_to_vec() }));
+        std::fs::write(wal_dir.join("0000000000000000-0000000000000000.wal"), &wal)?;
+        let mut db = Vec::new();
+        let meta_bucket = (b"meta".to_vec(), vec![(b"consistent_index".to_vec(), 4u64.to_be_bytes().to_vec())]);
+        crate::bbolt::write(&[meta_bucket], &mut db)?;
+        std::fs::write(dir.path().join("member/snap/db"), &db)?;
+        let refused = convert_if_etcd(dir.path()).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(refused.contains("up to index 5"), "{refused}");
+        assert!(dir.path().join("member/snap/db").exists() && !dir.path().join("member/db").exists());
         Ok(())
     }
 
