@@ -77,7 +77,7 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
         };
         total += n * scale;
     }
-    Ok(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).map_err(|_| format!("duration {s:?} out of range"))
 }
 
 /// Turns Go-style single-dash long flags (`-name x`) into clap's `--name x`.

@@ -166,33 +166,6 @@ pub struct JwtTokens {
     ttl: Duration,
 }
 
-/// Parses a Go duration such as `5m`, `1s`, `300ms`, `1h30m`.
-fn parse_go_duration(s: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        let value: f64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total = total.checked_add(Duration::try_from_secs_f64(value * scale).ok()?)?;
-    }
-    Some(total)
-}
-
 fn read_key(option: &'static str, path: &str) -> Result<Vec<u8>, TokenConfigError> {
     std::fs::read(path).map_err(|e| TokenConfigError::Key(option, format!("{path}: {e}")))
 }
@@ -211,7 +184,7 @@ impl JwtTokens {
         let method = opts.get("sign-method").copied().unwrap_or_default();
         let algorithm: Algorithm = method.parse().map_err(|_| TokenConfigError::SignMethod(method.to_string()))?;
         let ttl = match opts.get("ttl") {
-            Some(t) => parse_go_duration(t).ok_or_else(|| TokenConfigError::Ttl(t.to_string()))?,
+            Some(t) => crate::config::parse_go_duration(t).map_err(|_| TokenConfigError::Ttl(t.to_string()))?,
             None => Duration::from_secs(300),
         };
         for k in opts.keys() {
@@ -289,14 +262,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
-        assert_eq!(parse_go_duration("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_go_duration("5"), None);
-        assert_eq!(parse_go_duration(""), None);
-        assert_eq!(parse_go_duration("99999999999999999999h"), None);
+    fn jwt_ttl_takes_go_durations_and_refuses_overflow() {
+        use crate::config::parse_go_duration;
+        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_go_duration("99999999999999999999h").is_err());
+        assert!(matches!(
+            TokenProvider::from_flag("jwt,sign-method=HS256,ttl=5", Duration::from_secs(1)),
+            Err(TokenConfigError::Ttl(_))
+        ));
     }
 
     #[test]
