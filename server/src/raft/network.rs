@@ -76,7 +76,16 @@ impl PeerClients {
                 let resp = resp.into_inner();
                 Ok((resp.response.unwrap_or_default(), resp.log_index))
             }
-            Err(status) => Err(peer_status_error(status)),
+            // Only a request that never reached the leader may be sent
+            // again: one that did may be applied even though its answer
+            // was lost (the leader died), and proposing it twice would
+            // apply it twice (found by the Jepsen append workload: a txn
+            // applied, then retried, failed its own compare). As etcd,
+            // answer "possibly due to previous leader failure" instead.
+            Err(status) => match peer_status_error(status.clone()) {
+                Error::Unhealthy if !never_sent(&status) => Err(Error::TimeoutDueToLeaderFail),
+                other => Err(other),
+            },
         }
     }
 
@@ -195,6 +204,20 @@ impl PeerClients {
 pub const MEMBER_REMOVED: &str = "the member has been permanently removed from the cluster";
 
 /// Maps a peer's gRPC failure to what the proposer should do.
+/// Whether a failed call failed while connecting, so the peer never saw
+/// the request.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut cur: Option<&dyn std::error::Error> = Some(status);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if text.contains("tcp connect error") || text.contains("Connection refused") || text.contains("dns error") {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 fn peer_status_error(status: tonic::Status) -> Error {
     match status.code() {
         tonic::Code::FailedPrecondition if status.message() == "not leader" => Error::NotLeader,
