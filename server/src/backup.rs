@@ -12,7 +12,6 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -23,7 +22,7 @@ use crate::storage::keys::{
     prefix_end, META_ALARM_PREFIX, META_APPLIED, META_MEMBERSHIP, META_MEMBER_PREFIX, META_REMOVED_PREFIX,
 };
 use crate::storage::rocks::RocksEngine;
-use crate::storage::{Engine, SharedEngine, StorageError, Table, WriteBatch};
+use crate::storage::{Engine, StorageError, Table, WriteBatch};
 
 /// Length of the SHA-256 trailer.
 const SHA_LEN: usize = 32;
@@ -125,8 +124,19 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Checks a backup's SHA-256 trailer and its stream's own checksum.
+/// Checks a backup's SHA-256 trailer and that its body parses (bbolt) or
+/// passes its own checksums (keel's stream).
 pub fn verify(path: &Path) -> io::Result<()> {
+    let len = verify_trailer(path)?;
+    if is_bbolt(path)? {
+        return crate::bbolt::read(&body(path)?, &mut |_, _| Ok(()));
+    }
+    let body = std::fs::File::open(path)?.take(len - SHA_LEN as u64);
+    crate::raft::snapshot_file::verify(BufReader::new(body)).map(|_| ())
+}
+
+/// Checks the SHA-256 trailer; returns the file's length.
+fn verify_trailer(path: &Path) -> io::Result<u64> {
     let len = std::fs::metadata(path)?.len();
     if len < SHA_LEN as u64 {
         return Err(invalid("snapshot file is truncated"));
@@ -149,11 +159,7 @@ pub fn verify(path: &Path) -> io::Result<()> {
     if sha.finalize().as_slice() != trailer {
         return Err(invalid("snapshot file has a bad checksum (truncated or corrupt)"));
     }
-    if is_bbolt(path)? {
-        return crate::bbolt::read(&body(path)?, &mut |_, _| Ok(()));
-    }
-    let body = std::fs::File::open(path)?.take(len - SHA_LEN as u64);
-    crate::raft::snapshot_file::verify(BufReader::new(body)).map(|_| ())
+    Ok(len)
 }
 
 /// What `keel snapshot status` prints.
@@ -186,8 +192,10 @@ fn for_each_record(path: &Path, mut f: impl FnMut(Table, Vec<u8>, Vec<u8>) -> io
 }
 
 pub fn status(path: &Path) -> io::Result<Status> {
-    verify(path)?;
     if is_bbolt(path)? {
+        // The one pass below parses the whole database: only the trailer
+        // needs checking first.
+        verify_trailer(path)?;
         // etcdctl's figures: CRC-32C of every bucket name and pair, the
         // newest revision in `key`, and the number of pairs.
         let (mut hash, mut revision, mut total_keys) = (0u32, 0i64, 0u64);
@@ -206,6 +214,7 @@ pub fn status(path: &Path) -> io::Result<Status> {
         })?;
         return Ok(Status { hash, revision, total_keys, total_size: std::fs::metadata(path)?.len() });
     }
+    verify(path)?;
     let mut hasher = crc32fast::Hasher::new();
     let mut revision = 1;
     let mut total_keys = 0u64;
@@ -234,49 +243,44 @@ pub fn restore(path: &Path, data_dir: &Path, local: WriteBatch) -> anyhow::Resul
     if data_dir.exists() {
         anyhow::bail!("data-dir {:?} exists", data_dir.display().to_string());
     }
-    let db_dir: PathBuf = data_dir.join("member").join("db");
-    std::fs::create_dir_all(&db_dir)?;
-    let engine: SharedEngine = Arc::new(RocksEngine::open(&db_dir)?);
     let skip_prefixes: Vec<(Vec<u8>, Vec<u8>)> = [META_MEMBER_PREFIX, META_REMOVED_PREFIX, META_ALARM_PREFIX]
         .iter()
         .map(|p| (p.to_vec(), prefix_end(p).unwrap_or_default()))
         .collect();
+    fill_member(data_dir, local, |put| {
+        for_each_record(path, |table, k, v| {
+            if table == Table::Meta {
+                if k == META_APPLIED || k == META_MEMBERSHIP {
+                    return Ok(());
+                }
+                if skip_prefixes.iter().any(|(s, e)| k.as_slice() >= s.as_slice() && k.as_slice() < e.as_slice()) {
+                    return Ok(());
+                }
+            }
+            put(table, k, v)
+        })
+    })
+}
+
+/// Creates a member's engine under `data_dir` holding the state-machine
+/// records `feed` gives its `put` (written in batches) and `local`
+/// (identity, bootstrap membership).
+pub fn fill_member(
+    data_dir: &Path,
+    local: WriteBatch,
+    feed: impl FnOnce(&mut dyn FnMut(Table, Vec<u8>, Vec<u8>) -> io::Result<()>) -> io::Result<()>,
+) -> anyhow::Result<()> {
+    let db_dir: PathBuf = data_dir.join("member").join("db");
+    std::fs::create_dir_all(&db_dir)?;
+    let engine = RocksEngine::open(&db_dir)?;
     let mut batch = WriteBatch::new();
-    for_each_record(path, |table, k, v| {
-        if table == Table::Meta {
-            if k == META_APPLIED || k == META_MEMBERSHIP {
-                return Ok(());
-            }
-            if skip_prefixes.iter().any(|(s, e)| k.as_slice() >= s.as_slice() && k.as_slice() < e.as_slice()) {
-                return Ok(());
-            }
-        }
+    feed(&mut |table, k, v| {
         batch.put(table, k, v);
         if batch.len() >= 10_000 {
             engine.write(std::mem::take(&mut batch), false).map_err(|e| io::Error::other(e.to_string()))?;
         }
         Ok(())
     })?;
-    engine.write(batch, true)?;
-    engine.write(local, true)?;
-    engine.close()?;
-    Ok(())
-}
-
-/// Creates a member's engine under `data_dir` holding `records` (state
-/// machine tables, already converted) and `local` (identity, bootstrap
-/// membership).
-pub fn fill_member(data_dir: &Path, records: Vec<crate::etcd_format::Record>, local: WriteBatch) -> anyhow::Result<()> {
-    let db_dir: PathBuf = data_dir.join("member").join("db");
-    std::fs::create_dir_all(&db_dir)?;
-    let engine = RocksEngine::open(&db_dir)?;
-    let mut batch = WriteBatch::new();
-    for (table, k, v) in records {
-        batch.put(table, k, v);
-        if batch.len() >= 10_000 {
-            engine.write(std::mem::take(&mut batch), false)?;
-        }
-    }
     engine.write(batch, true)?;
     engine.write(local, true)?;
     engine.close()?;

@@ -180,18 +180,6 @@ pub fn read_wal(wal_dir: &Path) -> anyhow::Result<WalIdentity> {
     Ok(WalIdentity { member_id: m.node_id, cluster_id: m.cluster_id, members, last_committed_request })
 }
 
-/// etcd's consistent index: the last log index the database reflects.
-fn consistent_index(db: &[u8]) -> std::io::Result<u64> {
-    let mut index = 0;
-    crate::bbolt::read(db, &mut |bucket, pair| {
-        if let (b"meta", Some((b"consistent_index", v))) = (bucket, pair) {
-            index = v.try_into().map(u64::from_be_bytes).unwrap_or(0);
-        }
-        Ok(())
-    })?;
-    Ok(index)
-}
-
 /// Converts an etcd data dir in place; `Ok(false)` when `data_dir` is
 /// not one (a keel data dir, or a new one).
 pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
@@ -208,10 +196,16 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
     };
     let identity = read_wal(&member.join("wal")).map_err(refuse)?;
     let db = std::fs::read(&etcd_db).with_context(|| format!("cannot read {}", etcd_db.display())).map_err(refuse)?;
-    // Read everything before changing anything.
+    // Read everything before changing anything, in one pass: the records
+    // and etcd's consistent index (the last log index the database
+    // reflects).
     let mut records = Vec::new();
+    let mut applied = 0u64;
     crate::bbolt::read(&db, &mut |bucket, pair| {
         if let Some((k, v)) = pair {
+            if let (b"meta", b"consistent_index") = (bucket, k) {
+                applied = v.try_into().map(u64::from_be_bytes).unwrap_or(0);
+            }
             if let Some(r) = crate::etcd_format::to_keel(bucket, k, v)? {
                 records.push(r);
             }
@@ -221,7 +215,6 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
     .map_err(|e| refuse(e.into()))?;
     // The conversion starts from the database: committed requests it does
     // not reflect yet (etcd crashed instead of stopping) would be lost.
-    let applied = consistent_index(&db).map_err(|e| refuse(e.into()))?;
     if identity.last_committed_request > applied {
         return Err(refuse(anyhow::anyhow!(
             "its WAL holds committed requests up to index {} that its database (consistent index {applied}) does not reflect yet: start etcd on it and stop it cleanly, or restore a snapshot",
@@ -246,7 +239,9 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
         crate::raft::codec::encode(&(identity.member_id, identity.cluster_id))?,
     );
     local.put(crate::storage::Table::RaftState, crate::node::BOOTSTRAP_MEMBERS, crate::raft::codec::encode(&ids)?);
-    if let Err(e) = crate::backup::fill_member(data_dir, records, local) {
+    if let Err(e) = crate::backup::fill_member(data_dir, local, |put| {
+        records.into_iter().try_for_each(|(table, k, v)| put(table, k, v))
+    }) {
         // Put the original back so the directory is as it was.
         let _ = std::fs::remove_dir_all(&member);
         let _ = std::fs::rename(&original, &member);

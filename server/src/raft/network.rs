@@ -204,18 +204,24 @@ impl PeerClients {
 pub const MEMBER_REMOVED: &str = "the member has been permanently removed from the cluster";
 
 /// Maps a peer's gRPC failure to what the proposer should do.
-/// Whether a failed call failed while connecting, so the peer never saw
-/// the request.
-fn never_sent(status: &tonic::Status) -> bool {
+/// Whether any error in `status`'s source chain mentions one of `needles`
+/// (transport errors reach us only as text).
+fn chain_mentions(status: &tonic::Status, needles: &[&str]) -> bool {
     let mut cur: Option<&dyn std::error::Error> = Some(status);
     while let Some(e) = cur {
         let text = e.to_string();
-        if text.contains("tcp connect error") || text.contains("Connection refused") || text.contains("dns error") {
+        if needles.iter().any(|n| text.contains(n)) {
             return true;
         }
         cur = e.source();
     }
     false
+}
+
+/// Whether a failed call failed while connecting, so the peer never saw
+/// the request.
+fn never_sent(status: &tonic::Status) -> bool {
+    chain_mentions(status, &["tcp connect error", "Connection refused", "dns error"])
 }
 
 fn peer_status_error(status: tonic::Status) -> Error {
@@ -264,14 +270,7 @@ fn encode_rpc<Req: Serialize, E: std::error::Error>(req: &Req) -> Result<Vec<u8>
 /// every ten seconds.
 fn note_tls_refusal(target: NodeId, status: &tonic::Status) {
     static LAST_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut chain = String::new();
-    let mut cur: Option<&dyn std::error::Error> = Some(status);
-    while let Some(e) = cur {
-        chain.push_str(&e.to_string());
-        chain.push('\n');
-        cur = e.source();
-    }
-    if !chain.contains("BadCertificate") {
+    if !chain_mentions(status, &["BadCertificate"]) {
         return;
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
