@@ -62,10 +62,7 @@ fmt:
 	$(CARGO) fmt --all
 
 conformance: build
-	@for g in $(CONFORMANCE_GROUPS); do \
-	  tests=$$($(E2E) --list --group $$g | grep -vxF -f conformance/known-failures.txt | paste -sd'|'); \
-	  $(E2E) --server $(KEEL) --group $$g --run "^($$tests)$$" || exit 1; \
-	done
+	conformance/run $(E2E) $(KEEL) $(CONFORMANCE_GROUPS)
 
 # Fault injection (jepsen/README.md). `make jepsen WORKLOAD=watch
 # FAULTS=partition,kill DURATION=600`; results under $(TARGET_DIR)/jepsen.
