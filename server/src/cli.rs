@@ -1,5 +1,7 @@
-//! `keel snapshot status|restore`: etcdctl's snapshot subcommands for
-//! keel's backups (what `etcdctl snapshot save` wrote from a keel member).
+//! Offline subcommands: `keel snapshot status|restore`, etcdctl's snapshot
+//! subcommands for keel's backups (what `etcdctl snapshot save` wrote from
+//! a keel member), and `keel convert-to-etcd`, which turns a stopped keel
+//! member's data dir into an etcd member's.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -115,6 +117,48 @@ fn run(cli: SnapshotCli) -> anyhow::Result<()> {
             crate::backup::restore(&file, std::path::Path::new(&data_dir), local)?;
             println!("restored snapshot {} into {data_dir} as member {id:x} of cluster {cid:x}", file.display());
             Ok(())
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keel convert-to-etcd",
+    about = "Converts a stopped keel member's data dir in place into an etcd 3.4 member's, with the same member id, cluster id, membership and data; keel's files are kept as member.keel-original"
+)]
+struct ConvertCli {
+    /// The member's data directory.
+    #[arg(long, env = "ETCD_DATA_DIR", default_value = "default.etcd")]
+    data_dir: PathBuf,
+}
+
+/// Entry point for `keel convert-to-etcd ...` (`args` without the
+/// program name).
+pub fn convert_to_etcd_main(args: Vec<String>) -> ExitCode {
+    let cli = match ConvertCli::try_parse_from(std::iter::once("keel convert-to-etcd".to_string()).chain(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match crate::etcd_data_dir::convert_to_etcd(&cli.data_dir) {
+        Ok(done) => {
+            println!(
+                "converted {} to an etcd data dir: member {:x} of cluster {:x} ({} members), starting from index {} term {}; keel's files are in {}",
+                cli.data_dir.display(),
+                done.member_id,
+                done.cluster_id,
+                done.members,
+                done.index,
+                done.term,
+                cli.data_dir.join("member.keel-original").display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -153,6 +153,11 @@ impl MemberRegistry {
         self.attrs.read().ok()?.get(&id).cloned()
     }
 
+    /// Every member id ever removed, ascending.
+    pub fn removed_ids(&self) -> Vec<u64> {
+        self.removed.read().map(|r| r.iter().copied().collect()).unwrap_or_default()
+    }
+
     pub fn is_removed(&self, id: u64) -> bool {
         self.removed.read().map(|r| r.contains(&id)).unwrap_or(false)
     }

@@ -16,113 +16,43 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use prost::Message;
 
-/// walpb.Record.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WalRecord {
-    #[prost(int64, tag = "1")]
-    r#type: i64,
-    #[prost(uint32, tag = "2")]
-    crc: u32,
-    #[prost(bytes = "vec", tag = "3")]
-    data: Vec<u8>,
-}
+use crate::etcd_wal::{
+    read_records, ConfChange, HardState, RaftEntry, WalMetadata, ADD_LEARNER, ADD_NODE, CONF_CHANGE_ENTRY,
+    ENTRY_RECORD, METADATA_RECORD, NORMAL_ENTRY, REMOVE_NODE, STATE_RECORD, UPDATE_NODE,
+};
 
-/// etcdserverpb.Metadata.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WalMetadata {
-    #[prost(uint64, tag = "1")]
-    node_id: u64,
-    #[prost(uint64, tag = "2")]
-    cluster_id: u64,
-}
-
-/// raftpb.Entry.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RaftEntry {
-    #[prost(uint64, tag = "2")]
-    term: u64,
-    #[prost(uint64, tag = "3")]
-    index: u64,
-    #[prost(int32, tag = "1")]
-    r#type: i32,
-    #[prost(bytes = "vec", tag = "4")]
-    data: Vec<u8>,
-}
-
-/// raftpb.ConfChange.
-#[derive(Clone, PartialEq, prost::Message)]
-struct ConfChange {
-    #[prost(uint64, tag = "1")]
-    id: u64,
-    #[prost(int32, tag = "2")]
-    r#type: i32,
-    #[prost(uint64, tag = "3")]
-    node_id: u64,
-    #[prost(bytes = "vec", tag = "4")]
-    context: Vec<u8>,
-}
-
-/// raftpb.HardState.
-#[derive(Clone, PartialEq, prost::Message)]
-struct HardState {
-    #[prost(uint64, tag = "1")]
-    term: u64,
-    #[prost(uint64, tag = "2")]
-    vote: u64,
-    #[prost(uint64, tag = "3")]
-    commit: u64,
-}
-
-/// The member record etcd puts in a configuration change's context.
-#[derive(serde::Deserialize)]
+/// A member as etcd records it: the context of a configuration change,
+/// and the value of the backend's `members` bucket.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct EtcdMember {
+    id: u64,
     #[serde(rename = "peerURLs", default)]
     peer_urls: Vec<String>,
+    #[serde(rename = "isLearner", default, skip_serializing_if = "std::ops::Not::not")]
+    is_learner: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    name: String,
+    #[serde(rename = "clientURLs", default, skip_serializing_if = "Vec::is_empty")]
+    client_urls: Vec<String>,
 }
-
-const METADATA_RECORD: i64 = 1;
-const ENTRY_RECORD: i64 = 2;
-const STATE_RECORD: i64 = 3;
-const NORMAL_ENTRY: i32 = 0;
-const CONF_CHANGE_ENTRY: i32 = 1;
-const ADD_NODE: i32 = 0;
-const REMOVE_NODE: i32 = 1;
-const UPDATE_NODE: i32 = 2;
-const ADD_LEARNER: i32 = 3;
 
 /// What a WAL says about the member and its cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WalIdentity {
     pub member_id: u64,
     pub cluster_id: u64,
-    /// Member id -> peer URLs.
-    pub members: BTreeMap<u64, Vec<String>>,
-    /// The newest committed log index holding a client request (0: none).
-    pub last_committed_request: u64,
+    /// Membership changes committed in the WAL, in log order: log index,
+    /// member id and its peer URLs (`None`: removed).
+    pub changes: Vec<(u64, u64, Option<Vec<String>>)>,
+    /// The newest committed log index holding a request that changes the
+    /// database (0: none).
+    pub last_committed_write: u64,
 }
 
-/// Reads the records of one WAL file (etcd's framing: a little-endian
-/// 64-bit length whose top byte carries the padding, then the record).
-fn wal_records(bytes: &[u8], mut visit: impl FnMut(WalRecord) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let mut at = 0usize;
-    while at + 8 <= bytes.len() {
-        let frame = i64::from_le_bytes(bytes[at..at + 8].try_into()?);
-        let len = (frame as u64 & 0x00ff_ffff_ffff_ffff) as usize;
-        let pad = if frame < 0 { ((frame as u64 >> 56) & 0x7) as usize } else { 0 };
-        if len == 0 {
-            break; // preallocated space
-        }
-        let start = at + 8;
-        let Some(data) = bytes.get(start..start + len) else {
-            break; // a torn final record, as etcd tolerates
-        };
-        visit(WalRecord::decode(data).context("undecodable WAL record")?)?;
-        at = start + len + pad;
-    }
-    Ok(())
-}
-
-/// The identity and membership recorded in a member's WAL directory.
+/// The identity, membership changes and committed requests recorded in a
+/// member's WAL directory (every segment, the CRC chain checked across
+/// them; an entry rewritten by a later leader replaces the old one, as
+/// etcd's ReadAll does).
 pub fn read_wal(wal_dir: &Path) -> anyhow::Result<WalIdentity> {
     let mut files: Vec<_> = std::fs::read_dir(wal_dir)
         .with_context(|| format!("cannot read {}", wal_dir.display()))?
@@ -134,34 +64,20 @@ pub fn read_wal(wal_dir: &Path) -> anyhow::Result<WalIdentity> {
         bail!("{} holds no WAL files", wal_dir.display());
     }
     let mut metadata = None;
-    let mut members = BTreeMap::new();
     let mut commit = 0u64;
-    let mut request_indexes = Vec::new();
+    let mut entries: Vec<RaftEntry> = Vec::new();
+    let mut crc = 0u32;
     for file in files {
         let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-        wal_records(&bytes, |r| {
+        read_records(&bytes, &mut crc, |r| {
             match r.r#type {
                 METADATA_RECORD => metadata = Some(WalMetadata::decode(r.data.as_slice())?),
                 STATE_RECORD => commit = commit.max(HardState::decode(r.data.as_slice())?.commit),
                 ENTRY_RECORD => {
                     let entry = RaftEntry::decode(r.data.as_slice())?;
-                    if entry.r#type == NORMAL_ENTRY && !entry.data.is_empty() {
-                        request_indexes.push(entry.index);
-                    }
-                    if entry.r#type == CONF_CHANGE_ENTRY {
-                        let cc = ConfChange::decode(entry.data.as_slice())?;
-                        match cc.r#type {
-                            ADD_NODE | ADD_LEARNER | UPDATE_NODE => {
-                                let m: EtcdMember = serde_json::from_slice(&cc.context)
-                                    .context("undecodable member in a configuration change")?;
-                                members.insert(cc.node_id, m.peer_urls);
-                            }
-                            REMOVE_NODE => {
-                                members.remove(&cc.node_id);
-                            }
-                            _ => {}
-                        }
-                    }
+                    let keep = entries.partition_point(|e| e.index < entry.index);
+                    entries.truncate(keep);
+                    entries.push(entry);
                 }
                 _ => {}
             }
@@ -173,11 +89,111 @@ pub fn read_wal(wal_dir: &Path) -> anyhow::Result<WalIdentity> {
     if m.node_id == 0 || m.cluster_id == 0 {
         bail!("the WAL's metadata names no member or cluster");
     }
-    if members.is_empty() {
-        bail!("the WAL records no cluster members");
+    let mut changes = Vec::new();
+    let mut last_committed_write = 0;
+    for entry in entries.into_iter().take_while(|e| e.index <= commit) {
+        if entry.r#type == NORMAL_ENTRY && changes_database(&entry.data) {
+            last_committed_write = entry.index;
+        }
+        if entry.r#type == CONF_CHANGE_ENTRY {
+            let cc = ConfChange::decode(entry.data.as_slice())?;
+            match cc.r#type {
+                ADD_NODE | ADD_LEARNER | UPDATE_NODE => {
+                    let m: EtcdMember =
+                        serde_json::from_slice(&cc.context).context("undecodable member in a configuration change")?;
+                    changes.push((entry.index, cc.node_id, Some(m.peer_urls)));
+                }
+                REMOVE_NODE => changes.push((entry.index, cc.node_id, None)),
+                _ => {}
+            }
+        }
     }
-    let last_committed_request = request_indexes.into_iter().filter(|i| *i <= commit).max().unwrap_or(0);
-    Ok(WalIdentity { member_id: m.node_id, cluster_id: m.cluster_id, members, last_committed_request })
+    Ok(WalIdentity { member_id: m.node_id, cluster_id: m.cluster_id, changes, last_committed_write })
+}
+
+/// Whether a normal entry's request (etcdserverpb.InternalRaftRequest, or
+/// a bare v2 Request as etcd 3.4 proposes member attributes) changes
+/// etcd's database. etcd persists its consistent index only with database
+/// writes, so entries that do not write (v2 requests, Authenticate, auth
+/// reads, serializable ranges) legitimately lie beyond it after a clean
+/// stop. Anything not known to be harmless counts as a write.
+fn changes_database(data: &[u8]) -> bool {
+    /// InternalRaftRequest fields that never touch the backend: ID,
+    /// v2, range, header, authenticate, user get/list, role list/get.
+    const HARMLESS: [u64; 9] = [1, 2, 3, 100, 1012, 1102, 1106, 1107, 1202];
+    const V2_METHODS: [&[u8]; 7] = [b"GET", b"QGET", b"PUT", b"POST", b"DELETE", b"SYNC", b"HEAD"];
+    if data.is_empty() {
+        return false;
+    }
+    let mut buf = data;
+    while !buf.is_empty() {
+        let Ok(key) = prost::encoding::decode_varint(&mut buf) else {
+            return true;
+        };
+        let (field, wire) = (key >> 3, key & 7);
+        let value: &[u8] = match wire {
+            0 => match prost::encoding::decode_varint(&mut buf) {
+                Ok(_) => &[],
+                Err(_) => return true,
+            },
+            1 | 5 => {
+                let n = if wire == 1 { 8 } else { 4 };
+                let Some(rest) = buf.get(n..) else { return true };
+                buf = rest;
+                &[]
+            }
+            2 => {
+                let Ok(len) = prost::encoding::decode_varint(&mut buf) else {
+                    return true;
+                };
+                let Some(v) = usize::try_from(len).ok().and_then(|l| buf.get(..l)) else {
+                    return true;
+                };
+                buf = &buf[v.len()..];
+                v
+            }
+            _ => return true,
+        };
+        if field == 2 && V2_METHODS.contains(&value) {
+            return false; // a bare v2 Request: field 2 is its method
+        }
+        if !HARMLESS.contains(&field) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The membership in the newest snapshot file under `snap_dir` and the
+/// log index it was taken at; `(0, empty)` when there is none (a data dir
+/// `etcdctl snapshot restore` made: its members are in the WAL).
+fn snapshot_membership(snap_dir: &Path) -> anyhow::Result<(u64, BTreeMap<u64, Vec<String>>)> {
+    let mut files: Vec<_> = std::fs::read_dir(snap_dir)
+        .with_context(|| format!("cannot read {}", snap_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+        .collect();
+    files.sort();
+    let Some(newest) = files.last() else {
+        return Ok((0, BTreeMap::new()));
+    };
+    let bytes = std::fs::read(newest).with_context(|| format!("cannot read {}", newest.display()))?;
+    let snapshot = crate::etcd_wal::decode_snap_file(&bytes).with_context(|| format!("{}", newest.display()))?;
+    let index = snapshot.metadata.as_ref().map_or(0, |m| m.index);
+    let store: serde_json::Value = serde_json::from_slice(&snapshot.data)
+        .with_context(|| format!("{}: the v2 store is not JSON", newest.display()))?;
+    let mut members = BTreeMap::new();
+    let zero = &store["Root"]["Children"]["0"]["Children"];
+    if let Some(nodes) = zero["members"]["Children"].as_object() {
+        for (hex, node) in nodes {
+            let id = u64::from_str_radix(hex, 16).with_context(|| format!("member id {hex:?}"))?;
+            let raft = node["Children"]["raftAttributes"]["Value"].as_str().unwrap_or("{}");
+            let attrs: serde_json::Value = serde_json::from_str(raft).context("undecodable raftAttributes")?;
+            let urls = attrs["peerURLs"].as_array().into_iter().flatten().filter_map(|u| u.as_str().map(String::from));
+            members.insert(id, urls.collect());
+        }
+    }
+    Ok((index, members))
 }
 
 /// Converts an etcd data dir in place; `Ok(false)` when `data_dir` is
@@ -194,6 +210,19 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
             data_dir.display()
         ))
     };
+    // A running etcd holds bbolt's lock on its database for as long as it
+    // runs (a member stopping may still be handing over leadership).
+    let db_lock =
+        std::fs::File::open(&etcd_db).with_context(|| format!("cannot open {}", etcd_db.display())).map_err(refuse)?;
+    match db_lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(refuse(anyhow::anyhow!("{} is locked: is etcd still running on it?", etcd_db.display())))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(refuse(anyhow::Error::from(e).context(format!("cannot lock {}", etcd_db.display()))))
+        }
+    }
     let identity = read_wal(&member.join("wal")).map_err(refuse)?;
     let db = std::fs::read(&etcd_db).with_context(|| format!("cannot read {}", etcd_db.display())).map_err(refuse)?;
     // Read everything before changing anything, in one pass: the records
@@ -215,11 +244,26 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
     .map_err(|e| refuse(e.into()))?;
     // The conversion starts from the database: committed requests it does
     // not reflect yet (etcd crashed instead of stopping) would be lost.
-    if identity.last_committed_request > applied {
+    if identity.last_committed_write > applied {
         return Err(refuse(anyhow::anyhow!(
             "its WAL holds committed requests up to index {} that its database (consistent index {applied}) does not reflect yet: start etcd on it and stop it cleanly, or restore a snapshot",
-            identity.last_committed_request
+            identity.last_committed_write
         )));
+    }
+
+    // Membership as etcd 3.4 rebuilds it: the newest snapshot file's v2
+    // store, then the WAL's committed changes after it (the backend's
+    // `members` bucket is not reliable: etcd 3.4's `snapshot restore`
+    // leaves the source cluster's members in it).
+    let (snap_index, mut members) = snapshot_membership(&member.join("snap")).map_err(refuse)?;
+    for (_, id, urls) in identity.changes.iter().filter(|(index, _, _)| *index > snap_index) {
+        match urls {
+            Some(urls) => members.insert(*id, urls.clone()),
+            None => members.remove(id),
+        };
+    }
+    if members.is_empty() {
+        return Err(refuse(anyhow::anyhow!("neither its WAL nor its database records any cluster member")));
     }
 
     let original = data_dir.join("member.etcd-original");
@@ -231,7 +275,7 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
         );
     }
     std::fs::rename(&member, &original).with_context(|| format!("cannot move {} aside", member.display()))?;
-    let ids: Vec<(u64, Vec<String>)> = identity.members.iter().map(|(id, urls)| (*id, urls.clone())).collect();
+    let ids: Vec<(u64, Vec<String>)> = members.iter().map(|(id, urls)| (*id, urls.clone())).collect();
     let mut local = crate::storage::WriteBatch::new();
     local.put(
         crate::storage::Table::RaftState,
@@ -251,83 +295,287 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
         data_dir = %data_dir.display(),
         member_id = %format!("{:x}", identity.member_id),
         cluster_id = %format!("{:x}", identity.cluster_id),
-        members = identity.members.len(),
+        members = ids.len(),
         original = %original.display(),
         "converted an etcd data dir to keel's"
     );
     Ok(true)
 }
 
+/// What [`convert_to_etcd`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exported {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    /// The log position the new etcd member starts from.
+    pub index: u64,
+    pub term: u64,
+    pub members: usize,
+}
+
+/// The v2 store JSON etcd 3.4 keeps in its snapshot files, holding only
+/// what it reads back from there: the membership (`/0/members`,
+/// `/0/removed_members`), the cluster version, and the empty v2 key space
+/// (`/1`).
+fn v2_store(members: &[EtcdMember], removed: &[u64]) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let mut index = 0u64;
+    let mut node = |path: &str, value: Option<String>, children: Option<Map<String, Value>>| {
+        index += 1;
+        json!({
+            "Path": path, "CreatedIndex": index, "ModifiedIndex": index,
+            "ExpireTime": "0001-01-01T00:00:00Z", "Value": value.unwrap_or_default(),
+            "Children": children.map(Value::Object).unwrap_or(Value::Null),
+        })
+    };
+    let mut member_nodes = Map::new();
+    for m in members {
+        let dir = format!("/0/members/{:x}", m.id);
+        let mut raft = json!({ "peerURLs": m.peer_urls });
+        if m.is_learner {
+            raft["isLearner"] = json!(true);
+        }
+        let mut children = Map::new();
+        children.insert("raftAttributes".into(), node(&format!("{dir}/raftAttributes"), Some(raft.to_string()), None));
+        if !m.name.is_empty() || !m.client_urls.is_empty() {
+            let attrs = json!({ "name": m.name, "clientURLs": m.client_urls });
+            children.insert("attributes".into(), node(&format!("{dir}/attributes"), Some(attrs.to_string()), None));
+        }
+        member_nodes.insert(format!("{:x}", m.id), node(&dir, None, Some(children)));
+    }
+    let mut removed_nodes = Map::new();
+    for id in removed {
+        removed_nodes.insert(format!("{id:x}"), node(&format!("/0/removed_members/{id:x}"), None, None));
+    }
+    let mut zero = Map::new();
+    zero.insert("members".into(), node("/0/members", None, Some(member_nodes)));
+    if !removed_nodes.is_empty() {
+        zero.insert("removed_members".into(), node("/0/removed_members", None, Some(removed_nodes)));
+    }
+    zero.insert("version".into(), node("/0/version", Some("3.4.0".into()), None));
+    let mut root = Map::new();
+    root.insert("0".into(), node("/0", None, Some(zero)));
+    root.insert("1".into(), node("/1", None, Some(Map::new())));
+    let root = node("/", None, Some(root));
+    json!({ "Root": root, "CurrentIndex": index, "CurrentVersion": 2 })
+}
+
+/// Writes `bytes` to a new file at `path` and makes it durable.
+fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Converts a stopped keel member's data dir in place into the data dir
+/// of an etcd 3.4 member with the same member id, cluster id, membership
+/// and data: `member/snap/db` (the backend, as Maintenance.Snapshot
+/// writes it, with etcd's member records), a snapshot file at the
+/// member's applied log position holding the membership, and a WAL that
+/// starts from it. keel's `member` directory is kept beside it as
+/// `member.keel-original`.
+///
+/// Every member of a cluster can be converted and started as etcd: a
+/// member whose copy lags behind is brought up to date by the etcd leader
+/// with a snapshot. A member whose log says entries were committed that
+/// it has not applied yet is refused (they would be lost): start it as
+/// keel again and stop it cleanly.
+pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
+    use crate::raft::{codec, LogId, StoredMembership};
+    use crate::storage::keys::{META_APPLIED, META_MEMBERSHIP, RAFT_COMMITTED};
+    use crate::storage::Table;
+
+    let member = data_dir.join("member");
+    if !member.join("db").is_dir() {
+        bail!("{} is not a keel data dir (no member/db)", data_dir.display());
+    }
+    let original = data_dir.join("member.keel-original");
+    let staging = data_dir.join("member.etcd-staging");
+    if original.exists() {
+        bail!("{} exists: move it away first", original.display());
+    }
+    let engine = crate::storage::rocks::RocksEngine::open(&member.join("db"))
+        .with_context(|| format!("cannot open {} (is the member still running?)", member.display()))?;
+    let engine: crate::storage::SharedEngine = std::sync::Arc::new(engine);
+    let get = |table, key: &[u8]| engine.get(table, key).map_err(|e| anyhow::anyhow!("reading the data dir: {e}"));
+
+    let (member_id, cluster_id): (u64, u64) = match get(Table::RaftState, crate::node::LOCAL_IDENTITY)? {
+        Some(v) => codec::decode(&v)?,
+        None => bail!("the data dir records no member identity (was the member ever started?)"),
+    };
+    let applied: LogId = match get(Table::Meta, META_APPLIED)? {
+        Some(v) => codec::decode(&v)?,
+        None => bail!("the member has not applied anything yet: start it once as keel"),
+    };
+    if let Some(v) = get(Table::RaftState, RAFT_COMMITTED)? {
+        let committed: Option<LogId> = codec::decode(&v)?;
+        if let Some(c) = committed.filter(|c| c.index > applied.index) {
+            bail!(
+                "its log has entries committed up to index {} that it has applied only up to {}: start it as keel and stop it cleanly first",
+                c.index,
+                applied.index
+            );
+        }
+    }
+    let stored: StoredMembership = match get(Table::Meta, META_MEMBERSHIP)? {
+        Some(v) => codec::decode(&v)?,
+        None => bail!("the data dir records no membership"),
+    };
+    let membership = stored.membership();
+    let registry = crate::cluster::MemberRegistry::load(&engine)?;
+    let members: Vec<EtcdMember> = registry
+        .members(membership)
+        .into_iter()
+        .map(|m| EtcdMember {
+            id: m.id,
+            peer_urls: m.peer_ur_ls,
+            is_learner: m.is_learner,
+            name: m.name,
+            client_urls: m.client_ur_ls,
+        })
+        .collect();
+    let removed = registry.removed_ids();
+
+    let mut buckets = crate::etcd_format::buckets(engine.as_ref())?;
+    for (name, pairs) in &mut buckets {
+        match name.as_slice() {
+            b"members" => {
+                *pairs = members
+                    .iter()
+                    .map(|m| Ok((format!("{:x}", m.id).into_bytes(), serde_json::to_vec(m)?)))
+                    .collect::<anyhow::Result<_>>()?;
+                pairs.sort();
+            }
+            b"members_removed" => {
+                *pairs = removed.iter().map(|id| (format!("{id:x}").into_bytes(), b"removed".to_vec())).collect();
+                pairs.sort();
+            }
+            _ => {}
+        }
+    }
+    engine.close()?;
+    drop(engine);
+
+    let (index, term) = (applied.index, applied.leader_id.term);
+    let (voters, learners): (Vec<u64>, Vec<u64>) = {
+        let (l, v): (Vec<&EtcdMember>, Vec<&EtcdMember>) = members.iter().partition(|m| m.is_learner);
+        (v.iter().map(|m| m.id).collect(), l.iter().map(|m| m.id).collect())
+    };
+    let snapshot = crate::etcd_wal::RaftSnapshot {
+        data: serde_json::to_vec(&v2_store(&members, &removed))?,
+        metadata: Some(crate::etcd_wal::SnapshotMetadata {
+            conf_state: Some(crate::etcd_wal::ConfState { voters, learners }),
+            index,
+            term,
+        }),
+    };
+    let mut wal = crate::etcd_wal::WalEncoder::new(0);
+    wal.record(METADATA_RECORD, WalMetadata { node_id: member_id, cluster_id }.encode_to_vec());
+    wal.record(crate::etcd_wal::SNAPSHOT_RECORD, crate::etcd_wal::WalSnapshot { index: 0, term: 0 }.encode_to_vec());
+    wal.record(crate::etcd_wal::SNAPSHOT_RECORD, crate::etcd_wal::WalSnapshot { index, term }.encode_to_vec());
+    wal.record(STATE_RECORD, HardState { term, vote: 0, commit: index }.encode_to_vec());
+    let (wal, _) = wal.finish();
+
+    // Everything is written beside the keel member first; two renames
+    // then swap it in.
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(staging.join("snap"))?;
+    std::fs::create_dir_all(staging.join("wal"))?;
+    let mut db = Vec::new();
+    crate::bbolt::write(&buckets, &mut db)?;
+    write_synced(&staging.join("snap").join("db"), &db)?;
+    write_synced(
+        &staging.join("snap").join(crate::etcd_wal::snap_file_name(term, index)),
+        &crate::etcd_wal::encode_snap_file(&snapshot),
+    )?;
+    write_synced(&staging.join("wal").join(crate::etcd_wal::wal_file_name(0, 0)), &wal)?;
+    for dir in [staging.join("snap"), staging.join("wal"), staging.clone()] {
+        std::fs::File::open(&dir)?.sync_all()?;
+    }
+    std::fs::rename(&member, &original).with_context(|| format!("cannot move {} aside", member.display()))?;
+    if let Err(e) = std::fs::rename(&staging, &member) {
+        let _ = std::fs::rename(&original, &member);
+        return Err(
+            anyhow::Error::from(e).context("cannot move the etcd member dir in place; the keel one was put back")
+        );
+    }
+    std::fs::File::open(data_dir)?.sync_all()?;
+    Ok(Exported { member_id, cluster_id, index, term, members: members.len() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::etcd_wal::{WalEncoder, SNAPSHOT_RECORD};
 
-    fn frame(record: &WalRecord) -> Vec<u8> {
-        let data = record.encode_to_vec();
-        let pad = (8 - data.len() % 8) % 8;
-        let mut len = data.len() as u64;
-        if pad > 0 {
-            len |= (0x80 | pad as u64) << 56;
-        }
-        let mut out = len.to_le_bytes().to_vec();
-        out.extend_from_slice(&data);
-        out.extend(std::iter::repeat_n(0u8, pad));
-        out
+    fn conf_entry(index: u64, kind: i32, id: u64, url: &str) -> Vec<u8> {
+        let cc = ConfChange {
+            id: 0,
+            r#type: kind,
+            node_id: id,
+            context: format!(r#"{{"id":{id},"peerURLs":["{url}"],"name":"n"}}"#).into_bytes(),
+        };
+        RaftEntry { term: 1, index, r#type: CONF_CHANGE_ENTRY, data: cc.encode_to_vec() }.encode_to_vec()
     }
 
     #[test]
     fn identity_and_membership_come_from_the_wal() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let meta = WalMetadata { node_id: 0xaa, cluster_id: 0xcc };
-        let add = |id: u64, url: &str| {
-            let cc = ConfChange {
-                id: 0,
-                r#type: ADD_NODE,
-                node_id: id,
-                context: format!(r#"{{"id":{id},"peerURLs":["{url}"],"name":"n"}}"#).into_bytes(),
-            };
-            let entry = RaftEntry { term: 1, index: id, r#type: CONF_CHANGE_ENTRY, data: cc.encode_to_vec() };
-            WalRecord { r#type: ENTRY_RECORD, crc: 0, data: entry.encode_to_vec() }
-        };
-        let mut wal = frame(&WalRecord { r#type: 4, crc: 0, data: Vec::new() });
-        wal.extend(frame(&WalRecord { r#type: METADATA_RECORD, crc: 0, data: meta.encode_to_vec() }));
-        wal.extend(frame(&add(0xaa, "http://a:2380")));
-        wal.extend(frame(&add(0xbb, "http://b:2380")));
-        wal.extend(vec![0u8; 64]);
-        std::fs::write(dir.path().join("0000000000000000-0000000000000000.wal"), &wal)?;
+        let mut wal = WalEncoder::new(0);
+        wal.record(METADATA_RECORD, WalMetadata { node_id: 0xaa, cluster_id: 0xcc }.encode_to_vec());
+        wal.record(ENTRY_RECORD, conf_entry(1, ADD_NODE, 0xaa, "http://a:2380"));
+        wal.record(ENTRY_RECORD, conf_entry(2, ADD_NODE, 0xbb, "http://b:2380"));
+        wal.record(ENTRY_RECORD, conf_entry(3, ADD_NODE, 0xdd, "http://d:2380"));
+        // A later leader rewrote index 3; index 4 was never committed.
+        wal.record(ENTRY_RECORD, conf_entry(3, REMOVE_NODE, 0xbb, ""));
+        wal.record(ENTRY_RECORD, conf_entry(4, ADD_NODE, 0xee, "http://e:2380"));
+        wal.record(STATE_RECORD, HardState { term: 1, vote: 0xaa, commit: 3 }.encode_to_vec());
+        let (mut bytes, _) = wal.finish();
+        bytes.extend(vec![0u8; 64]);
+        std::fs::write(dir.path().join("0000000000000000-0000000000000000.wal"), &bytes)?;
         let id = read_wal(dir.path())?;
         assert_eq!(id.member_id, 0xaa);
         assert_eq!(id.cluster_id, 0xcc);
-        assert_eq!(id.members.get(&0xbb), Some(&vec!["http://b:2380".to_string()]));
+        assert_eq!(
+            id.changes,
+            vec![
+                (1, 0xaa, Some(vec!["http://a:2380".to_string()])),
+                (2, 0xbb, Some(vec!["http://b:2380".to_string()])),
+                (3, 0xbb, None)
+            ]
+        );
         Ok(())
     }
 
     #[test]
-    fn committed_requests_missing_from_the_database_are_refused() -> anyhow::Result<()> {
+    fn a_locked_database_and_committed_requests_it_lacks_are_refused() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let wal_dir = dir.path().join("member/wal");
         std::fs::create_dir_all(&wal_dir)?;
         std::fs::create_dir_all(dir.path().join("member/snap"))?;
-        let meta = WalMetadata { node_id: 1, cluster_id: 2 };
-        let cc = ConfChange {
-            id: 0,
-            r#type: ADD_NODE,
-            node_id: 1,
-            context: br#"{"id":1,"peerURLs":["http://a:2380"]}"#.to_vec(),
-        };
-        let conf = RaftEntry { term: 1, index: 1, r#type: CONF_CHANGE_ENTRY, data: cc.encode_to_vec() };
-        let put = RaftEntry { term: 2, index: 5, r#type: NORMAL_ENTRY, data: b"a request".to_vec() };
-        let mut wal = frame(&WalRecord { r#type: METADATA_RECORD, crc: 0, data: meta.encode_to_vec() });
-        for e in [conf, put] {
-            wal.extend(frame(&WalRecord { r#type: ENTRY_RECORD, crc: 0, data: e.encode_to_vec() }));
-        }
-        let state = HardState { term: 2, vote: 1, commit: 5 };
-        wal.extend(frame(&WalRecord { r#type: STATE_RECORD, crc: 0, data: state.encode_to_vec() }));
-        std::fs::write(wal_dir.join("0000000000000000-0000000000000000.wal"), &wal)?;
+        let mut wal = WalEncoder::new(0);
+        wal.record(METADATA_RECORD, WalMetadata { node_id: 1, cluster_id: 2 }.encode_to_vec());
+        wal.record(ENTRY_RECORD, conf_entry(1, ADD_NODE, 1, "http://a:2380"));
+        // A put at 5; an Authenticate at 6 (no database write).
+        let put = RaftEntry { term: 2, index: 5, r#type: NORMAL_ENTRY, data: vec![0x22, 0x02, 0x0a, 0x00] };
+        wal.record(ENTRY_RECORD, put.encode_to_vec());
+        let auth = RaftEntry { term: 2, index: 6, r#type: NORMAL_ENTRY, data: vec![0xa2, 0x3f, 0x00] };
+        wal.record(ENTRY_RECORD, auth.encode_to_vec());
+        wal.record(STATE_RECORD, HardState { term: 2, vote: 1, commit: 6 }.encode_to_vec());
+        std::fs::write(wal_dir.join("0000000000000000-0000000000000000.wal"), wal.finish().0)?;
         let mut db = Vec::new();
         let meta_bucket = (b"meta".to_vec(), vec![(b"consistent_index".to_vec(), 4u64.to_be_bytes().to_vec())]);
         crate::bbolt::write(&[meta_bucket], &mut db)?;
         std::fs::write(dir.path().join("member/snap/db"), &db)?;
+        let running = std::fs::File::open(dir.path().join("member/snap/db"))?;
+        running.lock()?;
+        let refused = convert_if_etcd(dir.path()).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(refused.contains("is etcd still running on it?"), "{refused}");
+        running.unlock()?;
         let refused = convert_if_etcd(dir.path()).err().map(|e| format!("{e:#}")).unwrap_or_default();
         assert!(refused.contains("up to index 5"), "{refused}");
         assert!(dir.path().join("member/snap/db").exists() && !dir.path().join("member/db").exists());
@@ -343,6 +591,98 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("member/wal"))?;
         assert!(convert_if_etcd(dir.path()).is_err());
         assert!(dir.path().join("member/snap/db").exists(), "a refused dir is left as it was");
+        assert!(convert_to_etcd(dir.path()).is_err(), "not a keel dir either");
+        Ok(())
+    }
+
+    #[test]
+    fn requests_that_write_the_database_are_told_from_those_that_do_not() {
+        let field = |n: u64, body: &[u8]| {
+            let mut out = Vec::new();
+            prost::encoding::encode_key(n as u32, prost::encoding::WireType::LengthDelimited, &mut out);
+            prost::encoding::encode_varint(body.len() as u64, &mut out);
+            out.extend_from_slice(body);
+            out
+        };
+        let with_id = |rest: Vec<u8>| [vec![0x08, 0x2a], rest].concat();
+        assert!(changes_database(&with_id(field(4, b"\x0a\x01k"))), "put");
+        assert!(changes_database(&with_id(field(6, b""))), "txn");
+        assert!(changes_database(&with_id(field(1100, b""))), "user add");
+        assert!(changes_database(&with_id(field(9999, b""))), "unknown: assumed to write");
+        assert!(changes_database(&[0xff]), "undecodable: assumed to write");
+        assert!(!changes_database(&with_id(field(1012, b"\x0a\x04root"))), "authenticate");
+        assert!(!changes_database(&with_id([field(100, b"\x08\x01"), field(3, b"")].concat())), "range");
+        assert!(!changes_database(&with_id(field(2, b"\x08\x01\x12\x03PUT"))), "v2 inside");
+        let bare_v2 = [vec![0x08, 0x07], field(2, b"PUT"), field(3, b"/0/members/1/attributes"), field(4, b"{}")];
+        assert!(!changes_database(&bare_v2.concat()), "bare v2 Request (member attributes)");
+        assert!(!changes_database(b""), "empty entry (leader's no-op)");
+    }
+
+    /// The membership etcd 3.4 reads back from a snapshot's v2 store.
+    #[test]
+    fn the_v2_store_holds_the_membership_as_etcd_lays_it_out() {
+        let members = [EtcdMember {
+            id: 0x886b_03c4_ae67_9a15,
+            peer_urls: vec!["http://127.0.0.1:24800".into()],
+            is_learner: false,
+            name: "a".into(),
+            client_urls: vec!["http://127.0.0.1:24790".into()],
+        }];
+        let store = v2_store(&members, &[0x12]);
+        let member = &store["Root"]["Children"]["0"]["Children"]["members"]["Children"]["886b03c4ae679a15"];
+        assert_eq!(member["Path"], "/0/members/886b03c4ae679a15");
+        assert_eq!(member["Children"]["raftAttributes"]["Value"], r#"{"peerURLs":["http://127.0.0.1:24800"]}"#);
+        assert_eq!(
+            member["Children"]["attributes"]["Value"],
+            r#"{"name":"a","clientURLs":["http://127.0.0.1:24790"]}"#
+        );
+        assert!(member["Children"]["raftAttributes"]["Children"].is_null(), "a value node has no children");
+        assert_eq!(
+            store["Root"]["Children"]["0"]["Children"]["removed_members"]["Children"]["12"]["Path"],
+            "/0/removed_members/12"
+        );
+        assert_eq!(store["Root"]["Children"]["1"]["Children"], serde_json::json!({}), "/1 is an empty directory");
+        assert_eq!(store["Root"]["Children"]["0"]["Children"]["version"]["Value"], "3.4.0");
+    }
+
+    #[test]
+    fn membership_is_read_back_from_the_newest_snapshot_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        assert_eq!(snapshot_membership(dir.path())?, (0, BTreeMap::new()), "no snapshot file");
+        let member = |id: u64, url: &str| EtcdMember {
+            id,
+            peer_urls: vec![url.into()],
+            is_learner: false,
+            name: String::new(),
+            client_urls: Vec::new(),
+        };
+        for (index, members) in
+            [(5, vec![member(1, "http://a:1")]), (9, vec![member(1, "http://a:1"), member(2, "http://b:1")])]
+        {
+            let snap = crate::etcd_wal::RaftSnapshot {
+                data: serde_json::to_vec(&v2_store(&members, &[]))?,
+                metadata: Some(crate::etcd_wal::SnapshotMetadata { conf_state: None, index, term: 2 }),
+            };
+            let name = crate::etcd_wal::snap_file_name(2, index);
+            std::fs::write(dir.path().join(name), crate::etcd_wal::encode_snap_file(&snap))?;
+        }
+        let (index, members) = snapshot_membership(dir.path())?;
+        assert_eq!(index, 9);
+        assert_eq!(members.get(&2), Some(&vec!["http://b:1".to_string()]));
+        assert_eq!(members.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn a_snapshot_record_in_the_wal_is_skipped_by_the_reader() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut wal = WalEncoder::new(0);
+        wal.record(METADATA_RECORD, WalMetadata { node_id: 1, cluster_id: 2 }.encode_to_vec());
+        wal.record(SNAPSHOT_RECORD, crate::etcd_wal::WalSnapshot { index: 9, term: 3 }.encode_to_vec());
+        wal.record(STATE_RECORD, HardState { term: 3, vote: 0, commit: 9 }.encode_to_vec());
+        std::fs::write(dir.path().join("0000000000000000-0000000000000000.wal"), wal.finish().0)?;
+        let id = read_wal(dir.path())?;
+        assert_eq!((id.member_id, id.cluster_id, id.changes.len(), id.last_committed_write), (1, 2, 0, 0));
         Ok(())
     }
 }

@@ -19,8 +19,10 @@
 //! - `api`: the etcd gRPC services, one file each; `api/errors.rs` maps
 //!   errors to etcd's codes and messages.
 //! - `transport`: listeners, TLS, peer dialing.
-//! - `backup`, `bbolt`, `etcd_format`, `etcd_data_dir`: backups in etcd's
-//!   bbolt format (and keel's own), and taking over etcd's data dirs.
+//! - `backup`, `bbolt`, `etcd_format`, `etcd_wal`, `etcd_data_dir`: backups
+//!   in etcd's bbolt format (and keel's own), and etcd's data dirs both
+//!   ways (a keel member takes one over; `keel convert-to-etcd` hands one
+//!   back).
 //! - `config`, `logging`, `node`: flags, logs, and wiring a member.
 //!
 //! The path of a write: `api::kv` validates -> `server::Server::propose`
@@ -47,6 +49,7 @@ pub mod config;
 pub mod error;
 pub mod etcd_data_dir;
 pub mod etcd_format;
+pub mod etcd_wal;
 pub mod http;
 pub mod lease;
 pub mod logging;

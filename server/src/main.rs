@@ -15,6 +15,9 @@ fn main() -> std::process::ExitCode {
     if args.get(1).map(String::as_str) == Some("snapshot") {
         return keel_server::cli::snapshot_main(args[2..].to_vec());
     }
+    if args.get(1).map(String::as_str) == Some("convert-to-etcd") {
+        return keel_server::cli::convert_to_etcd_main(args[2..].to_vec());
+    }
     let flags = match Flags::try_parse_from(normalize_args(std::env::args())) {
         Ok(f) => f,
         Err(e) => {
