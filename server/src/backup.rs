@@ -10,7 +10,7 @@
 //! format (the snapshot stream of `raft/snapshot_file.rs`) is still read,
 //! and `keel snapshot restore` takes either.
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -27,11 +27,17 @@ use crate::storage::{Engine, StorageError, Table, WriteBatch};
 /// Length of the SHA-256 trailer.
 const SHA_LEN: usize = 32;
 
+/// Where a backup is written: a file (bbolt's meta pages, written last,
+/// go back to its start).
+pub trait BackupOutput: Write + Seek {}
+
+impl<T: Write + Seek> BackupOutput for T {}
+
 /// A way of writing the state machine to a backup.
 pub trait BackupFormat: Send + Sync {
     fn name(&self) -> &'static str;
     /// Writes a consistent copy of the state machine tables.
-    fn write(&self, engine: &dyn Engine, out: &mut dyn Write) -> io::Result<()>;
+    fn write(&self, engine: &dyn Engine, out: &mut dyn BackupOutput) -> io::Result<()>;
 }
 
 /// keel's framed, checksummed stream of every state-machine entry.
@@ -42,8 +48,8 @@ impl BackupFormat for KeelFormat {
         "keel"
     }
 
-    fn write(&self, engine: &dyn Engine, out: &mut dyn Write) -> io::Result<()> {
-        let mut w = SnapshotWriter::new(out)?;
+    fn write(&self, engine: &dyn Engine, out: &mut dyn BackupOutput) -> io::Result<()> {
+        let mut w = SnapshotWriter::new(out as &mut dyn Write)?;
         engine
             .scan_consistent(&Table::STATE_MACHINE, &mut |table, k, v| {
                 w.record(table, k, v).map_err(|e| StorageError::Io(e.to_string()))?;
@@ -63,8 +69,9 @@ impl BackupFormat for EtcdFormat {
         "etcd"
     }
 
-    fn write(&self, engine: &dyn Engine, out: &mut dyn Write) -> io::Result<()> {
-        crate::bbolt::write(&crate::etcd_format::buckets(engine)?, out).map(|_| ())
+    fn write(&self, engine: &dyn Engine, out: &mut dyn BackupOutput) -> io::Result<()> {
+        let records = crate::etcd_format::MemberRecords::default();
+        crate::etcd_format::write_db(engine, records, out).map(|_| ())
     }
 }
 
@@ -83,39 +90,32 @@ fn body(path: &Path) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Writes `w` through while hashing it.
-struct Hashing<W: Write> {
-    inner: W,
-    sha: Sha256,
-    written: u64,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.sha.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Writes a backup of `engine` to a new file at `path`; returns its size.
+/// The body is written first, then read back for etcd's SHA-256 trailer,
+/// so no copy of the data is held in memory.
 pub fn write_backup(engine: &dyn Engine, format: &dyn BackupFormat, path: &Path) -> io::Result<u64> {
-    let file = std::fs::File::create(path)?;
-    let mut out = Hashing { inner: BufWriter::new(file), sha: Sha256::new(), written: 0 };
+    let file = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(path)?;
+    let mut out = BufWriter::new(file);
     format.write(engine, &mut out)?;
+    let mut file = out.into_inner().map_err(|e| io::Error::other(e.to_string()))?;
+    let written = file.seek(SeekFrom::End(0))?;
     // etcdctl accepts a snapshot only if its size is a multiple of 512
     // plus the 32-byte checksum (bbolt pages); pad the body with zeros.
-    let pad = (512 - out.written % 512) % 512;
-    out.write_all(&vec![0u8; pad as usize])?;
-    let digest = out.sha.finalize();
-    let mut inner = out.inner;
-    inner.write_all(&digest)?;
-    let file = inner.into_inner().map_err(|e| io::Error::other(e.to_string()))?;
+    let pad = (512 - written % 512) % 512;
+    file.write_all(&vec![0u8; pad as usize])?;
+    file.seek(SeekFrom::Start(0))?;
+    let mut sha = Sha256::new();
+    let mut body = io::BufReader::new(&mut file).take(written + pad);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = body.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+    }
+    file.seek(SeekFrom::End(0))?;
+    file.write_all(&sha.finalize())?;
     file.sync_all()?;
     Ok(file.metadata()?.len())
 }

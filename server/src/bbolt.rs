@@ -14,7 +14,7 @@
 //! u16, overflow u32), then elements of 16 bytes each, then keys and
 //! values; an element's `pos` is relative to the element itself.
 
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 
 pub const PAGE_SIZE: usize = 4096;
 const HEADER: usize = 16;
@@ -48,28 +48,174 @@ type PairVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> io::Result<()> + 'a;
 /// Gets a bucket's name with `None`, then with each of its pairs.
 pub type BucketVisitor<'a> = dyn FnMut(&[u8], Option<(&[u8], &[u8])>) -> io::Result<()> + 'a;
 
-struct PageWriter {
-    pages: Vec<u8>,
+/// Writes a bbolt file page by page. Each bucket's pairs are streamed
+/// into leaf pages as they come (ascending keys, one bucket at a time), so
+/// memory holds one page of pairs and the index of leaf pages (a key and a
+/// page id per page), not the data. The meta pages and freelist, which
+/// name the root tree and the file's size, are written last, at the start
+/// of the file.
+pub struct FileWriter<W: Write + Seek> {
+    out: W,
     next_id: u64,
+    /// Finished buckets: name and root page id.
+    buckets: Vec<(Vec<u8>, u64)>,
+    open: Option<OpenBucket>,
 }
 
-impl PageWriter {
-    /// Appends one logical page (with overflow pages if `body` needs
-    /// them) and returns its id.
+/// The bucket being written.
+struct OpenBucket {
+    name: Vec<u8>,
+    /// Pairs for the next leaf page: flags, key, value.
+    leaf: Vec<(u32, Vec<u8>, Vec<u8>)>,
+    used: usize,
+    /// The last key of the leaves already written.
+    last_written: Option<Vec<u8>>,
+    /// Each written leaf page: its first key and id.
+    leaves: Vec<(Vec<u8>, u64)>,
+}
+
+impl OpenBucket {
+    fn new(name: &[u8]) -> Self {
+        OpenBucket { name: name.to_vec(), leaf: Vec::new(), used: HEADER, last_written: None, leaves: Vec::new() }
+    }
+}
+
+impl<W: Write + Seek> FileWriter<W> {
+    /// Starts a file at `out`'s current position (normally its start).
+    pub fn new(mut out: W) -> io::Result<Self> {
+        // Pages 0 and 1 are the metas, 2 the (empty) freelist.
+        out.write_all(&[0u8; 3 * PAGE_SIZE])?;
+        Ok(FileWriter { out, next_id: 3, buckets: Vec::new(), open: None })
+    }
+
+    /// Writes one logical page (with overflow pages if `body` needs them)
+    /// and returns its id.
     fn page(&mut self, flags: u16, count: usize, body: &[u8]) -> io::Result<u64> {
         let id = self.next_id;
         let span = (HEADER + body.len()).div_ceil(PAGE_SIZE).max(1);
         let count = u16::try_from(count).map_err(|_| io::Error::other("too many elements on a bbolt page"))?;
         let overflow = u32::try_from(span - 1).map_err(|_| io::Error::other("bbolt page too large"))?;
-        let start = self.pages.len();
-        self.pages.extend_from_slice(&id.to_le_bytes());
-        self.pages.extend_from_slice(&flags.to_le_bytes());
-        self.pages.extend_from_slice(&count.to_le_bytes());
-        self.pages.extend_from_slice(&overflow.to_le_bytes());
-        self.pages.extend_from_slice(body);
-        self.pages.resize(start + span * PAGE_SIZE, 0);
+        let mut header = [0u8; HEADER];
+        header[0..8].copy_from_slice(&id.to_le_bytes());
+        header[8..10].copy_from_slice(&flags.to_le_bytes());
+        header[10..12].copy_from_slice(&count.to_le_bytes());
+        header[12..16].copy_from_slice(&overflow.to_le_bytes());
+        self.out.write_all(&header)?;
+        self.out.write_all(body)?;
+        let padding = span * PAGE_SIZE - HEADER - body.len();
+        self.out.write_all(&vec![0u8; padding])?;
         self.next_id += span as u64;
         Ok(id)
+    }
+
+    /// Starts bucket `name`; its pairs follow with [`FileWriter::put`].
+    pub fn begin_bucket(&mut self, name: &[u8]) -> io::Result<()> {
+        if let Some(open) = &self.open {
+            return Err(io::Error::other(format!("bucket {:?} is still open", String::from_utf8_lossy(&open.name))));
+        }
+        if self.buckets.iter().any(|(n, _)| n == name) {
+            return Err(io::Error::other(format!("bucket {:?} written twice", String::from_utf8_lossy(name))));
+        }
+        self.open = Some(OpenBucket::new(name));
+        Ok(())
+    }
+
+    /// Adds a pair to the open bucket; keys must ascend.
+    pub fn put(&mut self, k: &[u8], v: &[u8]) -> io::Result<()> {
+        self.put_element(0, k, v)
+    }
+
+    fn put_element(&mut self, flags: u32, k: &[u8], v: &[u8]) -> io::Result<()> {
+        let open = self.open.as_mut().ok_or_else(|| io::Error::other("no bucket is open"))?;
+        let previous = open.leaf.last().map(|(_, k, _)| k.as_slice()).or(open.last_written.as_deref());
+        if previous.is_some_and(|p| p >= k) {
+            return Err(io::Error::other(format!(
+                "bucket {:?}: keys not in ascending order",
+                String::from_utf8_lossy(&open.name)
+            )));
+        }
+        let need = ELEMENT + k.len() + v.len();
+        if !open.leaf.is_empty() && open.used + need > PAGE_SIZE {
+            self.flush_leaf()?;
+        }
+        let open = self.open.as_mut().ok_or_else(|| io::Error::other("no bucket is open"))?;
+        open.leaf.push((flags, k.to_vec(), v.to_vec()));
+        open.used += need;
+        Ok(())
+    }
+
+    /// Writes the open bucket's pending pairs as a leaf page.
+    fn flush_leaf(&mut self) -> io::Result<()> {
+        let Some(open) = self.open.as_mut() else { return Ok(()) };
+        let items = std::mem::take(&mut open.leaf);
+        open.used = HEADER;
+        let refs: Vec<(u32, &[u8], &[u8])> = items.iter().map(|(f, k, v)| (*f, k.as_slice(), v.as_slice())).collect();
+        let id = self.page(LEAF_PAGE, refs.len(), &leaf_body(&refs))?;
+        let open = self.open.as_mut().ok_or_else(|| io::Error::other("no bucket is open"))?;
+        let first = items.first().map(|(_, k, _)| k.clone()).unwrap_or_default();
+        open.last_written = items.into_iter().next_back().map(|(_, k, _)| k).or(open.last_written.take());
+        open.leaves.push((first, id));
+        Ok(())
+    }
+
+    /// Finishes the open bucket: its last leaf (an empty one for a bucket
+    /// without pairs) and the branch pages above its leaves. Returns the
+    /// bucket's name and root page id.
+    fn close_bucket(&mut self) -> io::Result<(Vec<u8>, u64)> {
+        let pending = self.open.as_ref().is_some_and(|o| !o.leaf.is_empty() || o.leaves.is_empty());
+        if pending {
+            self.flush_leaf()?;
+        }
+        let open = self.open.take().ok_or_else(|| io::Error::other("no bucket is open"))?;
+        let mut level = open.leaves;
+        while level.len() > 1 {
+            let refs: Vec<(&[u8], u64)> = level.iter().map(|(k, id)| (k.as_slice(), *id)).collect();
+            let mut next = Vec::new();
+            for run in runs(&refs, |(k, _)| k.len()) {
+                let id = self.page(BRANCH_PAGE, run.len(), &branch_body(run))?;
+                next.push((run[0].0.to_vec(), id));
+            }
+            level = next;
+        }
+        Ok((open.name, level.first().map(|(_, id)| *id).unwrap_or_default()))
+    }
+
+    /// Ends the open bucket.
+    pub fn end_bucket(&mut self) -> io::Result<()> {
+        let done = self.close_bucket()?;
+        self.buckets.push(done);
+        Ok(())
+    }
+
+    /// Writes the root bucket's tree, then the meta pages and freelist at
+    /// the start. Returns the output, positioned at the end of the file,
+    /// and the file's size.
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
+        if self.open.is_some() {
+            self.end_bucket()?;
+        }
+        let mut buckets = std::mem::take(&mut self.buckets);
+        buckets.sort();
+        self.open = Some(OpenBucket::new(b""));
+        for (name, root) in &buckets {
+            let mut header = root.to_le_bytes().to_vec();
+            header.extend_from_slice(&0u64.to_le_bytes());
+            self.put_element(BUCKET_LEAF, name, &header)?;
+        }
+        let (_, root) = self.close_bucket()?;
+        let high_water = self.next_id;
+        let mut freelist = Vec::with_capacity(PAGE_SIZE);
+        freelist.extend_from_slice(&2u64.to_le_bytes());
+        freelist.extend_from_slice(&FREELIST_PAGE.to_le_bytes());
+        freelist.resize(PAGE_SIZE, 0);
+        let end = self.out.stream_position()?;
+        let start = end - high_water * PAGE_SIZE as u64;
+        self.out.seek(SeekFrom::Start(start))?;
+        self.out.write_all(&meta_page(0, root, 2, high_water, 0))?;
+        self.out.write_all(&meta_page(1, root, 2, high_water, 1))?;
+        self.out.write_all(&freelist)?;
+        self.out.seek(SeekFrom::Start(end))?;
+        Ok((self.out, high_water * PAGE_SIZE as u64))
     }
 }
 
@@ -123,25 +269,6 @@ fn runs<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     out
 }
 
-/// Writes a B+tree of `items` and returns its root page id.
-fn tree(w: &mut PageWriter, items: &[(u32, &[u8], &[u8])]) -> io::Result<u64> {
-    let mut level: Vec<(Vec<u8>, u64)> = Vec::new();
-    for run in runs(items, |(_, k, v)| k.len() + v.len()) {
-        let id = w.page(LEAF_PAGE, run.len(), &leaf_body(run))?;
-        level.push((run.first().map(|(_, k, _)| k.to_vec()).unwrap_or_default(), id));
-    }
-    while level.len() > 1 {
-        let refs: Vec<(&[u8], u64)> = level.iter().map(|(k, id)| (k.as_slice(), *id)).collect();
-        let mut next = Vec::new();
-        for run in runs(&refs, |(k, _)| k.len()) {
-            let id = w.page(BRANCH_PAGE, run.len(), &branch_body(run))?;
-            next.push((run[0].0.to_vec(), id));
-        }
-        level = next;
-    }
-    Ok(level.first().map(|(_, id)| *id).unwrap_or_default())
-}
-
 fn meta_page(id: u64, root: u64, freelist: u64, high_water: u64, txid: u64) -> Vec<u8> {
     let mut m = Vec::with_capacity(64);
     m.extend_from_slice(&MAGIC.to_le_bytes());
@@ -166,39 +293,20 @@ fn meta_page(id: u64, root: u64, freelist: u64, high_water: u64, txid: u64) -> V
 }
 
 /// Writes a bbolt file holding `buckets` (any order; each bucket's pairs
-/// must be in ascending key order). Returns the bytes written.
+/// must be in ascending key order), built in memory. Returns the bytes
+/// written.
 pub fn write(buckets: &[Bucket], out: &mut dyn Write) -> io::Result<u64> {
-    let mut sorted: Vec<&Bucket> = buckets.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    // Pages 0 and 1 are the metas, 2 the (empty) freelist.
-    let mut w = PageWriter { pages: Vec::new(), next_id: 3 };
-    let mut headers = Vec::with_capacity(sorted.len());
-    for (name, pairs) in &sorted {
-        if pairs.windows(2).any(|p| p[0].0 >= p[1].0) {
-            return Err(io::Error::other(format!(
-                "bucket {:?}: keys not in ascending order",
-                String::from_utf8_lossy(name)
-            )));
+    let mut w = FileWriter::new(io::Cursor::new(Vec::new()))?;
+    for (name, pairs) in buckets {
+        w.begin_bucket(name)?;
+        for (k, v) in pairs {
+            w.put(k, v)?;
         }
-        let items: Vec<(u32, &[u8], &[u8])> = pairs.iter().map(|(k, v)| (0, k.as_slice(), v.as_slice())).collect();
-        let root = tree(&mut w, &items)?;
-        let mut header = root.to_le_bytes().to_vec();
-        header.extend_from_slice(&0u64.to_le_bytes());
-        headers.push(header);
+        w.end_bucket()?;
     }
-    let root_items: Vec<(u32, &[u8], &[u8])> =
-        sorted.iter().zip(&headers).map(|((name, _), h)| (BUCKET_LEAF, name.as_slice(), h.as_slice())).collect();
-    let root = tree(&mut w, &root_items)?;
-    let high_water = w.next_id;
-    let mut freelist = Vec::with_capacity(PAGE_SIZE);
-    freelist.extend_from_slice(&2u64.to_le_bytes());
-    freelist.extend_from_slice(&FREELIST_PAGE.to_le_bytes());
-    freelist.resize(PAGE_SIZE, 0);
-    out.write_all(&meta_page(0, root, 2, high_water, 0))?;
-    out.write_all(&meta_page(1, root, 2, high_water, 1))?;
-    out.write_all(&freelist)?;
-    out.write_all(&w.pages)?;
-    Ok(high_water * PAGE_SIZE as u64)
+    let (file, size) = w.finish()?;
+    out.write_all(file.get_ref())?;
+    Ok(size)
 }
 
 fn corrupt(msg: impl Into<String>) -> io::Error {

@@ -438,23 +438,26 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
         .collect();
     let removed = registry.removed_ids();
 
-    let mut buckets = crate::etcd_format::buckets(engine.as_ref())?;
-    for (name, pairs) in &mut buckets {
-        match name.as_slice() {
-            b"members" => {
-                *pairs = members
-                    .iter()
-                    .map(|m| Ok((format!("{:x}", m.id).into_bytes(), serde_json::to_vec(m)?)))
-                    .collect::<anyhow::Result<_>>()?;
-                pairs.sort();
-            }
-            b"members_removed" => {
-                *pairs = removed.iter().map(|id| (format!("{id:x}").into_bytes(), b"removed".to_vec())).collect();
-                pairs.sort();
-            }
-            _ => {}
-        }
+    let mut records = crate::etcd_format::MemberRecords {
+        members: members
+            .iter()
+            .map(|m| Ok((format!("{:x}", m.id).into_bytes(), serde_json::to_vec(m)?)))
+            .collect::<anyhow::Result<_>>()?,
+        removed: removed.iter().map(|id| (format!("{id:x}").into_bytes(), b"removed".to_vec())).collect(),
+    };
+    records.members.sort();
+    records.removed.sort();
+    // Everything is written beside the keel member first; two renames
+    // then swap it in.
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
     }
+    std::fs::create_dir_all(staging.join("snap"))?;
+    std::fs::create_dir_all(staging.join("wal"))?;
+    let db_path = staging.join("snap").join("db");
+    let db = std::fs::File::create(&db_path).with_context(|| format!("cannot create {}", db_path.display()))?;
+    let (db, _) = crate::etcd_format::write_db(engine.as_ref(), records, std::io::BufWriter::new(db))?;
+    db.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", db_path.display()))?.sync_all()?;
     engine.close()?;
     drop(engine);
 
@@ -478,16 +481,6 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
     wal.record(STATE_RECORD, HardState { term, vote: 0, commit: index }.encode_to_vec());
     let (wal, _) = wal.finish();
 
-    // Everything is written beside the keel member first; two renames
-    // then swap it in.
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
-    }
-    std::fs::create_dir_all(staging.join("snap"))?;
-    std::fs::create_dir_all(staging.join("wal"))?;
-    let mut db = Vec::new();
-    crate::bbolt::write(&buckets, &mut db)?;
-    write_synced(&staging.join("snap").join("db"), &db)?;
     write_synced(
         &staging.join("snap").join(crate::etcd_wal::snap_file_name(term, index)),
         &crate::etcd_wal::encode_snap_file(&snapshot),

@@ -16,7 +16,6 @@ use std::io;
 
 use prost::Message;
 
-use crate::bbolt::Bucket;
 use crate::mvcc::Revision;
 use crate::storage::keys::{
     META_APPLIED, META_AUTH_ENABLED, META_AUTH_REVISION, META_COMPACT_FINISHED, META_COMPACT_SCHEDULED,
@@ -63,28 +62,50 @@ fn storage(e: StorageError) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-/// keel's state machine as etcd's buckets.
-pub fn buckets(engine: &dyn Engine) -> io::Result<Vec<Bucket>> {
-    let mut key = Vec::new();
+/// etcd's member records (the `members` and `members_removed` buckets):
+/// empty in a backup (a restore starts a new cluster), filled when a data
+/// dir is handed to etcd in place.
+#[derive(Debug, Default)]
+pub struct MemberRecords {
+    pub members: Vec<(Vec<u8>, Vec<u8>)>,
+    pub removed: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Writes keel's state machine to `out` as etcd's backend database (a
+/// bbolt file), in one consistent scan. The `key` bucket, which holds
+/// nearly all the data, streams straight into pages; the other buckets
+/// are small and are sorted in memory. Returns the output and the
+/// database's size.
+pub fn write_db<W: std::io::Write + std::io::Seek>(
+    engine: &dyn Engine,
+    member_records: MemberRecords,
+    out: W,
+) -> io::Result<(W, u64)> {
+    let mut w = crate::bbolt::FileWriter::new(out)?;
+    w.begin_bucket(b"key")?;
     let mut lease = Vec::new();
     let mut users = Vec::new();
     let mut roles = Vec::new();
     let mut meta = Vec::new();
     let mut auth = Vec::new();
-    let mut failure = None;
+    let mut failure: Option<io::Error> = None;
     engine
         .scan_consistent(&Table::STATE_MACHINE, &mut |table, k, v| {
             match table {
                 Table::Kv => match (Revision::from_key(k), keel_proto::mvccpb::KeyValue::decode(v)) {
-                    (Some(rev), Ok(kv)) => key.push((etcd_revision(rev, kv.version == 0), v.to_vec())),
-                    _ => failure = Some(format!("undecodable kv record at {k:?}")),
+                    (Some(rev), Ok(kv)) => {
+                        if let Err(e) = w.put(&etcd_revision(rev, kv.version == 0), v) {
+                            failure = Some(e);
+                        }
+                    }
+                    _ => failure = Some(invalid(format!("undecodable kv record at {k:?}"))),
                 },
                 Table::Lease => match keel_proto::keelpb::LeaseRecord::decode(v) {
                     Ok(r) => lease.push((
                         r.id.to_be_bytes().to_vec(),
                         EtcdLease { id: r.id, ttl: r.ttl, remaining_ttl: r.remaining_ttl }.encode_to_vec(),
                     )),
-                    Err(e) => failure = Some(format!("undecodable lease record: {e}")),
+                    Err(e) => failure = Some(invalid(format!("undecodable lease record: {e}"))),
                 },
                 Table::Auth => {
                     if let Some(name) = k.strip_prefix(AUTH_USER_PREFIX) {
@@ -119,26 +140,36 @@ pub fn buckets(engine: &dyn Engine) -> io::Result<Vec<Bucket>> {
         })
         .map_err(storage)?;
     if let Some(f) = failure {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, f));
+        return Err(f);
     }
+    w.end_bucket()?;
     if !auth.iter().any(|(k, _)| k == b"authRevision") {
         auth.push((b"authRevision".to_vec(), 1u64.to_be_bytes().to_vec()));
     }
-    for pairs in [&mut key, &mut lease, &mut users, &mut roles, &mut meta, &mut auth] {
+    let small = [
+        (&b"alarm"[..], Vec::new()),
+        (b"auth", auth),
+        (b"authRoles", roles),
+        (b"authUsers", users),
+        (b"cluster", vec![(b"clusterVersion".to_vec(), CLUSTER_VERSION.to_vec())]),
+        (b"lease", lease),
+        (b"members", member_records.members),
+        (b"members_removed", member_records.removed),
+        (b"meta", meta),
+    ];
+    for (name, mut pairs) in small {
         pairs.sort();
+        w.begin_bucket(name)?;
+        for (k, v) in &pairs {
+            w.put(k, v)?;
+        }
+        w.end_bucket()?;
     }
-    Ok(vec![
-        (b"alarm".to_vec(), Vec::new()),
-        (b"auth".to_vec(), auth),
-        (b"authRoles".to_vec(), roles),
-        (b"authUsers".to_vec(), users),
-        (b"cluster".to_vec(), vec![(b"clusterVersion".to_vec(), CLUSTER_VERSION.to_vec())]),
-        (b"key".to_vec(), key),
-        (b"lease".to_vec(), lease),
-        (b"members".to_vec(), Vec::new()),
-        (b"members_removed".to_vec(), Vec::new()),
-        (b"meta".to_vec(), meta),
-    ])
+    w.finish()
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
 /// A record of one of keel's tables.
@@ -222,8 +253,8 @@ mod tests {
         b.put(Table::Meta, META_COMPACT_FINISHED, 2i64.to_be_bytes().to_vec());
         engine.write(b, false)?;
 
-        let mut file = Vec::new();
-        crate::bbolt::write(&buckets(engine.as_ref())?, &mut file)?;
+        let (file, _) = write_db(engine.as_ref(), MemberRecords::default(), std::io::Cursor::new(Vec::new()))?;
+        let file = file.into_inner();
         let mut back = Vec::new();
         let mut tombstone_keys = 0;
         crate::bbolt::read(&file, &mut |bucket, pair| {

@@ -37,9 +37,29 @@ pub fn etcdctl_bin() -> PathBuf {
     PathBuf::from(std::env::var("ETCDCTL_BIN").unwrap_or_else(|_| "/usr/bin/etcdctl".into()))
 }
 
-/// A TCP port that was free a moment ago.
+/// Ports handed to test members: below the kernel's ephemeral range
+/// (32768-60999 by default), so a member's port stays its own while the
+/// member is down for a restart. An ephemeral port does not: any outgoing
+/// connection on the machine may take it as its source port meanwhile (a
+/// restarted member once failed with "Address already in use" that way).
+const PORTS: std::ops::Range<u16> = 15000..32000;
+
+/// A TCP port that was free a moment ago and that no other member of this
+/// test process was given.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PORTS.end - PORTS.start);
+    // Test processes running side by side start at different places.
+    let start = std::process::id().wrapping_mul(2654435761) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = PORTS.start + u16::try_from(offset)?;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {PORTS:?}")
 }
 
 pub struct Member {
