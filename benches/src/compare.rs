@@ -28,6 +28,9 @@ pub struct CompareConfig {
     pub out: PathBuf,
     pub quick: bool,
     pub progress: bool,
+    /// Run only the workloads whose name contains this, print their rows
+    /// and write no report (for measuring one change).
+    pub only: Option<String>,
 }
 
 /// Flags both systems get: fsync on every commit is the default of both;
@@ -263,10 +266,15 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
     let etcd = System::start("etcd", &cfg.etcd, &cfg.run_dir).await?;
     // Idle watchers first, on members that have not served any yet.
     let watchers = if cfg.quick { 10_000 } else { 100_000 };
-    let watcher_rss = [idle_watchers_rss(&keel, watchers).await?, idle_watchers_rss(&etcd, watchers).await?];
+    let watcher_rss = match cfg.only {
+        Some(_) => [0.0; 2],
+        None => [idle_watchers_rss(&keel, watchers).await?, idle_watchers_rss(&etcd, watchers).await?],
+    };
     let mut pairs = Vec::new();
     println!("{}", Report::table_header());
-    for (i, bench) in suite(cfg.quick).into_iter().enumerate() {
+    let selected =
+        suite(cfg.quick).into_iter().filter(|b| cfg.only.as_ref().is_none_or(|o| b.name().contains(o.as_str())));
+    for (i, bench) in selected.enumerate() {
         // Alternate which system goes first.
         let (k, e) = if i % 2 == 0 {
             let k = bench.run(&keel, cfg.progress).await?;
@@ -281,6 +289,12 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
             println!("{}", row.table_row());
         }
         pairs.push(Pair { workload: bench.name(), keel: k, etcd: e });
+    }
+    if cfg.only.is_some() {
+        for p in &pairs {
+            println!("{}: keel/etcd {:.2}x", p.workload, p.keel.throughput / p.etcd.throughput.max(f64::MIN_POSITIVE));
+        }
+        return Ok(());
     }
     let mut systems = [keel, etcd];
     let scale =

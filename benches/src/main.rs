@@ -127,6 +127,10 @@ enum Command {
         /// Smaller totals: under 5 minutes.
         #[arg(long)]
         quick: bool,
+        /// Only the workloads whose name contains this (e.g. "watch
+        /// fan-out"); prints their rows and writes no report.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -182,8 +186,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Kube { objects, page_size } => {
             workloads::kube(&target, objects, page_size, c.val_size, &cfg("kube")).await?
         }
-        Command::Compare { keel, etcd, run_dir, out, quick } => {
-            return compare(CompareConfig { keel, etcd, run_dir, out, quick, progress: !c.json }).await;
+        Command::Compare { keel, etcd, run_dir, out, quick, only } => {
+            return compare(CompareConfig { keel, etcd, run_dir, out, quick, progress: !c.json, only }).await;
         }
     };
     if c.json {

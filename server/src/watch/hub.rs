@@ -62,15 +62,29 @@ pub enum Outgoing {
     /// Events of one or more whole revisions for one watcher; `revision`
     /// is the header revision.
     Events { watch_id: WatchId, revision: i64, events: Vec<Event>, bytes: usize, prev_kv: bool, fragment: bool },
+    /// One revision's events for several watchers of the stream that all
+    /// get exactly these events (the common case: a revision changing
+    /// one key that many watchers of a stream watch). One queue entry per
+    /// stream instead of one per watcher keeps the apply path's work per
+    /// revision proportional to the streams, not the watchers.
+    Shared { watchers: Vec<Recipient>, revision: i64, events: Vec<Event>, bytes: usize },
     /// A response built by the hub or the session (created, canceled,
     /// progress, compacted); `revision` is the header revision.
     Control { response: keel_proto::etcdserverpb::WatchResponse, revision: i64 },
 }
 
+/// A watcher receiving a [`Outgoing::Shared`] revision, with its options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recipient {
+    pub watch_id: WatchId,
+    pub prev_kv: bool,
+    pub fragment: bool,
+}
+
 impl Outgoing {
     pub fn bytes(&self) -> usize {
         match self {
-            Outgoing::Events { bytes, .. } => *bytes,
+            Outgoing::Events { bytes, .. } | Outgoing::Shared { bytes, .. } => *bytes,
             Outgoing::Control { .. } => 64,
         }
     }
@@ -470,14 +484,14 @@ impl CommitObserver for WatchHub {
         st.rev = rev;
         let mut found = Vec::new();
         if let [ev] = events {
-            // Most revisions change one key: no grouping needed.
+            // Most revisions change one key: every watcher that wants it
+            // gets the same events, so a stream gets one shared entry.
             let Some(kv) = &ev.kv else { return };
             st.matching(&kv.key, &mut found);
-            for key in found {
-                let wanted = st.watchers.get(&key).is_some_and(|w| rev >= w.next_rev && w.spec.wants(ev));
-                if wanted {
-                    st.deliver(key, rev, vec![ev.clone()]);
-                }
+            found.retain(|key| st.watchers.get(key).is_some_and(|w| rev >= w.next_rev && w.spec.wants(ev)));
+            found.sort_unstable();
+            for group in found.chunk_by(|a, b| a.0 == b.0) {
+                st.deliver_shared(group, rev, ev);
             }
             return;
         }
@@ -502,6 +516,32 @@ impl CommitObserver for WatchHub {
 }
 
 impl HubState {
+    /// Queues a single-event revision once for `group` (watchers of one
+    /// stream), moving those that would overrun the stream's budget to
+    /// catching up, as [`HubState::deliver`] does one at a time.
+    fn deliver_shared(&mut self, group: &[(StreamId, WatchId)], rev: i64, ev: &Event) {
+        let Some(&(stream, _)) = group.first() else { return };
+        let Some(queued) = self.streams.get(&stream).map(|s| s.queued.load(Ordering::Acquire)) else { return };
+        let each = approx_size(std::slice::from_ref(ev));
+        let mut taken = Vec::with_capacity(group.len());
+        let mut bytes = 0;
+        for &key in group {
+            let pending = queued + bytes;
+            if pending > 0 && pending + each > STREAM_BUDGET_BYTES {
+                self.desync(key, rev);
+                continue;
+            }
+            if let Some(w) = self.watchers.get_mut(&key) {
+                w.quiet = false;
+                taken.push(Recipient { watch_id: key.1, prev_kv: w.spec.prev_kv, fragment: w.spec.fragment });
+                bytes += each;
+            }
+        }
+        if !taken.is_empty() {
+            self.send(stream, Outgoing::Shared { watchers: taken, revision: rev, events: vec![ev.clone()], bytes });
+        }
+    }
+
     /// Queues one revision's events for a synced watcher, or moves the
     /// watcher to catching up when its stream is over budget.
     fn deliver(&mut self, key: (StreamId, WatchId), rev: i64, events: Vec<Event>) {
@@ -558,6 +598,72 @@ mod tests {
         out
     }
 
+    /// (watch id, events) of every event delivery drained.
+    fn deliveries(q: &mut StreamQueue) -> Vec<(WatchId, Vec<Event>)> {
+        let mut got = Vec::new();
+        for m in drain(q) {
+            match m {
+                Outgoing::Events { watch_id, events, .. } => got.push((watch_id, events)),
+                Outgoing::Shared { watchers, events, .. } => {
+                    got.extend(watchers.iter().map(|r| (r.watch_id, events.clone())));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        got.sort_by_key(|(id, _)| *id);
+        got
+    }
+
+    #[test]
+    fn a_single_event_revision_is_queued_once_per_stream() {
+        let hub = WatchHub::new(1);
+        let mut a = hub.open_stream();
+        let mut b = hub.open_stream();
+        for _ in 0..3 {
+            hub.create(a.id, 0, spec("k", None), 0).unwrap();
+        }
+        hub.create(b.id, 0, spec("k", Some("l")), 0).unwrap();
+        hub.create(b.id, 0, spec("x", None), 0).unwrap();
+        drain(&mut a);
+        drain(&mut b);
+        hub.committed(2, &[put("k", 2)]);
+        let queued_a = drain(&mut a);
+        assert!(
+            matches!(&queued_a[..], [Outgoing::Shared { watchers, revision: 2, events, .. }]
+                if watchers.iter().map(|r| r.watch_id).collect::<Vec<_>>() == vec![0, 1, 2] && events.len() == 1),
+            "{queued_a:?}"
+        );
+        hub.committed(3, &[put("k", 3)]);
+        hub.committed(4, &[put("x", 4)]);
+        let got: Vec<(WatchId, i64)> = deliveries(&mut b)
+            .into_iter()
+            .map(|(id, evs)| (id, evs[0].kv.as_ref().map_or(0, |kv| kv.mod_revision)))
+            .collect();
+        assert_eq!(got, vec![(0, 2), (0, 3), (1, 4)], "each watcher of b gets only its own keys");
+    }
+
+    #[test]
+    fn a_shared_revision_stops_at_the_budget_and_the_rest_catch_up() {
+        let hub = WatchHub::new(1);
+        let mut q = hub.open_stream();
+        for _ in 0..4 {
+            hub.create(q.id, 0, spec("k", None), 0).unwrap();
+        }
+        drain(&mut q);
+        let each = approx_size(&[put("k", 2)]);
+        // Room for exactly two more copies of the event.
+        q.queued.store(STREAM_BUDGET_BYTES - 2 * each, Ordering::Release);
+        hub.committed(2, &[put("k", 2)]);
+        let got: Vec<WatchId> = match q.rx.try_recv() {
+            Ok(Outgoing::Shared { watchers, .. }) => watchers.iter().map(|r| r.watch_id).collect(),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(got, vec![0, 1]);
+        let mut behind: Vec<(WatchId, i64)> = hub.unsynced(q.id).into_iter().map(|(id, _, from)| (id, from)).collect();
+        behind.sort();
+        assert_eq!(behind, vec![(2, 2), (3, 2)], "the others catch up from the undelivered revision");
+    }
+
     #[test]
     fn routes_events_to_matching_synced_watchers_once() {
         let hub = WatchHub::new(1);
@@ -569,15 +675,11 @@ mod tests {
         assert_eq!(drain(&mut q).len(), 3, "three created responses");
 
         hub.committed(2, &[put("a", 2), put("p/x", 2), put("q", 2)]);
-        let mut got: Vec<(i64, usize)> = drain(&mut q)
-            .into_iter()
-            .map(|m| match m {
-                Outgoing::Events { watch_id, events, .. } => (watch_id, events.len()),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        got.sort();
+        let got: Vec<(i64, usize)> = deliveries(&mut q).into_iter().map(|(id, evs)| (id, evs.len())).collect();
         assert_eq!(got, vec![(0, 1), (1, 1), (2, 3)], "one response per watcher, all events of the revision");
+        hub.committed(3, &[put("p/y", 3)]);
+        let got: Vec<(i64, usize)> = deliveries(&mut q).into_iter().map(|(id, evs)| (id, evs.len())).collect();
+        assert_eq!(got, vec![(1, 1), (2, 1)], "a single-event revision reaches the same watchers");
     }
 
     #[test]

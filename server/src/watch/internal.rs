@@ -49,7 +49,9 @@ impl InternalWatch {
             self.queue.queued.fetch_sub(msg.bytes(), Ordering::AcqRel);
             self.budget_freed.notify_waiters();
             match msg {
-                Outgoing::Events { revision, events, .. } => return Ok((revision, events)),
+                Outgoing::Events { revision, events, .. } | Outgoing::Shared { revision, events, .. } => {
+                    return Ok((revision, events))
+                }
                 Outgoing::Control { response, .. } if response.compact_revision != 0 => return Err(Error::Compacted),
                 Outgoing::Control { .. } => {}
             }

@@ -26,7 +26,9 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use super::hub::{Outgoing, StreamId, StreamQueue, WatchHub, WatchSpec, INVALID_WATCH_ID, STREAM_BUDGET_BYTES};
+use super::hub::{
+    Outgoing, Recipient, StreamId, StreamQueue, WatchHub, WatchSpec, INVALID_WATCH_ID, STREAM_BUDGET_BYTES,
+};
 use crate::error::Error;
 use crate::server::Server;
 
@@ -216,19 +218,33 @@ async fn send_loop(
             }
             Outgoing::Events { watch_id, revision, mut events, prev_kv, fragment, .. } => {
                 if prev_kv {
-                    for ev in events.iter_mut().filter(|e| !is_create(e)) {
-                        if let Some(kv) = &ev.kv {
-                            ev.prev_kv = server.mvcc.get_at(&kv.key, kv.mod_revision - 1).ok().flatten();
-                        }
+                    fill_prev_kv(&server, &mut events);
+                }
+                let recipient = Recipient { watch_id, prev_kv, fragment };
+                send_events(&server, &out_tx, recipient, Some(server.header(revision)), events).await
+            }
+            Outgoing::Shared { watchers, revision, events, .. } => {
+                let header = Some(server.header(revision));
+                let mut with_prev = None;
+                let mut sent = true;
+                for r in watchers {
+                    let events = if r.prev_kv {
+                        with_prev
+                            .get_or_insert_with(|| {
+                                let mut evs = events.clone();
+                                fill_prev_kv(&server, &mut evs);
+                                evs
+                            })
+                            .clone()
+                    } else {
+                        events.clone()
+                    };
+                    sent = send_events(&server, &out_tx, r, header, events).await;
+                    if !sent {
+                        break;
                     }
                 }
-                let response =
-                    WatchResponse { header: Some(server.header(revision)), watch_id, events, ..Default::default() };
-                if fragment {
-                    send_fragments(response, server.config.max_request_bytes, &out_tx).await
-                } else {
-                    out_tx.send(Ok(response)).await.is_ok()
-                }
+                sent
             }
         };
         queue.queued.fetch_sub(bytes, Ordering::AcqRel);
@@ -238,6 +254,31 @@ async fn send_loop(
         }
     }
     let _ = stop.send(true);
+}
+
+/// Looks up each event's previous value (a create has none).
+fn fill_prev_kv(server: &Server, events: &mut [Event]) {
+    for ev in events.iter_mut().filter(|e| !is_create(e)) {
+        if let Some(kv) = &ev.kv {
+            ev.prev_kv = server.mvcc.get_at(&kv.key, kv.mod_revision - 1).ok().flatten();
+        }
+    }
+}
+
+/// Sends one watcher its events, in fragments if it asked for them.
+async fn send_events(
+    server: &Server,
+    out_tx: &mpsc::Sender<Result<WatchResponse, Status>>,
+    to: Recipient,
+    header: Option<keel_proto::etcdserverpb::ResponseHeader>,
+    events: Vec<Event>,
+) -> bool {
+    let response = WatchResponse { header, watch_id: to.watch_id, events, ..Default::default() };
+    if to.fragment {
+        send_fragments(response, server.config.max_request_bytes, out_tx).await
+    } else {
+        out_tx.send(Ok(response)).await.is_ok()
+    }
 }
 
 /// etcd's sendFragments: a response over `limit` bytes with more than one
