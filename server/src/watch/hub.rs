@@ -1,6 +1,10 @@
 //! The member-wide watcher registry (etcd's watchableStore).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+// Fx hashing: the fan-out path looks watchers up by small integer keys
+// thousands of times per revision, where SipHash showed in profiles.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -271,7 +275,7 @@ impl WatchHub {
                 catch_up: catch_up.clone(),
                 deferred_progress: false,
                 next_auto_id: 0,
-                watchers: HashSet::new(),
+                watchers: HashSet::default(),
             },
         );
         StreamQueue { id, rx, queued, catch_up }
@@ -495,7 +499,7 @@ impl CommitObserver for WatchHub {
             }
             return;
         }
-        let mut per_watcher: HashMap<(StreamId, WatchId), Vec<Event>> = HashMap::new();
+        let mut per_watcher: HashMap<(StreamId, WatchId), Vec<Event>> = HashMap::default();
         for ev in events {
             let Some(kv) = &ev.kv else { continue };
             found.clear();

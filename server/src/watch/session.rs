@@ -37,7 +37,18 @@ pub const CATCH_UP_REVISIONS: i64 = 1000;
 /// WatchResponses buffered between the sender and gRPC.
 const GRPC_BUFFER: usize = 16;
 
-pub type ResponseStream = tokio_stream::wrappers::ReceiverStream<Result<WatchResponse, Status>>;
+pub type ResponseStream =
+    futures::stream::FlatMap<tokio_stream::wrappers::ReceiverStream<Batch>, BatchItems, fn(Batch) -> BatchItems>;
+
+/// A batch's responses, one by one.
+pub type BatchItems = futures::stream::Iter<std::vec::IntoIter<Result<WatchResponse, Status>>>;
+
+/// Responses handed to gRPC together: a shared revision's responses for
+/// every recipient on the stream cost one channel operation, not one each.
+pub type Batch = Vec<Result<WatchResponse, Status>>;
+
+/// The session's side of the response stream.
+type Outbox = mpsc::Sender<Batch>;
 
 /// Starts serving one Watch stream; returns the response stream.
 pub fn start<S>(server: Arc<Server>, hub: Arc<WatchHub>, requests: S, options: StreamOptions) -> ResponseStream
@@ -67,7 +78,8 @@ where
         hub.close_stream(stream_id);
         let _ = stop_tx.send(true);
     });
-    tokio_stream::wrappers::ReceiverStream::new(out_rx)
+    let flatten: fn(Batch) -> BatchItems = futures::stream::iter;
+    tokio_stream::wrappers::ReceiverStream::new(out_rx).flat_map(flatten)
 }
 
 /// What a watch stream was opened with.
@@ -134,7 +146,7 @@ async fn request_loop<S>(
     stream_id: StreamId,
     mut requests: S,
     options: &StreamOptions,
-    out_tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    out_tx: Outbox,
     mut stop: watch::Receiver<bool>,
 ) where
     S: futures::Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
@@ -185,7 +197,7 @@ async fn request_loop<S>(
                 if server.leader().is_none() {
                     leaderless_ticks += 1;
                     if leaderless_ticks >= 3 {
-                        let _ = out_tx.send(Err(Status::from(Error::NoLeader))).await;
+                        let _ = out_tx.send(vec![Err(Status::from(Error::NoLeader))]).await;
                         return;
                     }
                 } else {
@@ -205,30 +217,36 @@ fn is_create(ev: &Event) -> bool {
 async fn send_loop(
     server: Arc<Server>,
     mut queue: StreamQueue,
-    out_tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    out_tx: Outbox,
     budget_freed: Arc<tokio::sync::Notify>,
     stop: watch::Sender<bool>,
 ) {
+    let limit = server.config.max_request_bytes;
     while let Some(msg) = queue.rx.recv().await {
         let bytes = msg.bytes();
-        let sent = match msg {
+        let batch: Batch = match msg {
             Outgoing::Control { mut response, revision } => {
                 response.header = Some(server.header(revision));
-                out_tx.send(Ok(response)).await.is_ok()
+                vec![Ok(response)]
             }
             Outgoing::Events { watch_id, revision, mut events, prev_kv, fragment, .. } => {
                 if prev_kv {
                     fill_prev_kv(&server, &mut events);
                 }
-                let recipient = Recipient { watch_id, prev_kv, fragment };
-                send_events(&server, &out_tx, recipient, Some(server.header(revision)), events).await
+                let to = Recipient { watch_id, prev_kv, fragment };
+                responses(to, Some(server.header(revision)), events, limit).into_iter().map(Ok).collect()
             }
             Outgoing::Shared { watchers, revision, events, .. } => {
                 let header = Some(server.header(revision));
+                // A copy of the events for this stream alone: every
+                // response clones them, and clones of buffers shared with
+                // other streams' tasks would contend on one reference
+                // count across cores.
+                let events = stream_local(&events);
                 let mut with_prev = None;
-                let mut sent = true;
-                for r in watchers {
-                    let events = if r.prev_kv {
+                let mut batch = Vec::with_capacity(watchers.len());
+                for to in watchers {
+                    let events = if to.prev_kv {
                         with_prev
                             .get_or_insert_with(|| {
                                 let mut evs = events.clone();
@@ -239,14 +257,12 @@ async fn send_loop(
                     } else {
                         events.clone()
                     };
-                    sent = send_events(&server, &out_tx, r, header, events).await;
-                    if !sent {
-                        break;
-                    }
+                    batch.extend(responses(to, header, events, limit).into_iter().map(Ok));
                 }
-                sent
+                batch
             }
         };
+        let sent = out_tx.send(batch).await.is_ok();
         queue.queued.fetch_sub(bytes, Ordering::AcqRel);
         budget_freed.notify_waiters();
         if !sent {
@@ -265,32 +281,34 @@ fn fill_prev_kv(server: &Server, events: &mut [Event]) {
     }
 }
 
-/// Sends one watcher its events, in fragments if it asked for them.
-async fn send_events(
-    server: &Server,
-    out_tx: &mpsc::Sender<Result<WatchResponse, Status>>,
+/// Events whose buffers belong to this stream only.
+fn stream_local(events: &[Event]) -> Vec<Event> {
+    let copy = |kv: &keel_proto::mvccpb::KeyValue| keel_proto::mvccpb::KeyValue {
+        key: Bytes::copy_from_slice(&kv.key),
+        value: Bytes::copy_from_slice(&kv.value),
+        ..kv.clone()
+    };
+    events
+        .iter()
+        .map(|e| Event { r#type: e.r#type, kv: e.kv.as_ref().map(copy), prev_kv: e.prev_kv.as_ref().map(copy) })
+        .collect()
+}
+
+/// One watcher's response for `events`, in fragments if it asked for them
+/// and it is too large (etcd's sendFragments: a response over `limit`
+/// bytes with more than one event goes out in pieces, each marked
+/// `fragment` but the last).
+fn responses(
     to: Recipient,
     header: Option<keel_proto::etcdserverpb::ResponseHeader>,
     events: Vec<Event>,
-) -> bool {
-    let response = WatchResponse { header, watch_id: to.watch_id, events, ..Default::default() };
-    if to.fragment {
-        send_fragments(response, server.config.max_request_bytes, out_tx).await
-    } else {
-        out_tx.send(Ok(response)).await.is_ok()
-    }
-}
-
-/// etcd's sendFragments: a response over `limit` bytes with more than one
-/// event goes out in pieces, each marked `fragment` but the last.
-async fn send_fragments(
-    response: WatchResponse,
     limit: usize,
-    out: &mpsc::Sender<Result<WatchResponse, Status>>,
-) -> bool {
-    if response.encoded_len() < limit || response.events.len() < 2 {
-        return out.send(Ok(response)).await.is_ok();
+) -> Vec<WatchResponse> {
+    let response = WatchResponse { header, watch_id: to.watch_id, events, ..Default::default() };
+    if !to.fragment || response.encoded_len() < limit || response.events.len() < 2 {
+        return vec![response];
     }
+    let mut pieces = Vec::new();
     let mut rest = response.events.into_iter().peekable();
     let template = WatchResponse { events: Vec::new(), fragment: true, ..response };
     loop {
@@ -307,11 +325,9 @@ async fn send_fragments(
         if last {
             cur.fragment = false;
         }
-        if out.send(Ok(cur)).await.is_err() {
-            return false;
-        }
+        pieces.push(cur);
         if last {
-            return true;
+            return pieces;
         }
     }
 }
