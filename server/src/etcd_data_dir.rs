@@ -3,9 +3,12 @@
 //! database, and `member/wal`, as `etcdctl snapshot restore` or an etcd
 //! member leaves it) converts it in place on its first start.
 //!
-//! The member's id, the cluster id and the membership come from the WAL
-//! (its metadata record and the configuration-change entries); the keys,
-//! their history, leases and auth from the database (`etcd_format.rs`).
+//! The member's id and the cluster id come from the WAL's metadata
+//! record, the membership from the newest snapshot file's v2 store and
+//! the WAL's committed configuration changes after it (as etcd 3.4
+//! rebuilds it; learners become voters), the keys, their history, leases
+//! and auth from the database (`etcd_format.rs`). `convert_to_etcd` goes
+//! the other way for a stopped keel member.
 //! The original `member` directory is kept beside the new one as
 //! `member.etcd-original`. Anything unreadable stops the start with a
 //! message and leaves the directory as it was.
@@ -44,9 +47,21 @@ pub struct WalIdentity {
     /// Membership changes committed in the WAL, in log order: log index,
     /// member id and its peer URLs (`None`: removed).
     pub changes: Vec<(u64, u64, Option<Vec<String>>)>,
-    /// The newest committed log index holding a request that changes the
-    /// database (0: none).
+    /// The newest committed log index holding a request whose apply moves
+    /// the database's consistent index (0: none).
     pub last_committed_write: u64,
+}
+
+/// The files in `dir` named `*.<extension>`, in name order (etcd's names
+/// sort by sequence, term and index).
+fn files_with_extension(dir: &Path, extension: &str) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == extension))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// The identity, membership changes and committed requests recorded in a
@@ -54,12 +69,7 @@ pub struct WalIdentity {
 /// them; an entry rewritten by a later leader replaces the old one, as
 /// etcd's ReadAll does).
 pub fn read_wal(wal_dir: &Path) -> anyhow::Result<WalIdentity> {
-    let mut files: Vec<_> = std::fs::read_dir(wal_dir)
-        .with_context(|| format!("cannot read {}", wal_dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-        .collect();
-    files.sort();
+    let files = files_with_extension(wal_dir, "wal")?;
     if files.is_empty() {
         bail!("{} holds no WAL files", wal_dir.display());
     }
@@ -92,7 +102,7 @@ pub fn read_wal(wal_dir: &Path) -> anyhow::Result<WalIdentity> {
     let mut changes = Vec::new();
     let mut last_committed_write = 0;
     for entry in entries.into_iter().take_while(|e| e.index <= commit) {
-        if entry.r#type == NORMAL_ENTRY && changes_database(&entry.data) {
+        if entry.r#type == NORMAL_ENTRY && advances_consistent_index(&entry.data) {
             last_committed_write = entry.index;
         }
         if entry.r#type == CONF_CHANGE_ENTRY {
@@ -111,16 +121,18 @@ pub fn read_wal(wal_dir: &Path) -> anyhow::Result<WalIdentity> {
     Ok(WalIdentity { member_id: m.node_id, cluster_id: m.cluster_id, changes, last_committed_write })
 }
 
-/// Whether a normal entry's request (etcdserverpb.InternalRaftRequest, or
-/// a bare v2 Request as etcd 3.4 proposes member attributes) changes
-/// etcd's database. etcd persists its consistent index only with database
-/// writes, so entries that do not write (v2 requests, Authenticate, auth
-/// reads, serializable ranges) legitimately lie beyond it after a clean
-/// stop. Anything not known to be harmless counts as a write.
-fn changes_database(data: &[u8]) -> bool {
-    /// InternalRaftRequest fields that never touch the backend: ID,
-    /// v2, range, header, authenticate, user get/list, role list/get.
-    const HARMLESS: [u64; 9] = [1, 2, 3, 100, 1012, 1102, 1106, 1107, 1202];
+/// Whether applying a normal entry's request (an etcdserverpb.
+/// InternalRaftRequest, or a bare v2 Request as etcd 3.4 proposes member
+/// attributes) moves etcd 3.4's persisted consistent index: only key-value
+/// writes (put, delete, txn, a revoke deleting a lease's keys) and
+/// AuthDisable, UserAdd and UserDelete save it. Everything else (v2
+/// requests, Authenticate, compaction, lease grants and checkpoints,
+/// alarms, other auth changes) may legitimately lie past it after a clean
+/// stop, so only the former can show that etcd stopped before applying
+/// its log. An undecodable entry counts as one that moves it.
+fn advances_consistent_index(data: &[u8]) -> bool {
+    /// InternalRaftRequest fields whose apply saves the consistent index.
+    const ADVANCING: [u64; 7] = [4, 5, 6, 9, 1011, 1100, 1101];
     const V2_METHODS: [&[u8]; 7] = [b"GET", b"QGET", b"PUT", b"POST", b"DELETE", b"SYNC", b"HEAD"];
     if data.is_empty() {
         return false;
@@ -157,7 +169,7 @@ fn changes_database(data: &[u8]) -> bool {
         if field == 2 && V2_METHODS.contains(&value) {
             return false; // a bare v2 Request: field 2 is its method
         }
-        if !HARMLESS.contains(&field) {
+        if ADVANCING.contains(&field) {
             return true;
         }
     }
@@ -168,17 +180,17 @@ fn changes_database(data: &[u8]) -> bool {
 /// log index it was taken at; `(0, empty)` when there is none (a data dir
 /// `etcdctl snapshot restore` made: its members are in the WAL).
 fn snapshot_membership(snap_dir: &Path) -> anyhow::Result<(u64, BTreeMap<u64, Vec<String>>)> {
-    let mut files: Vec<_> = std::fs::read_dir(snap_dir)
-        .with_context(|| format!("cannot read {}", snap_dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "snap"))
-        .collect();
-    files.sort();
-    let Some(newest) = files.last() else {
+    let files = files_with_extension(snap_dir, "snap")?;
+    // The newest readable one, as etcd skips a damaged newest file.
+    let Some((newest, snapshot)) = files.iter().rev().find_map(|f| {
+        let bytes = std::fs::read(f).ok()?;
+        crate::etcd_wal::decode_snap_file(&bytes).ok().map(|s| (f.clone(), s))
+    }) else {
+        if let Some(f) = files.last() {
+            bail!("no snapshot file in {} is readable (newest: {})", snap_dir.display(), f.display());
+        }
         return Ok((0, BTreeMap::new()));
     };
-    let bytes = std::fs::read(newest).with_context(|| format!("cannot read {}", newest.display()))?;
-    let snapshot = crate::etcd_wal::decode_snap_file(&bytes).with_context(|| format!("{}", newest.display()))?;
     let index = snapshot.metadata.as_ref().map_or(0, |m| m.index);
     let store: serde_json::Value = serde_json::from_slice(&snapshot.data)
         .with_context(|| format!("{}: the v2 store is not JSON", newest.display()))?;
@@ -201,6 +213,17 @@ fn snapshot_membership(snap_dir: &Path) -> anyhow::Result<(u64, BTreeMap<u64, Ve
 pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
     let member = data_dir.join("member");
     let etcd_db = member.join("snap").join("db");
+    let original = data_dir.join("member.etcd-original");
+    // The keel member is built here and renamed into place when complete.
+    let staging = data_dir.join("member.keel-staging");
+    if !member.exists() && original.join("snap").join("db").exists() && staging.join("member").join("db").is_dir() {
+        // Interrupted between the two renames: the staged member is whole.
+        std::fs::rename(staging.join("member"), &member)?;
+        std::fs::remove_dir_all(&staging)?;
+        crate::raft::state_machine::fsync_dir(data_dir)?;
+        tracing::info!(data_dir = %data_dir.display(), "finished an interrupted conversion of an etcd data dir");
+        return Ok(true);
+    }
     if member.join("db").exists() || !etcd_db.exists() {
         return Ok(false);
     }
@@ -246,7 +269,7 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
     // not reflect yet (etcd crashed instead of stopping) would be lost.
     if identity.last_committed_write > applied {
         return Err(refuse(anyhow::anyhow!(
-            "its WAL holds committed requests up to index {} that its database (consistent index {applied}) does not reflect yet: start etcd on it and stop it cleanly, or restore a snapshot",
+            "its WAL holds committed writes up to index {} that its database (consistent index {applied}) does not reflect yet (etcd stopped before applying them): start etcd on it and stop it cleanly, or restore a snapshot",
             identity.last_committed_write
         )));
     }
@@ -266,7 +289,6 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
         return Err(refuse(anyhow::anyhow!("neither its WAL nor its database records any cluster member")));
     }
 
-    let original = data_dir.join("member.etcd-original");
     if original.exists() {
         bail!(
             "{} exists: a previous conversion was interrupted; move it back to {} to retry",
@@ -274,7 +296,6 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
             member.display()
         );
     }
-    std::fs::rename(&member, &original).with_context(|| format!("cannot move {} aside", member.display()))?;
     let ids: Vec<(u64, Vec<String>)> = members.iter().map(|(id, urls)| (*id, urls.clone())).collect();
     let mut local = crate::storage::WriteBatch::new();
     local.put(
@@ -283,14 +304,24 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
         crate::raft::codec::encode(&(identity.member_id, identity.cluster_id))?,
     );
     local.put(crate::storage::Table::RaftState, crate::node::BOOTSTRAP_MEMBERS, crate::raft::codec::encode(&ids)?);
-    if let Err(e) = crate::backup::fill_member(data_dir, local, |put| {
-        records.into_iter().try_for_each(|(table, k, v)| put(table, k, v))
-    }) {
-        // Put the original back so the directory is as it was.
-        let _ = std::fs::remove_dir_all(&member);
-        let _ = std::fs::rename(&original, &member);
-        return Err(e.context("converting the etcd data dir failed; it was restored as it was"));
+    // A crash while filling leaves the etcd member as it was; a staging
+    // dir left by one is started over.
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
     }
+    crate::backup::fill_member(&staging, local, |put| {
+        records.into_iter().try_for_each(|(table, k, v)| put(table, k, v))
+    })
+    .map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staging);
+        refuse(e.context("building the keel member failed"))
+    })?;
+    drop(db_lock);
+    std::fs::rename(&member, &original).with_context(|| format!("cannot move {} aside", member.display()))?;
+    std::fs::rename(staging.join("member"), &member)
+        .with_context(|| format!("cannot move the converted member into {}", member.display()))?;
+    std::fs::remove_dir_all(&staging)?;
+    crate::raft::state_machine::fsync_dir(data_dir)?;
     tracing::info!(
         data_dir = %data_dir.display(),
         member_id = %format!("{:x}", identity.member_id),
@@ -377,22 +408,32 @@ fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// starts from it. keel's `member` directory is kept beside it as
 /// `member.keel-original`.
 ///
-/// Every member of a cluster can be converted and started as etcd: a
-/// member whose copy lags behind is brought up to date by the etcd leader
-/// with a snapshot. A member whose log says entries were committed that
-/// it has not applied yet is refused (they would be lost): start it as
-/// keel again and stop it cleanly.
+/// Every member of a stopped cluster can be converted and started as
+/// etcd. Safety rests on each member having applied every entry its log
+/// holds: an entry committed by the cluster is then in the state of a
+/// majority, and etcd's election rule only lets a member of that majority
+/// lead. So a member whose log holds requests or membership changes past
+/// what it applied is refused (start the cluster as keel again and stop
+/// it once idle); trailing blank entries (a new leader's no-op) change no
+/// state and are taken as applied.
 pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
-    use crate::raft::{codec, LogId, StoredMembership};
-    use crate::storage::keys::{META_APPLIED, META_MEMBERSHIP, RAFT_COMMITTED};
+    use crate::raft::{codec, LogId, NodeId, StoredMembership};
+    use crate::storage::keys::{decode_u64, log_key, META_APPLIED, META_MEMBERSHIP, RAFT_VOTE};
     use crate::storage::Table;
 
     let member = data_dir.join("member");
+    let original = data_dir.join("member.keel-original");
+    let staging = data_dir.join("member.etcd-staging");
+    if !member.exists() && original.join("db").is_dir() && staging.join("wal").is_dir() {
+        // Interrupted between the two renames: the staged etcd member is
+        // complete (written and synced before the first rename).
+        std::fs::rename(&staging, &member)?;
+        crate::raft::state_machine::fsync_dir(data_dir)?;
+        bail!("finished an interrupted conversion of {}: it is an etcd data dir now", data_dir.display());
+    }
     if !member.join("db").is_dir() {
         bail!("{} is not a keel data dir (no member/db)", data_dir.display());
     }
-    let original = data_dir.join("member.keel-original");
-    let staging = data_dir.join("member.etcd-staging");
     if original.exists() {
         bail!("{} exists: move it away first", original.display());
     }
@@ -409,16 +450,31 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
         Some(v) => codec::decode(&v)?,
         None => bail!("the member has not applied anything yet: start it once as keel"),
     };
-    if let Some(v) = get(Table::RaftState, RAFT_COMMITTED)? {
-        let committed: Option<LogId> = codec::decode(&v)?;
-        if let Some(c) = committed.filter(|c| c.index > applied.index) {
-            bail!(
-                "its log has entries committed up to index {} that it has applied only up to {}: start it as keel and stop it cleanly first",
-                c.index,
-                applied.index
-            );
-        }
+    // The position etcd starts from: the applied entry, or the last of
+    // the blank entries after it.
+    let mut position = applied;
+    let mut unapplied = None;
+    engine
+        .scan(Table::RaftLog, &log_key(applied.index + 1), None, &mut |k, v| {
+            let index = decode_u64(k).unwrap_or_default();
+            let entry = crate::raft::log_store::decode_entry(index, v)?;
+            if matches!(entry.payload, openraft::EntryPayload::Blank) && unapplied.is_none() {
+                position = entry.log_id;
+                Ok(true)
+            } else {
+                unapplied = Some(index);
+                Ok(false)
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("reading the raft log: {e}"))?;
+    if let Some(index) = unapplied {
+        bail!(
+            "its log holds an entry at index {index} that it has not applied (it has applied up to {}); converting it could lose a write the cluster committed: start the keel cluster again, let it settle, stop it, and convert again",
+            applied.index
+        );
     }
+    let vote: Option<openraft::Vote<NodeId>> =
+        get(Table::RaftState, RAFT_VOTE)?.map(|v| codec::decode(&v)).transpose()?;
     let stored: StoredMembership = match get(Table::Meta, META_MEMBERSHIP)? {
         Some(v) => codec::decode(&v)?,
         None => bail!("the data dir records no membership"),
@@ -461,7 +517,13 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
     engine.close()?;
     drop(engine);
 
-    let (index, term) = (applied.index, applied.leader_id.term);
+    let (index, term) = (position.index, position.leader_id.term);
+    // etcd's HardState: the member's current term and whom it voted for
+    // in it, so it cannot vote twice in a term after the swap.
+    let (current_term, voted_for) = match vote {
+        Some(v) if v.leader_id().term >= term => (v.leader_id().term, v.leader_id().voted_for().unwrap_or_default()),
+        _ => (term, 0),
+    };
     let (voters, learners): (Vec<u64>, Vec<u64>) = {
         let (l, v): (Vec<&EtcdMember>, Vec<&EtcdMember>) = members.iter().partition(|m| m.is_learner);
         (v.iter().map(|m| m.id).collect(), l.iter().map(|m| m.id).collect())
@@ -478,7 +540,7 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
     wal.record(METADATA_RECORD, WalMetadata { node_id: member_id, cluster_id }.encode_to_vec());
     wal.record(crate::etcd_wal::SNAPSHOT_RECORD, crate::etcd_wal::WalSnapshot { index: 0, term: 0 }.encode_to_vec());
     wal.record(crate::etcd_wal::SNAPSHOT_RECORD, crate::etcd_wal::WalSnapshot { index, term }.encode_to_vec());
-    wal.record(STATE_RECORD, HardState { term, vote: 0, commit: index }.encode_to_vec());
+    wal.record(STATE_RECORD, HardState { term: current_term, vote: voted_for, commit: index }.encode_to_vec());
     let (wal, _) = wal.finish();
 
     write_synced(
@@ -487,7 +549,7 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
     )?;
     write_synced(&staging.join("wal").join(crate::etcd_wal::wal_file_name(0, 0)), &wal)?;
     for dir in [staging.join("snap"), staging.join("wal"), staging.clone()] {
-        std::fs::File::open(&dir)?.sync_all()?;
+        crate::raft::state_machine::fsync_dir(&dir)?;
     }
     std::fs::rename(&member, &original).with_context(|| format!("cannot move {} aside", member.display()))?;
     if let Err(e) = std::fs::rename(&staging, &member) {
@@ -496,7 +558,7 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
             anyhow::Error::from(e).context("cannot move the etcd member dir in place; the keel one was put back")
         );
     }
-    std::fs::File::open(data_dir)?.sync_all()?;
+    crate::raft::state_machine::fsync_dir(data_dir)?;
     Ok(Exported { member_id, cluster_id, index, term, members: members.len() })
 }
 
@@ -589,7 +651,7 @@ mod tests {
     }
 
     #[test]
-    fn requests_that_write_the_database_are_told_from_those_that_do_not() {
+    fn requests_that_move_the_consistent_index_are_told_apart() {
         let field = |n: u64, body: &[u8]| {
             let mut out = Vec::new();
             prost::encoding::encode_key(n as u32, prost::encoding::WireType::LengthDelimited, &mut out);
@@ -598,17 +660,70 @@ mod tests {
             out
         };
         let with_id = |rest: Vec<u8>| [vec![0x08, 0x2a], rest].concat();
-        assert!(changes_database(&with_id(field(4, b"\x0a\x01k"))), "put");
-        assert!(changes_database(&with_id(field(6, b""))), "txn");
-        assert!(changes_database(&with_id(field(1100, b""))), "user add");
-        assert!(changes_database(&with_id(field(9999, b""))), "unknown: assumed to write");
-        assert!(changes_database(&[0xff]), "undecodable: assumed to write");
-        assert!(!changes_database(&with_id(field(1012, b"\x0a\x04root"))), "authenticate");
-        assert!(!changes_database(&with_id([field(100, b"\x08\x01"), field(3, b"")].concat())), "range");
-        assert!(!changes_database(&with_id(field(2, b"\x08\x01\x12\x03PUT"))), "v2 inside");
+        assert!(advances_consistent_index(&with_id(field(4, b"\x0a\x01k"))), "put");
+        assert!(advances_consistent_index(&with_id(field(6, b""))), "txn");
+        assert!(advances_consistent_index(&with_id(field(1100, b""))), "user add");
+        assert!(advances_consistent_index(&with_id(field(9, b"\x08\x07"))), "lease revoke");
+        assert!(!advances_consistent_index(&with_id(field(7, b"\x08\x07"))), "compaction");
+        assert!(!advances_consistent_index(&with_id(field(8, b"\x08\x3c"))), "lease grant");
+        assert!(!advances_consistent_index(&with_id(field(1200, b""))), "role add");
+        assert!(advances_consistent_index(&[0xff]), "undecodable: assumed to write");
+        assert!(!advances_consistent_index(&with_id(field(1012, b"\x0a\x04root"))), "authenticate");
+        assert!(!advances_consistent_index(&with_id([field(100, b"\x08\x01"), field(3, b"")].concat())), "range");
+        assert!(!advances_consistent_index(&with_id(field(2, b"\x08\x01\x12\x03PUT"))), "v2 inside");
         let bare_v2 = [vec![0x08, 0x07], field(2, b"PUT"), field(3, b"/0/members/1/attributes"), field(4, b"{}")];
-        assert!(!changes_database(&bare_v2.concat()), "bare v2 Request (member attributes)");
-        assert!(!changes_database(b""), "empty entry (leader's no-op)");
+        assert!(!advances_consistent_index(&bare_v2.concat()), "bare v2 Request (member attributes)");
+        assert!(!advances_consistent_index(b""), "empty entry (leader's no-op)");
+    }
+
+    /// A keel data dir whose member applied index 5 (term 2) of a
+    /// one-member cluster and holds `tail` entries after it.
+    fn keel_dir(tail: &[crate::raft::Entry]) -> anyhow::Result<tempfile::TempDir> {
+        use crate::raft::{codec, log_store, LogId, MemberNode, Membership, StoredMembership};
+        use crate::storage::keys::{log_key, META_APPLIED, META_MEMBERSHIP};
+        use crate::storage::{Engine, Table, WriteBatch};
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("member/db"))?;
+        let engine = crate::storage::rocks::RocksEngine::open(&dir.path().join("member/db"))?;
+        let applied = LogId::new(openraft::CommittedLeaderId::new(2, 1), 5);
+        let nodes = std::collections::BTreeMap::from([(1u64, MemberNode { peer_urls: vec!["http://a:2380".into()] })]);
+        let membership = StoredMembership::new(Some(applied), Membership::new(vec![[1u64].into()], nodes));
+        let mut b = WriteBatch::new();
+        b.put(Table::RaftState, crate::node::LOCAL_IDENTITY, codec::encode(&(1u64, 9u64))?);
+        b.put(Table::Meta, META_APPLIED, codec::encode(&applied)?);
+        b.put(Table::Meta, META_MEMBERSHIP, codec::encode(&membership)?);
+        for e in tail {
+            b.put(Table::RaftLog, log_key(e.log_id.index), log_store::encode_entry(e)?);
+        }
+        engine.write(b, true)?;
+        engine.close()?;
+        Ok(dir)
+    }
+
+    fn entry(index: u64, payload: openraft::EntryPayload<crate::raft::TypeConfig>) -> crate::raft::Entry {
+        crate::raft::Entry { log_id: crate::raft::LogId::new(openraft::CommittedLeaderId::new(3, 1), index), payload }
+    }
+
+    #[test]
+    fn converting_to_etcd_refuses_unapplied_requests_and_skips_trailing_blanks() -> anyhow::Result<()> {
+        let request = crate::raft::Command(keel_proto::keelpb::InternalRequest::default());
+        let dir =
+            keel_dir(&[entry(6, openraft::EntryPayload::Blank), entry(7, openraft::EntryPayload::Normal(request))])?;
+        let refused = convert_to_etcd(dir.path()).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(refused.contains("entry at index 7 that it has not applied"), "{refused}");
+        assert!(dir.path().join("member/db").is_dir(), "a refused dir is left as it was");
+
+        let dir = keel_dir(&[entry(6, openraft::EntryPayload::Blank)])?;
+        let done = convert_to_etcd(dir.path())?;
+        assert_eq!((done.member_id, done.cluster_id, done.index, done.term, done.members), (1, 9, 6, 3, 1));
+        let wal = read_wal(&dir.path().join("member/wal"))?;
+        assert_eq!((wal.member_id, wal.cluster_id), (1, 9));
+        let (index, members) = snapshot_membership(&dir.path().join("member/snap"))?;
+        assert_eq!(index, 6);
+        assert_eq!(members.get(&1), Some(&vec!["http://a:2380".to_string()]));
+        assert!(dir.path().join("member.keel-original/db").is_dir());
+        assert!(convert_to_etcd(dir.path()).is_err(), "not a keel dir any more");
+        Ok(())
     }
 
     /// The membership etcd 3.4 reads back from a snapshot's v2 store.

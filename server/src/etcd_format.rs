@@ -10,7 +10,8 @@
 //! | auth        | authEnabled, authRevision            | [1]/[0], u64 BE          | meta |
 //! | authUsers   | user name                            | authpb.User              | auth `u/` |
 //! | authRoles   | role name                            | authpb.Role              | auth `r/` |
-//! | members, members_removed, cluster, alarm | (membership) |                  | not carried: a restore starts a new cluster |
+//! | members, members_removed | member records (JSON), removed ids |  | empty in backups (a restore starts a new cluster); filled by `keel convert-to-etcd` |
+//! | cluster, alarm | cluster version, alarms |                           | not carried |
 
 use std::io;
 

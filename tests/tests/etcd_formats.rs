@@ -140,7 +140,7 @@ async fn snapshots_round_trip_between_keel_and_etcd() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Member ids, the cluster id and the data as a client of `url` sees them.
+/// The cluster id and the members (id, peer URLs) as a client of `url` sees them.
 async fn identity(url: &str) -> anyhow::Result<(u64, Vec<(u64, String)>)> {
     let mut c = as_root(url).await?;
     let resp = c.member_list().await?;

@@ -70,7 +70,7 @@ fn read_meta_prefix<R: Read>(r: &mut R) -> std::io::Result<SnapshotMeta> {
     codec::decode(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 

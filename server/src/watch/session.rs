@@ -34,8 +34,12 @@ use crate::server::Server;
 
 /// Revisions replayed per catch-up batch (etcd's watchBatchMaxRevs).
 pub const CATCH_UP_REVISIONS: i64 = 1000;
-/// WatchResponses buffered between the sender and gRPC.
-const GRPC_BUFFER: usize = 16;
+/// Batches buffered between the sender and gRPC. A batch leaves the
+/// stream's byte budget when it enters this channel, and one can be as
+/// large as the budget (a revision for every watcher of the stream), so
+/// the channel stays short: at most this many budgets' worth of responses
+/// sit here for a client that stopped reading.
+const GRPC_BUFFER: usize = 2;
 
 pub type ResponseStream =
     futures::stream::FlatMap<tokio_stream::wrappers::ReceiverStream<Batch>, BatchItems, fn(Batch) -> BatchItems>;
