@@ -390,7 +390,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         config: config.clone(),
         raft: raft.clone(),
         proposals: Batcher::start(raft.clone()),
-        read_index: ReadIndex::start(raft.clone()),
+        read_index: ReadIndex::start(raft.clone(), peers.clone()),
         engine: engine.clone(),
         mvcc,
         state_machine,

@@ -280,8 +280,7 @@ impl Server {
                     self.wait_for_leader(deadline).await?;
                     continue;
                 };
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                match self.peers.read_index(leader, &node, remaining).await {
+                match self.read_index.from_leader(leader, node, deadline).await {
                     Ok(i) => i,
                     Err(Error::NotLeader) | Err(Error::Unhealthy) => {
                         tokio::time::sleep(Duration::from_millis(20)).await;
