@@ -132,40 +132,11 @@ struct ConvertCli {
     data_dir: PathBuf,
 }
 
-/// Entry point for `keel convert-to-etcd ...` (`args` without the
-/// program name).
-pub fn convert_to_etcd_main(args: Vec<String>) -> ExitCode {
-    let cli = match ConvertCli::try_parse_from(std::iter::once("keel convert-to-etcd".to_string()).chain(args)) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
-        }
-    };
-    match crate::etcd_data_dir::convert_to_etcd(&cli.data_dir) {
-        Ok(done) => {
-            println!(
-                "converted {} to an etcd data dir: member {:x} of cluster {:x} ({} members), starting from index {} term {}; keel's files are in {}",
-                cli.data_dir.display(),
-                done.member_id,
-                done.cluster_id,
-                done.members,
-                done.index,
-                done.term,
-                cli.data_dir.join("member.keel-original").display()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Entry point for `keel snapshot ...` (`args` without the program name).
-pub fn snapshot_main(args: Vec<String>) -> ExitCode {
-    let cli = match SnapshotCli::try_parse_from(std::iter::once("keel snapshot".to_string()).chain(args)) {
+/// Parses an offline subcommand's flags (`args` without the program
+/// name) and runs it: clap's exit code for bad flags or `--help`, 1 with
+/// the error for a failure.
+fn subcommand_main<C: Parser>(name: &str, args: Vec<String>, run: impl FnOnce(C) -> anyhow::Result<()>) -> ExitCode {
+    let cli = match C::try_parse_from(std::iter::once(name.to_string()).chain(args)) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -179,4 +150,28 @@ pub fn snapshot_main(args: Vec<String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Entry point for `keel convert-to-etcd ...` (`args` without the
+/// program name).
+pub fn convert_to_etcd_main(args: Vec<String>) -> ExitCode {
+    subcommand_main("keel convert-to-etcd", args, |cli: ConvertCli| {
+        let done = crate::etcd_data_dir::convert_to_etcd(&cli.data_dir)?;
+        println!(
+            "converted {} to an etcd data dir: member {:x} of cluster {:x} ({} members), starting from index {} term {}; keel's files are in {}",
+            cli.data_dir.display(),
+            done.member_id,
+            done.cluster_id,
+            done.members,
+            done.index,
+            done.term,
+            cli.data_dir.join("member.keel-original").display()
+        );
+        Ok(())
+    })
+}
+
+/// Entry point for `keel snapshot ...` (`args` without the program name).
+pub fn snapshot_main(args: Vec<String>) -> ExitCode {
+    subcommand_main("keel snapshot", args, run)
 }

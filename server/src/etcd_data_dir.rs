@@ -494,15 +494,13 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
         .collect();
     let removed = registry.removed_ids();
 
-    let mut records = crate::etcd_format::MemberRecords {
+    let records = crate::etcd_format::MemberRecords {
         members: members
             .iter()
             .map(|m| Ok((format!("{:x}", m.id).into_bytes(), serde_json::to_vec(m)?)))
             .collect::<anyhow::Result<_>>()?,
         removed: removed.iter().map(|id| (format!("{id:x}").into_bytes(), b"removed".to_vec())).collect(),
     };
-    records.members.sort();
-    records.removed.sort();
     // Everything is written beside the keel member first; two renames
     // then swap it in.
     if staging.exists() {

@@ -65,7 +65,7 @@ fn storage(e: StorageError) -> io::Error {
 
 /// etcd's member records (the `members` and `members_removed` buckets):
 /// empty in a backup (a restore starts a new cluster), filled when a data
-/// dir is handed to etcd in place.
+/// dir is handed to etcd in place. Any order: `write_db` sorts them.
 #[derive(Debug, Default)]
 pub struct MemberRecords {
     pub members: Vec<(Vec<u8>, Vec<u8>)>,

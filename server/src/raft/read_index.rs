@@ -71,12 +71,18 @@ impl ReadIndex {
     }
 }
 
+/// `first` and everything queued behind it: the requests one round serves.
+fn with_queued<T>(first: T, rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+    let mut batch = vec![first];
+    while let Ok(next) = rx.try_recv() {
+        batch.push(next);
+    }
+    batch
+}
+
 async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Waiter>) {
     while let Some(first) = rx.recv().await {
-        let mut waiters = vec![first];
-        while let Ok(w) = rx.try_recv() {
-            waiters.push(w);
-        }
+        let waiters = with_queued(first, &mut rx);
         let result = match raft.get_read_log_id().await {
             Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
             Err(openraft::error::RaftError::APIError(_)) => Err(Error::NotLeader),
@@ -90,10 +96,7 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Waiter>) {
 
 async fn forward(peers: Arc<PeerClients>, mut rx: mpsc::UnboundedReceiver<Forwarded>) {
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while let Ok(f) = rx.try_recv() {
-            batch.push(f);
-        }
+        let batch = with_queued(first, &mut rx);
         let leader = batch[0].leader;
         let node = batch[0].node.clone();
         let (same, other): (Vec<Forwarded>, Vec<Forwarded>) = batch.into_iter().partition(|f| f.leader == leader);

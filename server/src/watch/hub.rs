@@ -68,10 +68,10 @@ pub enum Outgoing {
     /// Events of one or more whole revisions for one watcher; `revision`
     /// is the header revision.
     Events { watch_id: WatchId, revision: i64, events: Vec<Event>, bytes: usize, prev_kv: bool, fragment: bool },
-    /// One revision's events for several watchers of the stream that all
-    /// get exactly these events (the common case: a revision changing
-    /// one key that many watchers of a stream watch). One queue entry per
-    /// stream instead of one per watcher keeps the apply path's work per
+    /// One revision's events for the watchers of the stream that get
+    /// exactly these events (for a revision changing one key, every
+    /// watcher of the stream that wants it). One queue entry per stream
+    /// instead of one per watcher keeps the apply path's work per
     /// revision proportional to the streams, not the watchers.
     Shared { watchers: Vec<Recipient>, revision: i64, events: Vec<Event>, bytes: usize },
     /// A response built by the hub or the session (created, canceled,
@@ -494,10 +494,9 @@ impl CommitObserver for WatchHub {
             // gets the same events, so a stream gets one shared entry.
             let Some(kv) = &ev.kv else { return };
             st.matching(&kv.key, &mut found);
-            found.retain(|key| st.watchers.get(key).is_some_and(|w| rev >= w.next_rev && w.spec.wants(ev)));
             found.sort_unstable();
             for group in found.chunk_by(|a, b| a.0 == b.0) {
-                st.deliver_shared(group, rev, ev);
+                st.deliver(group, rev, vec![ev.clone()], |w| rev >= w.next_rev && w.spec.wants(ev));
             }
             return;
         }
@@ -516,22 +515,33 @@ impl CommitObserver for WatchHub {
             }
         }
         for (key, events) in per_watcher {
-            st.deliver(key, rev, events);
+            st.deliver(&[key], rev, events, |_| true);
         }
     }
 }
 
 impl HubState {
-    /// Queues a single-event revision once for `group` (watchers of one
-    /// stream), moving those that would overrun the stream's budget to
-    /// catching up, as [`HubState::deliver`] does one at a time.
-    fn deliver_shared(&mut self, group: &[(StreamId, WatchId)], rev: i64, ev: &Event) {
+    /// Queues one revision's `events` once for the watchers of `group`
+    /// (all of one stream) that `wants` them. A watcher whose copy would
+    /// take the stream over its budget is moved to catching up from this
+    /// revision instead: the client is not keeping up, so it reads
+    /// history at its own pace.
+    fn deliver(
+        &mut self,
+        group: &[(StreamId, WatchId)],
+        rev: i64,
+        events: Vec<Event>,
+        wants: impl Fn(&Watcher) -> bool,
+    ) {
         let Some(&(stream, _)) = group.first() else { return };
         let Some(queued) = self.streams.get(&stream).map(|s| s.queued.load(Ordering::Acquire)) else { return };
-        let each = approx_size(std::slice::from_ref(ev));
+        let each = approx_size(&events);
         let mut taken = Vec::with_capacity(group.len());
         let mut bytes = 0;
         for &key in group {
+            if !self.watchers.get(&key).is_some_and(&wants) {
+                continue;
+            }
             let pending = queued + bytes;
             if pending > 0 && pending + each > STREAM_BUDGET_BYTES {
                 self.desync(key, rev);
@@ -544,32 +554,8 @@ impl HubState {
             }
         }
         if !taken.is_empty() {
-            self.send(stream, Outgoing::Shared { watchers: taken, revision: rev, events: vec![ev.clone()], bytes });
+            self.send(stream, Outgoing::Shared { watchers: taken, revision: rev, events, bytes });
         }
-    }
-
-    /// Queues one revision's events for a synced watcher, or moves the
-    /// watcher to catching up when its stream is over budget.
-    fn deliver(&mut self, key: (StreamId, WatchId), rev: i64, events: Vec<Event>) {
-        let bytes = approx_size(&events);
-        let over_budget = self.streams.get(&key.0).is_some_and(|s| {
-            let queued = s.queued.load(Ordering::Acquire);
-            queued > 0 && queued + bytes > STREAM_BUDGET_BYTES
-        });
-        if over_budget {
-            // The client is not keeping up: this watcher catches up from
-            // history from this revision on, at the client's pace.
-            self.desync(key, rev);
-            return;
-        }
-        let (prev_kv, fragment) = match self.watchers.get_mut(&key) {
-            Some(w) => {
-                w.quiet = false;
-                (w.spec.prev_kv, w.spec.fragment)
-            }
-            None => return,
-        };
-        self.send(key.0, Outgoing::Events { watch_id: key.1, revision: rev, events, bytes, prev_kv, fragment });
     }
 }
 

@@ -242,11 +242,11 @@ async fn send_loop(
             }
             Outgoing::Shared { watchers, revision, events, .. } => {
                 let header = Some(server.header(revision));
-                // A copy of the events for this stream alone: every
-                // response clones them, and clones of buffers shared with
+                // A copy of the events for this stream alone when several
+                // responses clone them: clones of buffers shared with
                 // other streams' tasks would contend on one reference
                 // count across cores.
-                let events = stream_local(&events);
+                let events = if watchers.len() > 1 { stream_local(&events) } else { events };
                 let mut with_prev = None;
                 let mut batch = Vec::with_capacity(watchers.len());
                 for to in watchers {
