@@ -462,6 +462,9 @@ pub struct Config {
     pub client_tls: Option<TlsFiles>,
     /// Peer certificates from files (--peer-cert-file ...).
     pub peer_tls: Option<TlsFiles>,
+    /// `--cipher-suites` and the TLS version flags, for both sides (with
+    /// auto TLS too) and for dials to peers.
+    pub tls_policy: TlsPolicy,
     pub log_level: String,
     pub log_format: LogFormat,
     pub log_outputs: Vec<String>,
@@ -745,6 +748,7 @@ impl Flags {
             client_auto_tls: self.auto_tls,
             client_tls,
             peer_tls,
+            tls_policy: policy,
             log_level,
             log_format,
             log_outputs,

@@ -2,10 +2,10 @@
 //! bytes or requests from outside (or from disk) and must answer with an
 //! error, never a panic, a hang or unbounded allocation.
 //!
-//! Each target runs `KEEL_FUZZ_CASES` cases (default 256, so `make test`
-//! stays quick); `make fuzz` runs every target far longer. proptest, not
-//! cargo-fuzz: the machine's toolchain is stable Rust, and proptest
-//! shrinks a failure to a minimal input.
+//! Each target runs 256 inputs in `make test`; `make fuzz` runs each for a
+//! bounded time (`KEEL_FUZZ_SECONDS`) and prints how many inputs it ran.
+//! proptest, not cargo-fuzz: the machine's toolchain is stable Rust, and
+//! proptest shrinks a failure to a minimal input.
 //!
 //! - `apply_*`: arbitrary KV and lease requests (nested txns, empty and
 //!   inverted ranges, out-of-range enum values, huge revisions) through
@@ -17,9 +17,15 @@
 //!   from arbitrary senders; the cached state always equals what a reload
 //!   from storage gives;
 //! - `snapshot_reader`: snapshot streams from arbitrary bytes;
-//! - `http2_shim`: the inbound HTTP/2 frame rewriter on arbitrary frames.
+//! - `http2_shim`: the inbound HTTP/2 frame rewriter on arbitrary frames;
+//! - `client_request_decoder`: KV, watch, lease, auth and member requests
+//!   decoded from arbitrary bytes and from damaged valid encodings, the KV
+//!   ones then validated as the API layer does;
+//! - `gateway_json_decoder`: the JSON gateway's request bodies from
+//!   arbitrary text and from damaged valid JSON.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use keel_proto::etcdserverpb::compare::TargetUnion;
@@ -34,12 +40,28 @@ use crate::apply::{Applier, CommitObserver, Compactor};
 use crate::mvcc::CompactionJob;
 use crate::raft::LogId;
 
-fn cases() -> u32 {
-    std::env::var("KEEL_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-}
-
-fn config() -> ProptestConfig {
-    ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() }
+/// Runs `test` on inputs drawn from `strategy`: `KEEL_FUZZ_CASES` of them
+/// (default 256, what `make test` runs), or, with `KEEL_FUZZ_SECONDS`, in
+/// rounds of that many until the time is up (what `make fuzz` runs for
+/// each target). Prints how many inputs ran; a failure is shrunk to a
+/// minimal input and fails the test.
+fn fuzz<S: Strategy>(name: &str, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>) {
+    let cases = std::env::var("KEEL_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let budget = std::env::var("KEEL_FUZZ_SECONDS").ok().and_then(|v| v.parse().ok()).map(Duration::from_secs);
+    let config = ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() };
+    let start = Instant::now();
+    let mut inputs: u64 = 0;
+    loop {
+        let mut runner = proptest::test_runner::TestRunner::new(config.clone());
+        if let Err(failure) = runner.run(&strategy, &test) {
+            panic!("fuzz target {name} failed after {inputs} inputs: {failure}");
+        }
+        inputs += u64::from(cases);
+        if budget.is_none_or(|budget| start.elapsed() >= budget) {
+            break;
+        }
+    }
+    println!("fuzz target {name}: {inputs} inputs in {:.1} s", start.elapsed().as_secs_f64());
 }
 
 struct Ignore;
@@ -202,14 +224,12 @@ fn log_id(index: u64) -> LogId {
     LogId::new(openraft::CommittedLeaderId::new(1, 1), index)
 }
 
-proptest! {
-    #![proptest_config(config())]
-
-    /// Validation never panics; apply never panics and never fails with a
-    /// storage error on a healthy engine, whatever it is given; batching
-    /// changes nothing.
-    #[test]
-    fn apply_survives_any_request_and_batches_agree(reqs in prop::collection::vec(request(), 1..12)) {
+/// Validation never panics; apply never panics and never fails with a
+/// storage error on a healthy engine, whatever it is given; batching
+/// changes nothing.
+#[test]
+fn apply_survives_any_request_and_batches_agree() {
+    fuzz("apply_survives_any_request_and_batches_agree", prop::collection::vec(request(), 1..12), |reqs| {
         for r in &reqs {
             if let Some(Request::Txn(t)) = &r.request {
                 let _ = crate::api::kv::check_txn(t, 128);
@@ -222,49 +242,68 @@ proptest! {
             expected.push(resp);
         }
         let batched = applier()?;
-        let batch = InternalRequest { header: None, request: Some(Request::Batch(InternalBatch { requests: reqs.clone() })) };
+        let batch =
+            InternalRequest { header: None, request: Some(Request::Batch(InternalBatch { requests: reqs.clone() })) };
         let resp = batched.apply(&log_id(1), &batch).map_err(|e| TestCaseError::fail(e.to_string()))?;
         match resp.response {
             Some(Response::Batch(b)) => prop_assert_eq!(b.responses, expected),
             other => prop_assert!(false, "batch answered {:?}", other),
         }
         prop_assert_eq!(batched.mvcc().current_rev(), single.mvcc().current_rev());
-    }
+        Ok(())
+    });
+}
 
-    /// Log records: arbitrary bytes and damaged valid records are refused
-    /// (a damaged record never decodes to a different entry).
-    #[test]
-    fn log_entry_decoder(bytes in prop::collection::vec(any::<u8>(), 0..256), at in any::<usize>(), bit in 0u8..8) {
-        let _ = crate::raft::log_store::decode_entry(1, &bytes);
-        let entry = crate::raft::Entry {
-            log_id: log_id(7),
-            payload: openraft::EntryPayload::Normal(crate::raft::Command(InternalRequest {
-                header: None,
-                request: Some(Request::Put(PutRequest { key: Bytes::from_static(b"k"), value: Bytes::from(bytes.clone()), ..Default::default() })),
-            })),
-        };
-        let mut record = crate::raft::log_store::encode_entry(&entry).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let at = at % record.len();
-        record[at] ^= 1 << bit;
-        prop_assert!(crate::raft::log_store::decode_entry(7, &record).is_err());
-    }
+/// Log records: arbitrary bytes and damaged valid records are refused
+/// (a damaged record never decodes to a different entry).
+#[test]
+fn log_entry_decoder() {
+    fuzz(
+        "log_entry_decoder",
+        (prop::collection::vec(any::<u8>(), 0..256), any::<usize>(), 0u8..8),
+        |(bytes, at, bit)| {
+            let _ = crate::raft::log_store::decode_entry(1, &bytes);
+            let entry = crate::raft::Entry {
+                log_id: log_id(7),
+                payload: openraft::EntryPayload::Normal(crate::raft::Command(InternalRequest {
+                    header: None,
+                    request: Some(Request::Put(PutRequest {
+                        key: Bytes::from_static(b"k"),
+                        value: Bytes::from(bytes.clone()),
+                        ..Default::default()
+                    })),
+                })),
+            };
+            let mut record =
+                crate::raft::log_store::encode_entry(&entry).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let at = at % record.len();
+            record[at] ^= 1 << bit;
+            prop_assert!(crate::raft::log_store::decode_entry(7, &record).is_err());
+            Ok(())
+        },
+    );
+}
 
-    /// Peer messages from arbitrary bytes: an error, not a panic or a huge
-    /// allocation (length prefixes are not trusted).
-    #[test]
-    fn peer_message_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+/// Peer messages from arbitrary bytes: an error, not a panic or a huge
+/// allocation (length prefixes are not trusted).
+#[test]
+fn peer_message_decoder() {
+    fuzz("peer_message_decoder", prop::collection::vec(any::<u8>(), 0..512), |bytes| {
         let _ = crate::raft::codec::decode::<openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig>>(&bytes);
         let _ = crate::raft::codec::decode::<openraft::raft::VoteRequest<u64>>(&bytes);
         let _ = crate::raft::codec::decode::<openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig>>(&bytes);
         let _ = <InternalRequest as prost::Message>::decode(bytes.as_slice());
-    }
+        Ok(())
+    });
+}
 
-    /// Any sequence of auth changes from any sender applies without a
-    /// panic or storage error, and the cache always matches storage.
-    #[test]
-    fn auth_store_survives_any_change_sequence(changes in prop::collection::vec(auth_change(), 1..24)) {
-        use crate::auth::{AuthInfo, AuthStore};
+/// Any sequence of auth changes from any sender applies without a
+/// panic or storage error, and the cache always matches storage.
+#[test]
+fn auth_store_survives_any_change_sequence() {
+    fuzz("auth_store_survives_any_change_sequence", prop::collection::vec(auth_change(), 1..24), |changes| {
         use crate::auth::tokens::TokenProvider;
+        use crate::auth::{AuthInfo, AuthStore};
         use crate::storage::{SharedEngine, WriteBatch};
         let fail = |e: &dyn std::fmt::Display| TestCaseError::fail(e.to_string());
         let tokens = || TokenProvider::from_flag("simple", std::time::Duration::from_secs(60));
@@ -272,7 +311,10 @@ proptest! {
         let store = AuthStore::load(&engine, tokens().map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
         let probes: [(&[u8], &[u8]); 4] = [(b"a", b""), (b"a", b"b"), (b"\0", b"\0"), (b"b", b"\xff")];
         for (i, (sender, change)) in changes.iter().enumerate() {
-            let who = sender.as_ref().map(|(username, revision)| AuthInfo { username: username.clone(), revision: *revision }).unwrap_or_default();
+            let who = sender
+                .as_ref()
+                .map(|(username, revision)| AuthInfo { username: username.clone(), revision: *revision })
+                .unwrap_or_default();
             let mut batch = WriteBatch::new();
             if let Ok((_, update)) = store.apply(&who, change, i as u64 + 1, &mut batch) {
                 engine.write(batch, false).map_err(|e| fail(&e))?;
@@ -289,31 +331,141 @@ proptest! {
                 }
             }
         }
-    }
+        Ok(())
+    });
+}
 
-    /// Snapshot streams from arbitrary bytes are refused cleanly.
-    #[test]
-    fn snapshot_reader(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+/// Snapshot streams from arbitrary bytes are refused cleanly.
+#[test]
+fn snapshot_reader() {
+    fuzz("snapshot_reader", prop::collection::vec(any::<u8>(), 0..1024), |bytes| {
         let _ = crate::raft::snapshot_file::verify(bytes.as_slice());
-    }
+        Ok(())
+    });
+}
 
-    /// The HTTP/2 shim on arbitrary frames after a valid preface: it
-    /// passes them on or fails the connection, never panics.
-    #[test]
-    fn http2_shim(frames in prop::collection::vec((any::<u8>(), any::<u8>(), 0u32..4, prop::collection::vec(any::<u8>(), 0..64)), 0..8)) {
-        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        for (ty, flags, stream, payload) in frames {
-            let ty = ty % 10;
-            input.extend_from_slice(&[(payload.len() >> 16) as u8, (payload.len() >> 8) as u8, payload.len() as u8, ty, flags]);
-            input.extend_from_slice(&stream.to_be_bytes());
-            input.extend_from_slice(&payload);
+/// The HTTP/2 shim on arbitrary frames after a valid preface: it
+/// passes them on or fails the connection, never panics.
+#[test]
+fn http2_shim() {
+    fuzz(
+        "http2_shim",
+        prop::collection::vec((any::<u8>(), any::<u8>(), 0u32..4, prop::collection::vec(any::<u8>(), 0..64)), 0..8),
+        |frames| {
+            let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            for (ty, flags, stream, payload) in frames {
+                let ty = ty % 10;
+                input.extend_from_slice(&[
+                    (payload.len() >> 16) as u8,
+                    (payload.len() >> 8) as u8,
+                    payload.len() as u8,
+                    ty,
+                    flags,
+                ]);
+                input.extend_from_slice(&stream.to_be_bytes());
+                input.extend_from_slice(&payload);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            rt.block_on(async {
+                use tokio::io::AsyncReadExt;
+                let mut shim = crate::transport::h2_authority::AuthorityFix::new(
+                    input.as_slice(),
+                    std::time::Duration::from_secs(5),
+                );
+                let mut out = Vec::new();
+                let _ = shim.read_to_end(&mut out).await;
+            });
+            Ok(())
+        },
+    );
+}
+
+/// Valid client request bytes: an encoded txn (with every op kind)
+/// followed by an encoded range request.
+fn valid_client_request() -> impl Strategy<Value = Vec<u8>> {
+    use prost::Message;
+    (txn(), range()).prop_map(|(txn, range)| {
+        let mut bytes = txn.encode_to_vec();
+        bytes.extend(range.encode_to_vec());
+        bytes
+    })
+}
+
+/// Bytes as a client may send them: arbitrary, or a valid encoding with a
+/// few bytes overwritten and the tail cut anywhere.
+fn client_bytes(valid: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..512),
+        (valid, prop::collection::vec((any::<usize>(), any::<u8>()), 0..4), any::<usize>()).prop_map(
+            |(mut bytes, edits, cut)| {
+                for (at, byte) in edits {
+                    if !bytes.is_empty() {
+                        let at = at % bytes.len();
+                        bytes[at] = byte;
+                    }
+                }
+                bytes.truncate(cut % (bytes.len() + 1));
+                bytes
+            }
+        ),
+    ]
+}
+
+/// Client requests from arbitrary bytes decode to an error or to a
+/// request the API layer's validation answers, never a panic or a huge
+/// allocation (declared lengths are not trusted).
+#[test]
+fn client_request_decoder() {
+    use keel_proto::etcdserverpb::*;
+    use prost::Message;
+    fuzz("client_request_decoder", client_bytes(valid_client_request()), |bytes| {
+        let bytes = bytes.as_slice();
+        if let Ok(r) = RangeRequest::decode(bytes) {
+            let _ = crate::api::kv::check_range(&r);
         }
-        let rt = tokio::runtime::Builder::new_current_thread().build().map_err(|e| TestCaseError::fail(e.to_string()))?;
-        rt.block_on(async {
-            use tokio::io::AsyncReadExt;
-            let mut shim = crate::transport::h2_authority::AuthorityFix::new(input.as_slice(), std::time::Duration::from_secs(5));
-            let mut out = Vec::new();
-            let _ = shim.read_to_end(&mut out).await;
-        });
-    }
+        if let Ok(r) = PutRequest::decode(bytes) {
+            let _ = crate::api::kv::check_put(&r);
+        }
+        if let Ok(r) = DeleteRangeRequest::decode(bytes) {
+            let _ = crate::api::kv::check_delete(&r);
+        }
+        if let Ok(r) = TxnRequest::decode(bytes) {
+            let _ = crate::api::kv::check_txn(&r, 128);
+        }
+        let _ = WatchRequest::decode(bytes);
+        let _ = CompactionRequest::decode(bytes);
+        let _ = LeaseGrantRequest::decode(bytes);
+        let _ = LeaseKeepAliveRequest::decode(bytes);
+        let _ = AuthenticateRequest::decode(bytes);
+        let _ = AuthRoleGrantPermissionRequest::decode(bytes);
+        let _ = MemberAddRequest::decode(bytes);
+        Ok(())
+    });
+}
+
+/// The gateway's JSON bodies: arbitrary text and damaged valid requests
+/// give an error or a request, never a panic (serde_json's recursion
+/// limit bounds nesting).
+#[test]
+fn gateway_json_decoder() {
+    use keel_proto::etcdserverpb::*;
+    let valid = (txn(), range()).prop_map(|(txn, range)| {
+        let mut json = serde_json::to_vec(&txn).unwrap_or_default();
+        json.extend(serde_json::to_vec(&range).unwrap_or_default());
+        json
+    });
+    let text = prop_oneof!["[\\[\\]{}:,\"a-z0-9 .eE+-]{0,256}".prop_map(String::into_bytes), client_bytes(valid),];
+    fuzz("gateway_json_decoder", text, |body| {
+        if let Ok(t) = crate::http::gateway::decode::<TxnRequest>(&body) {
+            let _ = crate::api::kv::check_txn(&t, 128);
+        }
+        let _ = crate::http::gateway::decode::<RangeRequest>(&body);
+        let _ = crate::http::gateway::decode::<PutRequest>(&body);
+        let _ = crate::http::gateway::decode_all::<WatchRequest>(&body);
+        let _ = crate::http::gateway::decode_all::<LeaseKeepAliveRequest>(&body);
+        let _ = crate::http::gateway::decode::<AuthenticateRequest>(&body);
+        Ok(())
+    });
 }

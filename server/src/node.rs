@@ -243,6 +243,7 @@ fn tls_acceptor(
     fixtures: &std::path::Path,
     listen: &[String],
     advertise: &[String],
+    policy: &transport::TlsPolicy,
 ) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
     if let Some(files) = files {
         return Ok(Some(transport::server_tls(files)?));
@@ -253,7 +254,7 @@ fn tls_acceptor(
     let mut hosts: Vec<String> = listen.iter().chain(advertise).filter_map(|u| host_of(u)).collect();
     hosts.sort();
     hosts.dedup();
-    Ok(Some(transport::server_tls(&transport::self_signed(fixtures, &hosts)?)?))
+    Ok(Some(transport::server_tls(&transport::self_signed(fixtures, &hosts, policy)?)?))
 }
 
 /// One listener per address: `http://` and `https://` URLs naming the same
@@ -296,11 +297,8 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let engine: SharedEngine = Arc::new(RocksEngine::open(&db_dir)?);
 
     let peer_tls_client = match (&config.peer_tls, config.peer_auto_tls) {
-        (Some(files), _) => match &files.trusted_ca {
-            Some(ca) => Some(transport::verified_client_tls(ca, Some(files))?),
-            None => Some(transport::insecure_client_tls(Some(files))?),
-        },
-        (None, true) => Some(transport::insecure_client_tls(None)?),
+        (Some(files), _) => Some(transport::peer_client_tls(Some(files), &config.tls_policy)?),
+        (None, true) => Some(transport::peer_client_tls(None, &config.tls_policy)?),
         (None, false) => None,
     };
     let connector = PeerConnector {
@@ -422,6 +420,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         &config.data_dir.join("fixtures").join("peer"),
         &config.listen_peer_urls,
         &config.initial_advertise_peer_urls,
+        &config.tls_policy,
     )?;
     let peer_router = tonic::service::Routes::new(
         RaftPeerServer::new(PeerService::new(server.clone()))
@@ -444,6 +443,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         &config.data_dir.join("fixtures").join("client"),
         &config.listen_client_urls,
         &config.advertise_client_urls,
+        &config.tls_policy,
     )?;
     let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let mut routes = tonic::service::Routes::new(
@@ -496,6 +496,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         .prepare()
         .into_axum_router()
         .layer(axum::middleware::from_fn_with_state(server.clone(), api::require_leader::require_leader))
+        .layer(axum::middleware::from_fn(api::errors::grpc_go_statuses))
         .layer(axum::middleware::from_fn(crate::http::grpc_metrics::record));
     let client_router =
         crate::http::monitoring(server.clone()).merge(crate::http::gateway::routes(server.clone())).merge(grpc);

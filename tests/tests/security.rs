@@ -1,11 +1,13 @@
 //! Auth and TLS, black-box: a read-only user is confined to its prefix
 //! on every path (writes, watches, txn compares), credentials are checked
-//! on every member, and peer links refuse certificates from a foreign CA.
+//! on every member, peer links refuse certificates from a foreign CA,
+//! revocation lists are read for each client, and auto TLS keeps to the
+//! configured cipher suites.
 
 use std::process::Command;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Permission, Txn, TxnOp, WatchOptions};
-use keel_tests::{Cluster, ClusterOptions};
+use keel_tests::{etcd_bin, Cluster, ClusterOptions};
 
 fn status_message(e: &etcd_client::Error) -> String {
     match e {
@@ -97,26 +99,60 @@ async fn a_read_only_user_stays_inside_its_prefix() -> anyhow::Result<()> {
 
 struct Pki {
     dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
 impl Pki {
-    /// A CA and a certificate it signed for `cn`, valid for 127.0.0.1.
+    /// A CA and a certificate it signed for `cn` (serial 1), valid for
+    /// 127.0.0.1.
     fn new(cn: &str) -> anyhow::Result<Pki> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let dir = tempfile::tempdir()?;
         let ca_key = KeyPair::generate()?;
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca.distinguished_name.push(DnType::CommonName, format!("{cn} CA"));
         std::fs::write(dir.path().join("ca.pem"), ca.self_signed(&ca_key)?.pem())?;
-        let issuer = Issuer::new(ca, ca_key);
+        let pki = Pki { dir, issuer: Issuer::new(ca, ca_key) };
+        pki.issue("", cn, 1)?;
+        Ok(pki)
+    }
+
+    /// Writes `<name>cert.pem` and `<name>key.pem`: a certificate for `cn`
+    /// with serial number `serial`.
+    fn issue(&self, name: &str, cn: &str, serial: u64) -> anyhow::Result<()> {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
         let key = KeyPair::generate()?;
         let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
         leaf.distinguished_name.push(DnType::CommonName, cn);
+        leaf.serial_number = Some(serial.into());
         leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        std::fs::write(dir.path().join("cert.pem"), leaf.signed_by(&key, &issuer)?.pem())?;
-        std::fs::write(dir.path().join("key.pem"), key.serialize_pem())?;
-        Ok(Pki { dir })
+        std::fs::write(self.dir.path().join(format!("{name}cert.pem")), leaf.signed_by(&key, &self.issuer)?.pem())?;
+        std::fs::write(self.dir.path().join(format!("{name}key.pem")), key.serialize_pem())?;
+        Ok(())
+    }
+
+    /// Writes `crl.pem`: the CA's revocation list naming `serials`.
+    fn revoke(&self, serials: &[u64], crl_number: u64) -> anyhow::Result<()> {
+        use rcgen::{date_time_ymd, CertificateRevocationListParams, KeyIdMethod, RevokedCertParams};
+        let params = CertificateRevocationListParams {
+            this_update: date_time_ymd(2020, 1, 1),
+            next_update: date_time_ymd(2090, 1, 1),
+            crl_number: crl_number.into(),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&s| RevokedCertParams {
+                    serial_number: s.into(),
+                    revocation_time: date_time_ymd(2021, 1, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        std::fs::write(self.dir.path().join("crl.pem"), params.signed_by(&self.issuer)?.pem()?)?;
+        Ok(())
     }
 
     fn file(&self, name: &str) -> String {
@@ -124,12 +160,14 @@ impl Pki {
     }
 }
 
-/// Whether a TLS client presenting `client` completes a request to `url`
-/// (curl exits 0 on any HTTP answer, non-zero when the handshake fails).
-fn handshake_accepted(url: &str, server_ca: &Pki, client: &Pki) -> anyhow::Result<bool> {
+/// Whether a TLS client presenting `client`'s `<name>cert.pem` completes
+/// a request to `url` (curl exits 0 on any HTTP answer, non-zero when the
+/// handshake fails).
+fn handshake_accepted(url: &str, server_ca: &Pki, client: &Pki, name: &str) -> anyhow::Result<bool> {
     let status = Command::new("curl")
         .args(["-sS", "-o", "/dev/null", "--max-time", "10", "--cacert", &server_ca.file("ca.pem")])
-        .args(["--cert", &client.file("cert.pem"), "--key", &client.file("key.pem"), url])
+        .args(["--cert", &client.file(&format!("{name}cert.pem")), "--key", &client.file(&format!("{name}key.pem"))])
+        .arg(url)
         .status()?;
     Ok(status.success())
 }
@@ -150,12 +188,126 @@ async fn peer_links_refuse_certificates_from_a_foreign_ca() -> anyhow::Result<()
     let mut c = Cluster::start_with(ClusterOptions { peer_tls: true, ..opts })?;
     let peer_url = c.members[0].peer_url.clone();
     assert!(
-        handshake_accepted(&peer_url, &cluster_pki, &cluster_pki)?,
+        handshake_accepted(&peer_url, &cluster_pki, &cluster_pki, "")?,
         "the cluster's own certificate must be accepted"
     );
-    assert!(!handshake_accepted(&peer_url, &cluster_pki, &foreign)?, "a certificate from another CA must be refused");
+    assert!(
+        !handshake_accepted(&peer_url, &cluster_pki, &foreign, "")?,
+        "a certificate from another CA must be refused"
+    );
     // The member keeps serving.
     c.etcdctl(&["put", "k", "v"])?;
     c.stop(0)?;
+    Ok(())
+}
+
+/// etcd reads the revocation list again for every client: revoking a
+/// certificate takes effect for the next connection, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_a_certificate_takes_effect_without_a_restart() -> anyhow::Result<()> {
+    let pki = Pki::new("m0")?;
+    pki.issue("other-", "other", 2)?;
+    pki.revoke(&[], 1)?;
+    let opts = ClusterOptions::keel(1).args(&[
+        "--peer-cert-file",
+        &pki.file("cert.pem"),
+        "--peer-key-file",
+        &pki.file("key.pem"),
+        "--peer-trusted-ca-file",
+        &pki.file("ca.pem"),
+        "--peer-client-cert-auth",
+        "--peer-crl-file",
+        &pki.file("crl.pem"),
+    ]);
+    let mut c = Cluster::start_with(ClusterOptions { peer_tls: true, ..opts })?;
+    let peer_url = c.members[0].peer_url.clone();
+    assert!(handshake_accepted(&peer_url, &pki, &pki, "other-")?, "nothing is revoked yet");
+
+    pki.revoke(&[2], 2)?;
+    assert!(!handshake_accepted(&peer_url, &pki, &pki, "other-")?, "serial 2 is revoked now");
+    assert!(handshake_accepted(&peer_url, &pki, &pki, "")?, "serial 1 is not revoked");
+
+    std::fs::write(pki.file("crl.pem"), "not a revocation list")?;
+    assert!(!handshake_accepted(&peer_url, &pki, &pki, "")?, "an unreadable list refuses clients, as in etcd");
+    pki.revoke(&[], 3)?;
+    assert!(handshake_accepted(&peer_url, &pki, &pki, "other-")?, "serial 2 is no longer revoked");
+    c.etcdctl(&["put", "k", "v"])?;
+    c.stop(0)?;
+    Ok(())
+}
+
+/// `--cipher-suites` and `--tls-max-version` hold for auto TLS too: a
+/// client offering only a suite outside the list gets no handshake.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_tls_honours_the_cipher_suite_list() -> anyhow::Result<()> {
+    let opts = ClusterOptions::keel(1).args(&[
+        "--peer-auto-tls",
+        "--cipher-suites",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "--tls-max-version",
+        "TLS1.2",
+    ]);
+    let mut c = Cluster::start_with(ClusterOptions { peer_tls: true, ..opts })?;
+    let peer_url = c.members[0].peer_url.clone();
+    let handshake = |cipher: &str| -> anyhow::Result<bool> {
+        let status = Command::new("curl")
+            .args(["-sSk", "-o", "/dev/null", "--max-time", "10", "--tls-max", "1.2", "--ciphers", cipher])
+            .arg(&peer_url)
+            .status()?;
+        Ok(status.success())
+    };
+    assert!(handshake("ECDHE-ECDSA-AES128-GCM-SHA256")?, "the listed suite is served");
+    assert!(!handshake("ECDHE-ECDSA-AES256-GCM-SHA384")?, "a suite outside the list is refused");
+    c.etcdctl(&["put", "k", "v"])?;
+    c.stop(0)?;
+    Ok(())
+}
+
+/// A put carrying `token`, answered with the status message on refusal.
+async fn put_with_token(url: &str, token: &str) -> anyhow::Result<Result<(), String>> {
+    use keel_proto::etcdserverpb::{kv_client::KvClient, PutRequest};
+    let mut kv = KvClient::connect(url.to_string()).await?;
+    let mut req = tonic::Request::new(PutRequest { key: "k".into(), value: "v".into(), ..Default::default() });
+    req.metadata_mut().insert("token", token.parse()?);
+    Ok(kv.put(req).await.map(|_| ()).map_err(|s| s.message().to_string()))
+}
+
+/// ES512 JWTs (P-521) are exchangeable with etcd's: a token real etcd
+/// 3.4 signed is accepted by keel holding the same key, and the other way
+/// round.
+#[tokio::test(flavor = "multi_thread")]
+async fn es512_tokens_are_interchangeable_with_etcds() -> anyhow::Result<()> {
+    use p521::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    let etcd = etcd_bin().ok_or_else(|| anyhow::anyhow!("real etcd not found at /usr/bin/etcd: run `make deps`"))?;
+    let dir = tempfile::tempdir()?;
+    let secret = p521::SecretKey::random(&mut p521::elliptic_curve::rand_core::OsRng);
+    let private = dir.path().join("es512.key");
+    std::fs::write(&private, secret.to_pkcs8_pem(LineEnding::LF)?.as_bytes())?;
+    let public = dir.path().join("es512.pub");
+    std::fs::write(&public, secret.public_key().to_public_key_pem(LineEnding::LF)?)?;
+    let flag = format!("jwt,sign-method=ES512,priv-key={},pub-key={},ttl=10m", private.display(), public.display());
+    let opts = ClusterOptions::keel(1).args(&["--auth-token", &flag]);
+    let keel = Cluster::start_with(opts.clone())?;
+    let reference = Cluster::start_with(ClusterOptions { binary: etcd, ..opts })?;
+    let mut tokens = Vec::new();
+    for c in [&keel, &reference] {
+        // The same steps give both the same auth revision, which tokens carry.
+        for args in [&["user", "add", "root:pw"][..], &["user", "grant-role", "root", "root"], &["auth", "enable"]] {
+            c.etcdctl(args)?;
+        }
+        let client = Client::connect([c.members[0].client_url.as_str()], None).await?;
+        tokens.push(client.auth_client().authenticate("root".into(), "pw".into()).await?.token().to_string());
+    }
+    let (keel_token, etcd_token) = (&tokens[0], &tokens[1]);
+    assert!(keel_token.starts_with("eyJhbGciOiJFUzUxMiIs"), "an ES512 header: {keel_token}");
+    assert_eq!(put_with_token(&keel.members[0].client_url, etcd_token).await?, Ok(()));
+    assert_eq!(put_with_token(&reference.members[0].client_url, keel_token).await?, Ok(()));
+    let mut forged = keel_token.clone();
+    forged.truncate(forged.len() - 4);
+    forged.push_str("AAAA");
+    assert_eq!(
+        put_with_token(&keel.members[0].client_url, &forged).await?,
+        Err("etcdserver: invalid auth token".to_string())
+    );
     Ok(())
 }

@@ -89,3 +89,60 @@ impl From<Error> for Status {
 pub fn unimplemented(rpc: &'static str) -> Status {
     Error::Unimplemented(rpc).into()
 }
+
+/// grpc-go's status for a request message over the size limit, in place
+/// of tonic's: etcd answers RESOURCE_EXHAUSTED "grpc: received message
+/// larger than max (N vs. M)" where tonic says OUT_OF_RANGE. Other
+/// statuses pass unchanged.
+pub fn as_grpc_go(status: Status) -> Status {
+    match oversized_message(status.code(), status.message()) {
+        Some((found, limit)) => {
+            Status::resource_exhausted(format!("grpc: received message larger than max ({found} vs. {limit})"))
+        }
+        None => status,
+    }
+}
+
+/// (size, limit) when tonic refused a request for its size.
+fn oversized_message(code: Code, message: &str) -> Option<(u64, u64)> {
+    if code != Code::OutOfRange {
+        return None;
+    }
+    let rest = message.strip_prefix("Error, decoded message length too large: found ")?;
+    let (found, rest) = rest.split_once(" bytes, the limit is: ")?;
+    let limit = rest.strip_suffix(" bytes")?;
+    Some((found.parse().ok()?, limit.parse().ok()?))
+}
+
+/// axum middleware applying [`as_grpc_go`] to unary calls, whose refused
+/// requests are answered in the response headers before any handler
+/// runs (streams apply it to the errors they read).
+pub async fn grpc_go_statuses(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let mut resp = next.run(req).await;
+    let Some(status) = Status::from_header_map(resp.headers()) else {
+        return resp;
+    };
+    if oversized_message(status.code(), status.message()).is_some() {
+        if let Err(e) = as_grpc_go(status).add_header(resp.headers_mut()) {
+            tracing::warn!(error = %e, "cannot rewrite a gRPC status");
+        }
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_requests_get_grpc_gos_status() {
+        let tonic = Status::out_of_range(
+            "Error, decoded message length too large: found 8388613 bytes, the limit is: 2097152 bytes",
+        );
+        let go = as_grpc_go(tonic);
+        assert_eq!(go.code(), Code::ResourceExhausted);
+        assert_eq!(go.message(), "grpc: received message larger than max (8388613 vs. 2097152)");
+        let other = as_grpc_go(Status::out_of_range("etcdserver: mvcc: required revision is a future revision"));
+        assert_eq!(other.code(), Code::OutOfRange);
+    }
+}

@@ -30,14 +30,14 @@ impl KvService {
     }
 }
 
-fn check_range(r: &RangeRequest) -> Result<()> {
+pub(crate) fn check_range(r: &RangeRequest) -> Result<()> {
     if r.key.is_empty() {
         return Err(Error::EmptyKey);
     }
     Ok(())
 }
 
-fn check_put(r: &PutRequest) -> Result<()> {
+pub(crate) fn check_put(r: &PutRequest) -> Result<()> {
     if r.key.is_empty() {
         return Err(Error::EmptyKey);
     }
@@ -50,7 +50,7 @@ fn check_put(r: &PutRequest) -> Result<()> {
     Ok(())
 }
 
-fn check_delete(r: &DeleteRangeRequest) -> Result<()> {
+pub(crate) fn check_delete(r: &DeleteRangeRequest) -> Result<()> {
     if r.key.is_empty() {
         return Err(Error::EmptyKey);
     }

@@ -44,7 +44,17 @@ impl LeaseService {
         let server = self.server.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
-            while let Some(Ok(req)) = requests.next().await {
+            while let Some(req) = requests.next().await {
+                let req = match req {
+                    Ok(req) => req,
+                    // As etcd, a request that cannot be read ends the
+                    // stream with its status (unless the client is not
+                    // reading).
+                    Err(status) => {
+                        let _ = tx.try_send(Err(super::errors::as_grpc_go(status)));
+                        return;
+                    }
+                };
                 let reply = match server.lease_renew(req.id).await {
                     Ok(ttl) => Ok(LeaseKeepAliveResponse {
                         header: Some(server.header(server.mvcc.current_rev())),

@@ -10,6 +10,7 @@
 //! before N. Passwords are bcrypt hashes made by the API layer before
 //! proposing: the plain password never reaches the log.
 
+mod es512;
 pub mod perms;
 pub mod tokens;
 

@@ -160,10 +160,23 @@ struct Claims {
 }
 
 pub struct JwtTokens {
-    algorithm: Algorithm,
-    signing: Option<EncodingKey>,
-    verifying: DecodingKey,
+    keys: JwtKeys,
     ttl: Duration,
+}
+
+enum JwtKeys {
+    /// What jsonwebtoken implements (HS, RS, PS, ES256/384, EdDSA).
+    Jsonwebtoken { algorithm: Algorithm, signing: Option<EncodingKey>, verifying: DecodingKey },
+    /// Boxed: P-521 keys are several hundred bytes.
+    Es512 { signing: Option<Box<p521::ecdsa::SigningKey>>, verifying: Box<p521::ecdsa::VerifyingKey> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error(transparent)]
+    Jwt(#[from] jsonwebtoken::errors::Error),
+    #[error(transparent)]
+    Claims(#[from] serde_json::Error),
 }
 
 fn read_key(option: &'static str, path: &str) -> Result<Vec<u8>, TokenConfigError> {
@@ -182,7 +195,6 @@ fn certificate_public_key(pem: &[u8]) -> Result<Vec<u8>, TokenConfigError> {
 impl JwtTokens {
     fn new(opts: &HashMap<&str, &str>) -> Result<JwtTokens, TokenConfigError> {
         let method = opts.get("sign-method").copied().unwrap_or_default();
-        let algorithm: Algorithm = method.parse().map_err(|_| TokenConfigError::SignMethod(method.to_string()))?;
         let ttl = match opts.get("ttl") {
             Some(t) => crate::config::parse_go_duration(t).map_err(|_| TokenConfigError::Ttl(t.to_string()))?,
             None => Duration::from_secs(300),
@@ -194,6 +206,24 @@ impl JwtTokens {
         }
         let private = opts.get("priv-key").map(|p| read_key("priv-key", p)).transpose()?;
         let public = opts.get("pub-key").map(|p| read_key("pub-key", p)).transpose()?;
+        if method == "ES512" {
+            let bad = |which: &'static str| move |e: String| TokenConfigError::Key(which, e);
+            let signing = private.as_deref().map(super::es512::signing_key).transpose().map_err(bad("priv-key"))?;
+            // As etcd: a private key verifies with its own public half; a
+            // public key alone only verifies.
+            let verifying = match (&signing, &public) {
+                (Some(key), _) => Ok(p521::ecdsa::VerifyingKey::from(key)),
+                (None, Some(p)) if p.starts_with(b"-----BEGIN CERTIFICATE") => {
+                    super::es512::verifying_key(None, Some(&certificate_public_key(p)?))
+                }
+                (None, Some(p)) => super::es512::verifying_key(Some(p), None),
+                (None, None) => return Err(TokenConfigError::MissingKey),
+            }
+            .map_err(bad("pub-key"))?;
+            let keys = JwtKeys::Es512 { signing: signing.map(Box::new), verifying: Box::new(verifying) };
+            return Ok(JwtTokens { keys, ttl });
+        }
+        let algorithm: Algorithm = method.parse().map_err(|_| TokenConfigError::SignMethod(method.to_string()))?;
         let bad =
             |which: &'static str| move |e: jsonwebtoken::errors::Error| TokenConfigError::Key(which, e.to_string());
         use Algorithm::*;
@@ -233,28 +263,46 @@ impl JwtTokens {
                 (signing, verifying)
             }
         };
-        Ok(JwtTokens { algorithm, signing, verifying, ttl })
+        Ok(JwtTokens { keys: JwtKeys::Jsonwebtoken { algorithm, signing, verifying }, ttl })
     }
 
     /// Signs a token for `username` at auth revision `revision`; `None`
     /// when only a public key was configured (etcd's verify-only mode).
-    pub fn sign(&self, username: &str, revision: u64) -> Option<Result<String, jsonwebtoken::errors::Error>> {
-        let key = self.signing.as_ref()?;
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .saturating_add(self.ttl)
-            .as_secs();
-        let claims = Claims { username: username.to_string(), revision, exp };
-        Some(jsonwebtoken::encode(&Header::new(self.algorithm), &claims, key))
+    pub fn sign(&self, username: &str, revision: u64) -> Option<Result<String, SignError>> {
+        let claims =
+            Claims { username: username.to_string(), revision, exp: now_secs().saturating_add(self.ttl.as_secs()) };
+        match &self.keys {
+            JwtKeys::Jsonwebtoken { algorithm, signing, .. } => Some(
+                jsonwebtoken::encode(&Header::new(*algorithm), &claims, signing.as_ref()?).map_err(SignError::from),
+            ),
+            JwtKeys::Es512 { signing, .. } => {
+                Some(super::es512::sign(signing.as_ref()?, &claims).map_err(SignError::from))
+            }
+        }
     }
 
     pub fn verify(&self, token: &str) -> Option<TokenInfo> {
-        let mut validation = Validation::new(self.algorithm);
-        validation.leeway = 0;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.verifying, &validation).ok()?;
-        Some(TokenInfo { username: data.claims.username, revision: Some(data.claims.revision) })
+        let claims: Claims = match &self.keys {
+            JwtKeys::Jsonwebtoken { algorithm, verifying, .. } => {
+                let mut validation = Validation::new(*algorithm);
+                validation.leeway = 0;
+                jsonwebtoken::decode::<Claims>(token, verifying, &validation).ok()?.claims
+            }
+            JwtKeys::Es512 { verifying, .. } => {
+                let claims: Claims = super::es512::verify(verifying, token)?;
+                // As jsonwebtoken with no leeway: expired once `exp` is past.
+                if claims.exp < now_secs() {
+                    return None;
+                }
+                claims
+            }
+        };
+        Some(TokenInfo { username: claims.username, revision: Some(claims.revision) })
     }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 #[cfg(test)]
@@ -321,6 +369,73 @@ mod tests {
         tampered.pop();
         tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
         assert_eq!(jwt.verify(&tampered), None);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod es512_tests {
+    use super::*;
+
+    /// A P-521 key pair as `openssl ecparam -name secp521r1 -genkey`
+    /// writes it, and its public key as `openssl ec -pubout` does.
+    fn key_files(dir: &std::path::Path) -> Result<(String, String), Box<dyn std::error::Error>> {
+        use p521::pkcs8::{EncodePublicKey, LineEnding};
+        let secret = p521::SecretKey::random(&mut p521::elliptic_curve::rand_core::OsRng);
+        let private = dir.join("es512.key");
+        std::fs::write(&private, secret.to_sec1_pem(LineEnding::LF)?.as_bytes())?;
+        let public = dir.join("es512.pub");
+        std::fs::write(&public, secret.public_key().to_public_key_pem(LineEnding::LF)?)?;
+        Ok((private.display().to_string(), public.display().to_string()))
+    }
+
+    #[test]
+    fn es512_tokens_round_trip_and_reject_tampering_and_other_keys() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let (private, public) = key_files(dir.path())?;
+        let flag = format!("jwt,sign-method=ES512,priv-key={private},pub-key={public},ttl=1m");
+        let TokenProvider::Jwt(jwt) = TokenProvider::from_flag(&flag, Duration::from_secs(1))? else {
+            return Err("expected a JWT provider".into());
+        };
+        let token = jwt.sign("alice", 7).ok_or("no signing key")??;
+        assert_eq!(token.split('.').count(), 3);
+        assert_eq!(jwt.verify(&token), Some(TokenInfo { username: "alice".into(), revision: Some(7) }));
+
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(jwt.verify(&tampered), None);
+
+        // Verify-only with the public key; another key pair's tokens fail.
+        let verify_only = format!("jwt,sign-method=ES512,pub-key={public}");
+        let TokenProvider::Jwt(verifier) = TokenProvider::from_flag(&verify_only, Duration::from_secs(1))? else {
+            return Err("expected a JWT provider".into());
+        };
+        assert!(verifier.sign("alice", 7).is_none());
+        assert_eq!(verifier.verify(&token).map(|i| i.username), Some("alice".to_string()));
+        let other = tempfile::tempdir()?;
+        let (other_private, other_public) = key_files(other.path())?;
+        let flag = format!("jwt,sign-method=ES512,priv-key={other_private},pub-key={other_public}");
+        let TokenProvider::Jwt(other) = TokenProvider::from_flag(&flag, Duration::from_secs(1))? else {
+            return Err("expected a JWT provider".into());
+        };
+        assert_eq!(other.verify(&token), None);
+
+        // A private key alone signs and verifies, as in etcd.
+        let private_only = format!("jwt,sign-method=ES512,priv-key={private}");
+        let TokenProvider::Jwt(private_only) = TokenProvider::from_flag(&private_only, Duration::from_secs(1))? else {
+            return Err("expected a JWT provider".into());
+        };
+        let own = private_only.sign("bob", 8).ok_or("no signing key")??;
+        assert_eq!(private_only.verify(&own).map(|i| i.username), Some("bob".to_string()));
+        assert_eq!(private_only.verify(&token).map(|i| i.username), Some("alice".to_string()));
+
+        // An expired token is refused.
+        let stale = super::super::es512::sign(
+            &super::super::es512::signing_key(&std::fs::read(&private)?)?,
+            &Claims { username: "alice".into(), revision: 7, exp: now_secs() - 1 },
+        )?;
+        assert_eq!(jwt.verify(&stale), None);
         Ok(())
     }
 }

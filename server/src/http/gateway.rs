@@ -90,7 +90,7 @@ fn error(status: &Status) -> Response {
     json(http_status(status.code()), body.to_string())
 }
 
-fn decode<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> {
+pub(crate) fn decode<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(T::default());
     }
@@ -98,7 +98,7 @@ fn decode<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> {
 }
 
 /// Every JSON value in `body`, in order (a streaming call's requests).
-fn decode_all<T: DeserializeOwned>(body: &[u8]) -> Result<Vec<T>, Status> {
+pub(crate) fn decode_all<T: DeserializeOwned>(body: &[u8]) -> Result<Vec<T>, Status> {
     serde_json::Deserializer::from_slice(body)
         .into_iter::<T>()
         .collect::<Result<Vec<T>, _>>()

@@ -316,9 +316,11 @@ pub struct TlsFiles {
     pub allowed_client: Option<tls_policy::AllowedClient>,
 }
 
-/// Creates (once) a self-signed certificate for `hosts` under `dir`.
-pub fn self_signed(dir: &Path, hosts: &[String]) -> io::Result<TlsFiles> {
-    let files = TlsFiles { cert: dir.join("cert.pem"), key: dir.join("key.pem"), ..Default::default() };
+/// Creates (once) a self-signed certificate for `hosts` under `dir`,
+/// served with `policy`.
+pub fn self_signed(dir: &Path, hosts: &[String], policy: &TlsPolicy) -> io::Result<TlsFiles> {
+    let files =
+        TlsFiles { cert: dir.join("cert.pem"), key: dir.join("key.pem"), policy: policy.clone(), ..Default::default() };
     if files.cert.exists() && files.key.exists() {
         return Ok(files);
     }
@@ -347,10 +349,6 @@ fn load_key(path: &Path) -> io::Result<PrivateKeyDer<'static>> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 fn root_store(ca: &Path) -> io::Result<Arc<rustls::RootCertStore>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in load_certs(ca)? {
@@ -366,51 +364,62 @@ pub fn server_tls(files: &TlsFiles) -> io::Result<TlsAcceptor> {
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&files.policy.versions())
         .map_err(io::Error::other)?;
+    let mut checks_revocation = false;
     let builder = match &files.trusted_ca {
         Some(ca) => {
-            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(root_store(ca)?, provider);
-            if let Some(crl) = &files.crl {
-                let crls = tls_policy::load_crls(crl)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", crl.display())))?;
-                // etcd compares the client certificate's serial number
-                // with the list and nothing more.
-                verifier =
-                    verifier.with_crls(crls).only_check_end_entity_revocation().allow_unknown_revocation_status();
-            }
-            let inner = verifier.build().map_err(io::Error::other)?;
-            builder.with_client_cert_verifier(Arc::new(tls_policy::RootAsClientVerifier {
-                inner,
-                roots: load_certs(ca)?,
-                allowed: files.allowed_client.clone(),
-            }))
+            let verifier = tls_policy::RootAsClientVerifier::new(
+                load_certs(ca)?,
+                files.crl.as_deref(),
+                files.allowed_client.clone(),
+                provider,
+            )?;
+            checks_revocation = verifier.checks_revocation();
+            builder.with_client_cert_verifier(Arc::new(verifier))
         }
         None => builder.with_no_client_auth(),
     };
     let mut cfg =
         builder.with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?).map_err(io::Error::other)?;
+    if checks_revocation {
+        // A resumed session skips certificate verification, so a client
+        // revoked since its first handshake would get back in.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
+    }
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// Client TLS that verifies the server against `ca` and presents
-/// `identity` (cert, key) when given: how members dial each other with
-/// certificate files.
-pub fn verified_client_tls(ca: &Path, identity: Option<&TlsFiles>) -> io::Result<Arc<rustls::ClientConfig>> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+/// How a member dials its peers over TLS, as etcd 3.4's
+/// `TLSInfo.ClientConfig`: with `--peer-trusted-ca-file` the server must
+/// chain to that CA (and name what `--peer-cert-allowed-cn`/`-hostname`
+/// allow); with certificate files and no CA, to the system's roots; with
+/// `--peer-auto-tls` alone nothing is verified. `--cipher-suites` and the
+/// TLS version flags apply to these dials as to what keel serves.
+pub fn peer_client_tls(files: Option<&TlsFiles>, policy: &TlsPolicy) -> io::Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(policy.provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&policy.versions())
         .map_err(io::Error::other)?;
-    let builder = match identity.and_then(|f| f.allowed_client.clone()) {
-        Some(allowed) => {
-            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(root_store(ca)?, provider())
+    let builder = match files {
+        None => builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider))),
+        Some(files) => {
+            let roots = match &files.trusted_ca {
+                Some(ca) => root_store(ca)?,
+                None => system_roots()?,
+            };
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
                 .build()
                 .map_err(io::Error::other)?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(tls_policy::AllowedServerVerifier { inner, allowed }))
+            match files.allowed_client.clone() {
+                Some(allowed) => builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(tls_policy::AllowedServerVerifier { inner, allowed })),
+                None => builder.with_webpki_verifier(inner),
+            }
         }
-        None => builder.with_root_certificates(root_store(ca)?),
     };
-    let mut cfg = match identity {
+    let mut cfg = match files {
         Some(files) => {
             builder.with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?).map_err(io::Error::other)?
         }
@@ -418,6 +427,25 @@ pub fn verified_client_tls(ca: &Path, identity: Option<&TlsFiles>) -> io::Result
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The operating system's trusted roots (what Go's crypto/tls uses when
+/// no CA file is given).
+fn system_roots() -> io::Result<Arc<rustls::RootCertStore>> {
+    let found = rustls_native_certs::load_native_certs();
+    for error in &found.errors {
+        tracing::warn!(%error, "cannot load a system root certificate");
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        // Go would start and fail every dial; refusing to start says why.
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no --peer-trusted-ca-file and no system root certificates to verify peers with",
+        ));
+    }
+    Ok(Arc::new(roots))
 }
 
 /// Accepts any server certificate: what etcd's auto TLS does between peers.
@@ -457,25 +485,6 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
-}
-
-/// Client TLS for auto-TLS peers: encrypted, unverified; presents
-/// `identity` when given.
-pub fn insecure_client_tls(identity: Option<&TlsFiles>) -> io::Result<Arc<rustls::ClientConfig>> {
-    let p = provider();
-    let builder = rustls::ClientConfig::builder_with_provider(p.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(io::Error::other)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(p)));
-    let mut cfg = match identity {
-        Some(files) => {
-            builder.with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?).map_err(io::Error::other)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(cfg))
 }
 
 /// Dials peers: plain TCP, Unix sockets, or TLS with the given client
@@ -555,5 +564,110 @@ impl PeerConnector {
             }
         });
         Ok(endpoint.connect_with_connector_lazy(connector))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `client` completes a handshake with `acceptor` and reads a
+    /// byte from it (over an in-memory pipe; reading also takes in any
+    /// session tickets the server sends).
+    async fn exchange(acceptor: TlsAcceptor, client: Arc<rustls::ClientConfig>) -> io::Result<bool> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut tls = acceptor.accept(a).await?;
+            tls.write_all(b"x").await?;
+            tls.flush().await?;
+            io::Result::Ok(tls)
+        });
+        let name = ServerName::try_from("localhost").map_err(io::Error::other)?;
+        let dialed = async {
+            let mut tls = TlsConnector::from(client).connect(name, b).await?;
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await?;
+            io::Result::Ok(tls)
+        }
+        .await;
+        let served = server.await.map_err(io::Error::other)?;
+        Ok(served.is_ok() && dialed.is_ok())
+    }
+
+    async fn handshake(files: &TlsFiles, client: Arc<rustls::ClientConfig>) -> io::Result<bool> {
+        exchange(server_tls(files)?, client).await
+    }
+
+    /// A revocation list naming `serials` (unsigned by any CA the member
+    /// knows: like etcd, keel reads only the serial numbers).
+    fn write_crl(path: &Path, serials: &[Vec<u8>]) -> io::Result<()> {
+        use rcgen::{date_time_ymd, CertificateRevocationListParams, KeyIdMethod, RevokedCertParams};
+        let key = rcgen::KeyPair::generate().map_err(io::Error::other)?;
+        let issuer = rcgen::Issuer::new(rcgen::CertificateParams::default(), key);
+        let params = CertificateRevocationListParams {
+            this_update: date_time_ymd(2020, 1, 1),
+            next_update: date_time_ymd(2090, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: date_time_ymd(2021, 1, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        std::fs::write(path, params.signed_by(&issuer).map_err(io::Error::other)?.pem().map_err(io::Error::other)?)
+    }
+
+    /// A client that completed a handshake before its certificate was
+    /// revoked cannot come back by resuming its session; the list is
+    /// checked even for a client presenting a trusted CA certificate.
+    #[tokio::test]
+    async fn revoked_clients_cannot_resume_their_sessions() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let files = self_signed(dir.path(), &["localhost".to_string()], &TlsPolicy::permissive())?;
+        let crl = dir.path().join("crl.pem");
+        write_crl(&crl, &[vec![0x7f]])?;
+        let served = TlsFiles { trusted_ca: Some(files.cert.clone()), crl: Some(crl.clone()), ..files.clone() };
+        let acceptor = server_tls(&served)?;
+        let client = peer_client_tls(Some(&served), &TlsPolicy::permissive())?;
+        assert!(exchange(acceptor.clone(), client.clone()).await?, "not revoked yet");
+        assert!(exchange(acceptor.clone(), client.clone()).await?, "still not revoked");
+
+        let der = load_certs(&files.cert)?.remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(io::Error::other)?;
+        write_crl(&crl, &[cert.raw_serial().to_vec()])?;
+        assert!(!exchange(acceptor.clone(), client.clone()).await?, "revoked, the same client config must not resume");
+        let fresh = peer_client_tls(Some(&served), &TlsPolicy::permissive())?;
+        assert!(!exchange(acceptor, fresh).await?, "revoked");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn peer_dials_keep_to_the_cipher_suites_and_versions() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let tls13_only = TlsPolicy::from_flags("", "TLS1.3", "").map_err(io::Error::other)?;
+        let tls12_aes128 =
+            TlsPolicy::from_flags("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "", "TLS1.2").map_err(io::Error::other)?;
+        let tls12_aes256 =
+            TlsPolicy::from_flags("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "", "TLS1.2").map_err(io::Error::other)?;
+        let server = self_signed(dir.path(), &["localhost".to_string()], &tls12_aes128)?;
+        // Auto TLS dials (nothing verified) with the policy's suites.
+        assert!(handshake(&server, peer_client_tls(None, &tls12_aes128)?).await?);
+        assert!(!handshake(&server, peer_client_tls(None, &tls12_aes256)?).await?);
+        assert!(!handshake(&server, peer_client_tls(None, &tls13_only)?).await?);
+        // Verified dials too, and the CA is checked.
+        let trusting = TlsFiles { trusted_ca: Some(server.cert.clone()), ..server.clone() };
+        assert!(handshake(&server, peer_client_tls(Some(&trusting), &tls12_aes128)?).await?);
+        assert!(!handshake(&server, peer_client_tls(Some(&trusting), &tls13_only)?).await?);
+        let other = self_signed(&dir.path().join("other"), &["localhost".to_string()], &tls12_aes128)?;
+        let foreign = TlsFiles { trusted_ca: Some(other.cert.clone()), ..server.clone() };
+        assert!(!handshake(&server, peer_client_tls(Some(&foreign), &tls12_aes128)?).await?);
+        Ok(())
     }
 }

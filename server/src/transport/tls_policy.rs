@@ -4,12 +4,13 @@
 //! client presenting exactly one of the trusted CA certificates (Go's
 //! crypto/tls does; webpki refuses a CA certificate as an end entity).
 
+use std::collections::HashSet;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CipherSuite, DigitallySignedStruct, DistinguishedName, SignatureScheme, SupportedCipherSuite};
 
@@ -123,15 +124,82 @@ const GO_SUITES: &[(&str, Option<CipherSuite>)] = &[
     ("TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256", None),
 ];
 
-/// Revocation lists from a file holding PEM blocks or one DER list.
-pub fn load_crls(path: &Path) -> std::io::Result<Vec<CertificateRevocationListDer<'static>>> {
-    use rustls::pki_types::pem::PemObject;
-    let bytes = std::fs::read(path)?;
-    let pem: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&bytes).filter_map(Result::ok).collect();
-    if !pem.is_empty() {
-        return Ok(pem);
+/// The revoked serial numbers in a file holding PEM lists or one DER
+/// list. Like etcd's checkCRL, the lists' issuers and signatures are not
+/// checked: the file is the operator's word.
+fn revoked_serials(bytes: &[u8]) -> Result<HashSet<Vec<u8>>, String> {
+    let mut ders = Vec::new();
+    for pem in x509_parser::pem::Pem::iter_from_buffer(bytes) {
+        match pem {
+            Ok(pem) if pem.label == "X509 CRL" => ders.push(pem.contents),
+            Ok(_) => {}
+            Err(_) => break,
+        }
     }
-    Ok(vec![CertificateRevocationListDer::from(bytes)])
+    if ders.is_empty() {
+        ders.push(bytes.to_vec());
+    }
+    let mut serials = HashSet::new();
+    for der in &ders {
+        let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| format!("not a revocation list: {e}"))?;
+        serials.extend(crl.iter_revoked_certificates().map(|r| r.raw_serial().to_vec()));
+    }
+    Ok(serials)
+}
+
+/// Serial numbers (DER integer contents) of revoked certificates.
+type Serials = Arc<HashSet<Vec<u8>>>;
+
+/// A revocation list file read again for every client, as etcd does
+/// (`--client-crl-file`, `--peer-crl-file`): an operator revokes a
+/// certificate by rewriting the file, without a restart.
+struct CrlFile {
+    path: std::path::PathBuf,
+    /// The contents last read and the serials they revoke.
+    current: std::sync::Mutex<(Vec<u8>, Serials)>,
+}
+
+impl CrlFile {
+    fn open(path: &Path) -> std::io::Result<CrlFile> {
+        let invalid = |e: &dyn fmt::Display| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+        };
+        let bytes = std::fs::read(path).map_err(|e| invalid(&e))?;
+        let serials = revoked_serials(&bytes).map_err(|e| invalid(&e))?;
+        Ok(CrlFile { path: path.to_path_buf(), current: std::sync::Mutex::new((bytes, Arc::new(serials))) })
+    }
+
+    /// etcd's checkCRL: refused when the serial number of any certificate
+    /// the client presented is listed. A file that cannot be read or
+    /// parsed refuses the client, as in etcd.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
+        let refuse = |e: &dyn fmt::Display| {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot read the certificate revocation list");
+            rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
+        };
+        let bytes = std::fs::read(&self.path).map_err(|e| refuse(&e))?;
+        let serials = {
+            let mut current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if current.0 != bytes {
+                let serials = revoked_serials(&bytes).map_err(|e| refuse(&e))?;
+                *current = (bytes, Arc::new(serials));
+            }
+            current.1.clone()
+        };
+        for cert in std::iter::once(end_entity).chain(intermediates) {
+            let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+                .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+            if serials.contains(parsed.raw_serial()) {
+                tracing::warn!(serial = %parsed.raw_serial_as_string(), "refused a revoked client certificate");
+                return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Which client certificates a peer listener accepts beyond a valid
@@ -161,13 +229,41 @@ impl AllowedClient {
 
 /// webpki's client verifier, except that a client presenting exactly a
 /// trusted CA certificate is accepted (its key is still proven by the
-/// handshake signature), and, with `allowed`, a certificate with another
-/// common name or host name is refused in the handshake (the client sees
-/// Go's "bad certificate" alert, as from etcd).
+/// handshake signature), a revocation list file is read again for each
+/// client, and, with `allowed`, a certificate with another common name or
+/// host name is refused in the handshake (the client sees Go's "bad
+/// certificate" alert, as from etcd).
 pub struct RootAsClientVerifier {
-    pub inner: Arc<dyn ClientCertVerifier>,
-    pub roots: Vec<CertificateDer<'static>>,
-    pub allowed: Option<AllowedClient>,
+    inner: Arc<dyn ClientCertVerifier>,
+    crl: Option<CrlFile>,
+    roots: Vec<CertificateDer<'static>>,
+    allowed: Option<AllowedClient>,
+}
+
+impl RootAsClientVerifier {
+    pub fn new(
+        roots: Vec<CertificateDer<'static>>,
+        crl_file: Option<&Path>,
+        allowed: Option<AllowedClient>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> std::io::Result<RootAsClientVerifier> {
+        let mut store = rustls::RootCertStore::empty();
+        for cert in &roots {
+            store.add(cert.clone()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        }
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+            .build()
+            .map_err(std::io::Error::other)?;
+        let crl = crl_file.map(CrlFile::open).transpose()?;
+        Ok(RootAsClientVerifier { inner, crl, roots, allowed })
+    }
+
+    /// Whether revocation is checked: the server then must not resume
+    /// sessions, which would skip [`ClientCertVerifier::verify_client_cert`]
+    /// (etcd checks the list after every handshake, resumed or not).
+    pub fn checks_revocation(&self) -> bool {
+        self.crl.is_some()
+    }
 }
 
 impl fmt::Debug for RootAsClientVerifier {
@@ -188,9 +284,12 @@ impl ClientCertVerifier for RootAsClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         use rustls::CertificateError::*;
+        if let Some(crl) = &self.crl {
+            crl.check(end_entity, intermediates)?;
+        }
         let verified = match self.inner.verify_client_cert(end_entity, intermediates, now) {
             Ok(v) => v,
-            // Expired, not yet valid or revoked stays refused.
+            // Expired or not yet valid stays refused.
             Err(
                 e @ rustls::Error::InvalidCertificate(
                     Expired | ExpiredContext { .. } | NotValidYet | NotValidYetContext { .. } | Revoked,

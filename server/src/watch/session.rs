@@ -163,7 +163,17 @@ async fn request_loop<S>(
     loop {
         tokio::select! {
             req = requests.next() => {
-                let Some(Ok(req)) = req else { return };
+                let req = match req {
+                    Some(Ok(req)) => req,
+                    // As etcd, a request that cannot be read ends the
+                    // stream with its status (unless the client is not
+                    // reading: waiting for room would keep its watchers).
+                    Some(Err(status)) => {
+                        let _ = out_tx.try_send(vec![Err(crate::api::errors::as_grpc_go(status))]);
+                        return;
+                    }
+                    None => return,
+                };
                 match req.request_union {
                     Some(RequestUnion::CreateRequest(create)) => {
                         if let Some(reason) = watch_refusal(server, &options.credentials, &create).await {
