@@ -97,17 +97,8 @@ async fn malformed_and_oversized_messages_get_etcds_status_codes() -> anyhow::Re
 
     // Above the gRPC limit (--max-request-bytes plus etcd's 512 KiB of
     // headroom): refused before it is decoded.
-    let mut huge = Vec::with_capacity(8 << 20);
-    huge.put_u8(0x0a);
-    let len = 8u64 << 20;
-    let mut v = len;
-    while v >= 0x80 {
-        huge.put_u8((v as u8) | 0x80);
-        v >>= 7;
-    }
-    huge.put_u8(v as u8);
-    huge.resize(huge.len() + len as usize, b'x');
-    let huge = Bytes::from(huge);
+    let huge = PutRequest { key: vec![b'x'; 8 << 20].into(), ..Default::default() };
+    let huge = Bytes::from(prost::Message::encode_to_vec(&huge));
     let got = raw_call(k, "/etcdserverpb.KV/Put", huge.clone()).await?;
     let want = raw_call(e, "/etcdserverpb.KV/Put", huge).await?;
     assert_eq!((got, want), (tonic::Code::ResourceExhausted, tonic::Code::ResourceExhausted));
@@ -148,13 +139,8 @@ fn nested_txn(depth: usize) -> Bytes {
     for _ in 1..depth {
         // RequestOp.request_txn = 4, then TxnRequest.success = 2.
         for tag in [0x22u8, 0x12] {
-            let mut len = reversed.len() as u64;
             let mut varint = Vec::new();
-            while len >= 0x80 {
-                varint.push((len as u8) | 0x80);
-                len >>= 7;
-            }
-            varint.push(len as u8);
+            prost::encoding::encode_varint(reversed.len() as u64, &mut varint);
             reversed.extend(varint.iter().rev());
             reversed.push(tag);
         }

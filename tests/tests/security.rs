@@ -158,6 +158,17 @@ impl Pki {
     fn file(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
     }
+
+    /// One member whose peer port serves this PKI's certificate and
+    /// requires client certificates signed by its CA, plus `extra` flags.
+    fn peer_tls_member(&self, extra: &[&str]) -> anyhow::Result<Cluster> {
+        let (cert, key, ca) = (self.file("cert.pem"), self.file("key.pem"), self.file("ca.pem"));
+        let opts = ClusterOptions::keel(1)
+            .args(&["--peer-cert-file", &cert, "--peer-key-file", &key, "--peer-trusted-ca-file", &ca])
+            .args(&["--peer-client-cert-auth"])
+            .args(extra);
+        Cluster::start_with(ClusterOptions { peer_tls: true, ..opts })
+    }
 }
 
 /// Whether a TLS client presenting `client`'s `<name>cert.pem` completes
@@ -176,16 +187,7 @@ fn handshake_accepted(url: &str, server_ca: &Pki, client: &Pki, name: &str) -> a
 async fn peer_links_refuse_certificates_from_a_foreign_ca() -> anyhow::Result<()> {
     let cluster_pki = Pki::new("m0")?;
     let foreign = Pki::new("intruder")?;
-    let opts = ClusterOptions::keel(1).args(&[
-        "--peer-cert-file",
-        &cluster_pki.file("cert.pem"),
-        "--peer-key-file",
-        &cluster_pki.file("key.pem"),
-        "--peer-trusted-ca-file",
-        &cluster_pki.file("ca.pem"),
-        "--peer-client-cert-auth",
-    ]);
-    let mut c = Cluster::start_with(ClusterOptions { peer_tls: true, ..opts })?;
+    let mut c = cluster_pki.peer_tls_member(&[])?;
     let peer_url = c.members[0].peer_url.clone();
     assert!(
         handshake_accepted(&peer_url, &cluster_pki, &cluster_pki, "")?,
@@ -208,18 +210,7 @@ async fn revoking_a_certificate_takes_effect_without_a_restart() -> anyhow::Resu
     let pki = Pki::new("m0")?;
     pki.issue("other-", "other", 2)?;
     pki.revoke(&[], 1)?;
-    let opts = ClusterOptions::keel(1).args(&[
-        "--peer-cert-file",
-        &pki.file("cert.pem"),
-        "--peer-key-file",
-        &pki.file("key.pem"),
-        "--peer-trusted-ca-file",
-        &pki.file("ca.pem"),
-        "--peer-client-cert-auth",
-        "--peer-crl-file",
-        &pki.file("crl.pem"),
-    ]);
-    let mut c = Cluster::start_with(ClusterOptions { peer_tls: true, ..opts })?;
+    let mut c = pki.peer_tls_member(&["--peer-crl-file", &pki.file("crl.pem")])?;
     let peer_url = c.members[0].peer_url.clone();
     assert!(handshake_accepted(&peer_url, &pki, &pki, "other-")?, "nothing is revoked yet");
 

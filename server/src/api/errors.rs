@@ -95,23 +95,19 @@ pub fn unimplemented(rpc: &'static str) -> Status {
 /// larger than max (N vs. M)" where tonic says OUT_OF_RANGE. Other
 /// statuses pass unchanged.
 pub fn as_grpc_go(status: Status) -> Status {
-    match oversized_message(status.code(), status.message()) {
-        Some((found, limit)) => {
-            Status::resource_exhausted(format!("grpc: received message larger than max ({found} vs. {limit})"))
-        }
-        None => status,
-    }
+    grpc_go_status(&status).unwrap_or(status)
 }
 
-/// (size, limit) when tonic refused a request for its size.
-fn oversized_message(code: Code, message: &str) -> Option<(u64, u64)> {
-    if code != Code::OutOfRange {
+/// grpc-go's status for `status` when tonic refused a request for its size.
+fn grpc_go_status(status: &Status) -> Option<Status> {
+    if status.code() != Code::OutOfRange {
         return None;
     }
-    let rest = message.strip_prefix("Error, decoded message length too large: found ")?;
+    let rest = status.message().strip_prefix("Error, decoded message length too large: found ")?;
     let (found, rest) = rest.split_once(" bytes, the limit is: ")?;
     let limit = rest.strip_suffix(" bytes")?;
-    Some((found.parse().ok()?, limit.parse().ok()?))
+    let (found, limit): (u64, u64) = (found.parse().ok()?, limit.parse().ok()?);
+    Some(Status::resource_exhausted(format!("grpc: received message larger than max ({found} vs. {limit})")))
 }
 
 /// axum middleware applying [`as_grpc_go`] to unary calls, whose refused
@@ -119,11 +115,9 @@ fn oversized_message(code: Code, message: &str) -> Option<(u64, u64)> {
 /// runs (streams apply it to the errors they read).
 pub async fn grpc_go_statuses(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
     let mut resp = next.run(req).await;
-    let Some(status) = Status::from_header_map(resp.headers()) else {
-        return resp;
-    };
-    if oversized_message(status.code(), status.message()).is_some() {
-        if let Err(e) = as_grpc_go(status).add_header(resp.headers_mut()) {
+    let go = Status::from_header_map(resp.headers()).and_then(|status| grpc_go_status(&status));
+    if let Some(go) = go {
+        if let Err(e) = go.add_header(resp.headers_mut()) {
             tracing::warn!(error = %e, "cannot rewrite a gRPC status");
         }
     }

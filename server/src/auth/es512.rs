@@ -24,18 +24,16 @@ pub fn signing_key(pem: &[u8]) -> Result<SigningKey, String> {
     SigningKey::from_bytes(&secret.to_bytes()).map_err(|e| e.to_string())
 }
 
-/// A public key from PEM ("PUBLIC KEY") or from the encoded point of a
-/// certificate's key (`sec1_point`).
-pub fn verifying_key(pem: Option<&[u8]>, sec1_point: Option<&[u8]>) -> Result<VerifyingKey, String> {
-    let public = match (pem, sec1_point) {
-        (_, Some(point)) => p521::PublicKey::from_sec1_bytes(point).map_err(|e| e.to_string())?,
-        (Some(pem), None) => {
-            let pem = std::str::from_utf8(pem).map_err(|e| e.to_string())?;
-            p521::PublicKey::from_public_key_pem(pem).map_err(|e| format!("not a P-521 public key: {e}"))?
-        }
-        (None, None) => return Err("no public key".into()),
-    };
+/// A public key from PEM ("PUBLIC KEY").
+pub fn verifying_key_from_pem(pem: &[u8]) -> Result<VerifyingKey, String> {
+    let pem = std::str::from_utf8(pem).map_err(|e| e.to_string())?;
+    let public = p521::PublicKey::from_public_key_pem(pem).map_err(|e| format!("not a P-521 public key: {e}"))?;
     VerifyingKey::from_affine(*public.as_affine()).map_err(|e| e.to_string())
+}
+
+/// A public key from the encoded point of a certificate's key.
+pub fn verifying_key_from_point(point: &[u8]) -> Result<VerifyingKey, String> {
+    VerifyingKey::from_sec1_bytes(point).map_err(|e| e.to_string())
 }
 
 pub fn sign<C: Serialize>(key: &SigningKey, claims: &C) -> Result<String, serde_json::Error> {

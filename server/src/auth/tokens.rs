@@ -183,6 +183,11 @@ fn read_key(option: &'static str, path: &str) -> Result<Vec<u8>, TokenConfigErro
     std::fs::read(path).map_err(|e| TokenConfigError::Key(option, format!("{path}: {e}")))
 }
 
+/// Whether a `pub-key` file holds a certificate rather than a key.
+fn is_certificate(pem: &[u8]) -> bool {
+    pem.starts_with(b"-----BEGIN CERTIFICATE")
+}
+
 /// The public key in a PEM certificate, as the DER jsonwebtoken wants
 /// (PKCS#1 for RSA, the encoded point for ECDSA).
 fn certificate_public_key(pem: &[u8]) -> Result<Vec<u8>, TokenConfigError> {
@@ -213,10 +218,10 @@ impl JwtTokens {
             // public key alone only verifies.
             let verifying = match (&signing, &public) {
                 (Some(key), _) => Ok(p521::ecdsa::VerifyingKey::from(key)),
-                (None, Some(p)) if p.starts_with(b"-----BEGIN CERTIFICATE") => {
-                    super::es512::verifying_key(None, Some(&certificate_public_key(p)?))
+                (None, Some(p)) if is_certificate(p) => {
+                    super::es512::verifying_key_from_point(&certificate_public_key(p)?)
                 }
-                (None, Some(p)) => super::es512::verifying_key(Some(p), None),
+                (None, Some(p)) => super::es512::verifying_key_from_pem(p),
                 (None, None) => return Err(TokenConfigError::MissingKey),
             }
             .map_err(bad("pub-key"))?;
@@ -235,9 +240,7 @@ impl JwtTokens {
             RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
                 let signing = private.as_deref().map(EncodingKey::from_rsa_pem).transpose().map_err(bad("priv-key"))?;
                 let verifying = match &public {
-                    Some(p) if p.starts_with(b"-----BEGIN CERTIFICATE") => {
-                        DecodingKey::from_rsa_der(&certificate_public_key(p)?)
-                    }
+                    Some(p) if is_certificate(p) => DecodingKey::from_rsa_der(&certificate_public_key(p)?),
                     Some(p) => DecodingKey::from_rsa_pem(p).map_err(bad("pub-key"))?,
                     None => return Err(TokenConfigError::Key("pub-key", "needed to verify RSA tokens".into())),
                 };
@@ -246,9 +249,7 @@ impl JwtTokens {
             ES256 | ES384 => {
                 let signing = private.as_deref().map(EncodingKey::from_ec_pem).transpose().map_err(bad("priv-key"))?;
                 let verifying = match &public {
-                    Some(p) if p.starts_with(b"-----BEGIN CERTIFICATE") => {
-                        DecodingKey::from_ec_der(&certificate_public_key(p)?)
-                    }
+                    Some(p) if is_certificate(p) => DecodingKey::from_ec_der(&certificate_public_key(p)?),
                     Some(p) => DecodingKey::from_ec_pem(p).map_err(bad("pub-key"))?,
                     None => return Err(TokenConfigError::Key("pub-key", "needed to verify ECDSA tokens".into())),
                 };

@@ -350,9 +350,16 @@ fn load_key(path: &Path) -> io::Result<PrivateKeyDer<'static>> {
 }
 
 fn root_store(ca: &Path) -> io::Result<Arc<rustls::RootCertStore>> {
+    root_store_of(ca, &load_certs(ca)?)
+}
+
+/// The store of `certs`, read from `ca`.
+fn root_store_of(ca: &Path, certs: &[CertificateDer<'static>]) -> io::Result<Arc<rustls::RootCertStore>> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in load_certs(ca)? {
-        roots.add(cert).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", ca.display())))?;
+    for cert in certs {
+        roots
+            .add(cert.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", ca.display())))?;
     }
     Ok(Arc::new(roots))
 }
@@ -367,8 +374,10 @@ pub fn server_tls(files: &TlsFiles) -> io::Result<TlsAcceptor> {
     let mut checks_revocation = false;
     let builder = match &files.trusted_ca {
         Some(ca) => {
+            let certs = load_certs(ca)?;
             let verifier = tls_policy::RootAsClientVerifier::new(
-                load_certs(ca)?,
+                root_store_of(ca, &certs)?,
+                certs,
                 files.crl.as_deref(),
                 files.allowed_client.clone(),
                 provider,

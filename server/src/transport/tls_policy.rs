@@ -161,12 +161,15 @@ struct CrlFile {
 
 impl CrlFile {
     fn open(path: &Path) -> std::io::Result<CrlFile> {
-        let invalid = |e: &dyn fmt::Display| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
-        };
-        let bytes = std::fs::read(path).map_err(|e| invalid(&e))?;
-        let serials = revoked_serials(&bytes).map_err(|e| invalid(&e))?;
+        let (bytes, serials) = Self::read(path)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
         Ok(CrlFile { path: path.to_path_buf(), current: std::sync::Mutex::new((bytes, Arc::new(serials))) })
+    }
+
+    fn read(path: &Path) -> Result<(Vec<u8>, HashSet<Vec<u8>>), String> {
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+        let serials = revoked_serials(&bytes)?;
+        Ok((bytes, serials))
     }
 
     /// etcd's checkCRL: refused when the serial number of any certificate
@@ -177,15 +180,13 @@ impl CrlFile {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
     ) -> Result<(), rustls::Error> {
-        let refuse = |e: &dyn fmt::Display| {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot read the certificate revocation list");
+        let (bytes, serials) = Self::read(&self.path).map_err(|error| {
+            tracing::warn!(path = %self.path.display(), %error, "cannot read the certificate revocation list");
             rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
-        };
-        let bytes = std::fs::read(&self.path).map_err(|e| refuse(&e))?;
+        })?;
         let serials = {
             let mut current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if current.0 != bytes {
-                let serials = revoked_serials(&bytes).map_err(|e| refuse(&e))?;
                 *current = (bytes, Arc::new(serials));
             }
             current.1.clone()
@@ -241,17 +242,15 @@ pub struct RootAsClientVerifier {
 }
 
 impl RootAsClientVerifier {
+    /// `store` holds `roots`, the trusted CA certificates.
     pub fn new(
+        store: Arc<rustls::RootCertStore>,
         roots: Vec<CertificateDer<'static>>,
         crl_file: Option<&Path>,
         allowed: Option<AllowedClient>,
         provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> std::io::Result<RootAsClientVerifier> {
-        let mut store = rustls::RootCertStore::empty();
-        for cert in &roots {
-            store.add(cert.clone()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        }
-        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(store, provider)
             .build()
             .map_err(std::io::Error::other)?;
         let crl = crl_file.map(CrlFile::open).transpose()?;
@@ -292,7 +291,7 @@ impl ClientCertVerifier for RootAsClientVerifier {
             // Expired or not yet valid stays refused.
             Err(
                 e @ rustls::Error::InvalidCertificate(
-                    Expired | ExpiredContext { .. } | NotValidYet | NotValidYetContext { .. } | Revoked,
+                    Expired | ExpiredContext { .. } | NotValidYet | NotValidYetContext { .. },
                 ),
             ) => return Err(e),
             Err(_) if self.roots.iter().any(|r| r.as_ref() == end_entity.as_ref()) => ClientCertVerified::assertion(),
