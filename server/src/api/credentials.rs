@@ -80,7 +80,16 @@ where
         return read().await;
     }
     let anonymous = AuthInfo::default();
-    let who = who.unwrap_or(&anonymous);
+    let mut who = who.unwrap_or(&anonymous);
+    // A simple token or certificate name carries the store's revision when
+    // it was resolved, which for a linearizable read was before the read
+    // barrier; etcd resolves the caller after it (doSerialize). A JWT's
+    // revision is the token's own and stays.
+    let resolved_now;
+    if who.revision != 0 && matches!(server.auth.tokens(), TokenProvider::Simple(_)) {
+        resolved_now = AuthInfo { username: who.username.clone(), revision: server.auth.revision() };
+        who = &resolved_now;
+    }
     check(who)?;
     let result = read().await?;
     if who.revision != 0 && who.revision != server.auth.revision() {
