@@ -17,7 +17,8 @@
 //! - `server`: the member core: propose (with forwarding) and
 //!   linearizable read barriers.
 //! - `api`: the etcd gRPC services, one file each; `api/errors.rs` maps
-//!   errors to etcd's codes and messages.
+//!   errors to etcd's codes and messages; `api/grpc_call.rs` is the
+//!   middleware every call passes first (metrics, require-leader).
 //! - `transport`: listeners, TLS, peer dialing.
 //! - `backup`, `bbolt`, `etcd_format`, `etcd_wal`, `etcd_data_dir`: backups
 //!   in etcd's bbolt format (and keel's own), and etcd's data dirs both
@@ -27,7 +28,8 @@
 //!
 //! The path of a write: `api::kv` validates -> `server::Server::propose`
 //! (forwards to the leader if needed) -> `raft::batcher` (concurrent writes
-//! share one entry) -> openraft replicates and commits
+//! share one entry) -> openraft (patched: `vendor/openraft`) replicates
+//! while the leader's log flushes, and commits
 //! -> `raft::state_machine` -> `apply::Applier` -> `apply::kv` over an
 //! `mvcc::WriteTxn` -> one engine batch with the applied index -> the
 //! response travels back through Raft's client_write.

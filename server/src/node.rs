@@ -495,9 +495,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let grpc = routes
         .prepare()
         .into_axum_router()
-        .layer(axum::middleware::from_fn_with_state(server.clone(), api::require_leader::require_leader))
-        .layer(axum::middleware::from_fn(api::errors::grpc_go_statuses))
-        .layer(axum::middleware::from_fn(crate::http::grpc_metrics::record));
+        .layer(axum::middleware::from_fn_with_state(server.clone(), api::grpc_call::grpc_call));
     let client_router =
         crate::http::monitoring(server.clone()).merge(crate::http::gateway::routes(server.clone())).merge(grpc);
     let mut client_addrs = Vec::new();

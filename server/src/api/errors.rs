@@ -110,11 +110,10 @@ fn grpc_go_status(status: &Status) -> Option<Status> {
     Some(Status::resource_exhausted(format!("grpc: received message larger than max ({found} vs. {limit})")))
 }
 
-/// axum middleware applying [`as_grpc_go`] to unary calls, whose refused
+/// Applies [`as_grpc_go`] to a unary call's response, whose refused
 /// requests are answered in the response headers before any handler
 /// runs (streams apply it to the errors they read).
-pub async fn grpc_go_statuses(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    let mut resp = next.run(req).await;
+pub fn with_grpc_go_status(mut resp: axum::response::Response) -> axum::response::Response {
     let go = Status::from_header_map(resp.headers()).and_then(|status| grpc_go_status(&status));
     if let Some(go) = go {
         if let Err(e) = go.add_header(resp.headers_mut()) {

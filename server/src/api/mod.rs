@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod credentials;
 pub mod election;
 pub mod errors;
+pub mod grpc_call;
 pub mod kv;
 pub mod lease;
 pub mod lock;

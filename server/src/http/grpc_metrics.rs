@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use http_body::Frame;
@@ -121,18 +120,24 @@ impl Drop for CountingBody {
     }
 }
 
-/// axum middleware recording the metrics of gRPC requests.
-pub async fn record(req: Request, next: Next) -> Response {
+/// A gRPC call being recorded: counted as started by [`started`], as
+/// handled when [`finished`]'s response body ends.
+pub struct Call(Labels);
+
+/// Counts `req` as a started call if it is a gRPC call.
+pub fn started(req: &Request) -> Option<Call> {
     let is_grpc = req.headers().get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let path = req.uri().path().to_string();
-    let parsed = path.strip_prefix('/').and_then(|p| p.split_once('/'));
-    let (true, Some((service, method))) = (is_grpc, parsed) else {
-        return next.run(req).await;
-    };
+    let (service, method) = req.uri().path().strip_prefix('/').and_then(|p| p.split_once('/')).filter(|_| is_grpc)?;
     let ty = grpc_type(service, method);
     GRPC_STARTED.with_label_values(&[ty, service, method]).inc();
-    let labels = Labels { ty, service: service.to_string(), method: method.to_string(), start: Instant::now() };
-    let resp = next.run(req).await;
+    Some(Call(Labels { ty, service: service.to_string(), method: method.to_string(), start: Instant::now() }))
+}
+
+/// Records `call` as handled once `resp`'s body finishes.
+pub fn finished(call: Option<Call>, resp: Response) -> Response {
+    let Some(Call(labels)) = call else {
+        return resp;
+    };
     let header_code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(code_name);
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, Body::new(CountingBody { inner: body, labels: Some(labels), header_code }))

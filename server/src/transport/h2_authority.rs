@@ -11,6 +11,15 @@
 //! dynamic table the server's decoder then mirrors. Everything else passes
 //! through byte for byte; HTTP/1 connections are not touched at all.
 //!
+//! Only the first header block of a connection is decoded when its
+//! authority is fine: it is then forwarded as the client encoded it, so
+//! the server's decoder mirrors the client's encoder, and every later block
+//! passes through untouched. Clients fix the authority per connection
+//! (grpc-go per ClientConn, tonic per channel), and decoding every block
+//! cost about a fifth of a member's CPU under load (the HPACK crate builds
+//! a Huffman table for every string it decodes). A connection whose first
+//! block needs the repair keeps decoding and re-encoding every block.
+//!
 //! Seeing every inbound frame, the shim also enforces
 //! `--grpc-keepalive-min-time` as grpc-go's server (and so etcd) does: a
 //! client PING sooner than the minimum time after the previous one is a
@@ -52,6 +61,17 @@ const MAX_INBOUND_FRAME: usize = (1 << 24) - 1;
 /// Largest header block accepted (across continuation frames).
 const MAX_HEADER_BLOCK: usize = 1 << 20;
 
+/// What happens to the client's header blocks (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeaderBlocks {
+    /// No block seen yet: the first one decides.
+    FirstUndecided,
+    /// Every block is decoded, repaired and re-encoded.
+    Repair,
+    /// Blocks pass through as the client encoded them.
+    Untouched,
+}
+
 enum Mode {
     /// Still reading the first bytes to tell HTTP/2 from HTTP/1.
     Sniffing,
@@ -76,6 +96,7 @@ pub struct AuthorityFix<S> {
     output: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
+    header_blocks: HeaderBlocks,
     pending: Option<PendingHeaders>,
     eof: bool,
     /// `--grpc-keepalive-min-time`; zero disables the check.
@@ -98,6 +119,7 @@ impl<S> AuthorityFix<S> {
             output: BytesMut::new(),
             decoder: loona_hpack::Decoder::new(),
             encoder: loona_hpack::Encoder::new(),
+            header_blocks: HeaderBlocks::FirstUndecided,
             pending: None,
             eof: false,
             min_ping_interval,
@@ -219,9 +241,10 @@ impl<S> AuthorityFix<S> {
                     if ty == TYPE_PING && flags & FLAG_ACK == 0 {
                         self.on_ping()?;
                     }
+                    let untouched = self.header_blocks == HeaderBlocks::Untouched;
                     match ty {
-                        TYPE_HEADERS => self.on_headers(flags, stream_id, &payload)?,
-                        TYPE_CONTINUATION => self.on_continuation(flags, stream_id, &payload)?,
+                        TYPE_HEADERS if !untouched => self.on_headers(flags, stream_id, &payload)?,
+                        TYPE_CONTINUATION if !untouched => self.on_continuation(flags, stream_id, &payload)?,
                         _ => {
                             if self.pending.is_some() {
                                 return Err(invalid("HTTP/2 frame interleaved with a header block"));
@@ -284,21 +307,31 @@ impl<S> AuthorityFix<S> {
         Ok(())
     }
 
-    /// Decodes the completed block, repairs the authority, re-encodes it
-    /// and emits HEADERS (+ CONTINUATION) frames.
+    /// Decodes the completed block and emits HEADERS (+ CONTINUATION)
+    /// frames: the client's own block if this is the connection's first
+    /// and needs no repair (the connection passes through from then on),
+    /// otherwise the block repaired and re-encoded.
     fn flush_headers(&mut self) -> io::Result<()> {
         let Some(pending) = self.pending.take() else {
             return Ok(());
         };
         let mut headers = self.decoder.decode(&pending.block).map_err(|e| invalid(format!("HPACK: {e:?}")))?;
+        let mut repaired = false;
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority" {
                 if let Some(fixed) = repaired_authority(value) {
                     *value = fixed;
+                    repaired = true;
                 }
             }
         }
-        let block = self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let block = if self.header_blocks == HeaderBlocks::FirstUndecided && !repaired {
+            self.header_blocks = HeaderBlocks::Untouched;
+            pending.block
+        } else {
+            self.header_blocks = HeaderBlocks::Repair;
+            self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
+        };
 
         let prio_len = if pending.priority.is_some() { 5 } else { 0 };
         let first_room = MAX_FRAME - prio_len;
@@ -440,6 +473,61 @@ mod tests {
         let headers = dec.decode(&h[9..9 + len]).map_err(|e| invalid(format!("{e:?}")))?;
         assert!(headers.contains(&(b":authority".to_vec(), b"127.0.0.1:2379".to_vec())));
         assert_eq!(&h[9 + len..], &frame(0x0, FLAG_END_STREAM, 1, b"data")[..]);
+        Ok(())
+    }
+
+    /// Runs `blocks` (one HEADERS frame each, streams 1, 3, ...) through
+    /// the shim and returns the header blocks it emitted.
+    async fn shim_blocks(blocks: &[Vec<u8>]) -> io::Result<Vec<Vec<u8>>> {
+        let mut input = PREFACE.to_vec();
+        for (i, block) in blocks.iter().enumerate() {
+            input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 2 * i as u32 + 1, block));
+        }
+        let mut fix = AuthorityFix::new(input.as_slice(), std::time::Duration::ZERO);
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await?;
+        let mut rest = &out[PREFACE.len()..];
+        let mut emitted = Vec::new();
+        while !rest.is_empty() {
+            let len = (usize::from(rest[0]) << 16) | (usize::from(rest[1]) << 8) | usize::from(rest[2]);
+            assert_eq!(rest[3], TYPE_HEADERS);
+            emitted.push(rest[9..9 + len].to_vec());
+            rest = &rest[9 + len..];
+        }
+        Ok(emitted)
+    }
+
+    fn request(client: &mut loona_hpack::Encoder<'_>, authority: &[u8], path: &[u8]) -> Vec<u8> {
+        client.encode([(b":method".as_slice(), b"POST".as_slice()), (b":authority", authority), (b":path", path)])
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_a_good_first_authority_passes_through() -> io::Result<()> {
+        let mut client = loona_hpack::Encoder::new();
+        let blocks = vec![
+            request(&mut client, b"127.0.0.1:2379", b"/etcdserverpb.KV/Range"),
+            request(&mut client, b"127.0.0.1:2379", b"/etcdserverpb.KV/Put"),
+        ];
+        assert_eq!(shim_blocks(&blocks).await?, blocks);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_a_bad_first_authority_is_repaired_throughout() -> io::Result<()> {
+        let mut client = loona_hpack::Encoder::new();
+        let blocks = vec![
+            request(&mut client, b"http://127.0.0.1:2379", b"/etcdserverpb.KV/Range"),
+            request(&mut client, b"http://127.0.0.1:2379", b"/etcdserverpb.KV/Put"),
+        ];
+        let emitted = shim_blocks(&blocks).await?;
+        assert_eq!(emitted.len(), 2);
+        // The server's decoder sees the shim's encoding, blocks in order.
+        let mut server = loona_hpack::Decoder::new();
+        for (block, path) in emitted.iter().zip([b"/etcdserverpb.KV/Range".as_slice(), b"/etcdserverpb.KV/Put"]) {
+            let headers = server.decode(block).map_err(|e| invalid(format!("{e:?}")))?;
+            assert!(headers.contains(&(b":authority".to_vec(), b"127.0.0.1:2379".to_vec())));
+            assert!(headers.contains(&(b":path".to_vec(), path.to_vec())));
+        }
         Ok(())
     }
 
