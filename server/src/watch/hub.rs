@@ -1,6 +1,6 @@
 //! The member-wide watcher registry (etcd's watchableStore).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 // Fx hashing for maps keyed by stream and watch ids (small integers the
 // member assigns), looked up thousands of times per revision, where
@@ -124,8 +124,9 @@ struct HubState {
     next_stream: StreamId,
     streams: HashMap<StreamId, StreamEntry>,
     watchers: HashMap<(StreamId, WatchId), Watcher>,
-    /// Synced single-key watchers by key.
-    synced_keys: std::collections::HashMap<Bytes, HashSet<(StreamId, WatchId)>>,
+    /// Synced single-key watchers by key, in (stream, id) order so a
+    /// revision's recipients come out grouped by stream without a sort.
+    synced_keys: std::collections::HashMap<Bytes, BTreeSet<(StreamId, WatchId)>>,
     /// Synced range watchers by (start, stream, id).
     synced_ranges: BTreeMap<(Bytes, StreamId, WatchId), ()>,
 }
@@ -186,10 +187,13 @@ impl HubState {
     }
 
     /// Synced watchers whose range contains `key`.
+    /// Appends the synced watchers of `key` to `out`, in (stream, id) order.
     fn matching(&self, key: &[u8], out: &mut Vec<(StreamId, WatchId)>) {
+        let start = out.len();
         if let Some(set) = self.synced_keys.get(key) {
             out.extend(set.iter().copied());
         }
+        let single_key = out.len();
         let upper = (Bytes::copy_from_slice(key), StreamId::MAX, WatchId::MAX);
         for ((_, s, id), ()) in self.synced_ranges.range(..=upper) {
             if let Some(w) = self.watchers.get(&(*s, *id)) {
@@ -197,6 +201,9 @@ impl HubState {
                     out.push((*s, *id));
                 }
             }
+        }
+        if out.len() > single_key {
+            out[start..].sort_unstable();
         }
     }
 
@@ -494,7 +501,6 @@ impl CommitObserver for WatchHub {
             // gets the same events, so a stream gets one shared entry.
             let Some(kv) = &ev.kv else { return };
             st.matching(&kv.key, &mut found);
-            found.sort_unstable();
             for group in found.chunk_by(|a, b| a.0 == b.0) {
                 st.deliver(group, rev, vec![ev.clone()], |w| rev >= w.next_rev && w.spec.wants(ev));
             }
@@ -632,6 +638,28 @@ mod tests {
             .map(|(id, evs)| (id, evs[0].kv.as_ref().map_or(0, |kv| kv.mod_revision)))
             .collect();
         assert_eq!(got, vec![(0, 2), (0, 3), (1, 4)], "each watcher of b gets only its own keys");
+    }
+
+    #[test]
+    fn key_and_range_watchers_of_a_stream_share_one_entry() {
+        let hub = WatchHub::new(1);
+        let mut a = hub.open_stream();
+        let mut b = hub.open_stream();
+        hub.create(a.id, 0, spec("k", None), 0).unwrap();
+        hub.create(b.id, 0, spec("a", Some("z")), 0).unwrap();
+        hub.create(a.id, 0, spec("j", Some("l")), 0).unwrap();
+        hub.create(b.id, 0, spec("k", None), 0).unwrap();
+        drain(&mut a);
+        drain(&mut b);
+        hub.committed(2, &[put("k", 2)]);
+        for q in [&mut a, &mut b] {
+            let queued = drain(q);
+            assert!(
+                matches!(&queued[..], [Outgoing::Shared { watchers, revision: 2, .. }]
+                    if watchers.iter().map(|r| r.watch_id).collect::<Vec<_>>() == vec![0, 1]),
+                "{queued:?}"
+            );
+        }
     }
 
     #[test]
