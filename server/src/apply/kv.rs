@@ -161,16 +161,6 @@ pub fn is_txn_readonly(t: &TxnRequest) -> bool {
     t.success.iter().chain(&t.failure).all(|op| matches!(op.request, Some(Request::RequestRange(_))))
 }
 
-/// Whether a read-only txn touches single keys only (no `range_end` in its
-/// compares or ranges): cheap enough to run on the request's own task.
-pub fn is_txn_point_read(t: &TxnRequest) -> bool {
-    t.compare.iter().all(|c| c.range_end.is_empty())
-        && t.success.iter().chain(&t.failure).all(|op| match &op.request {
-            Some(Request::RequestRange(r)) => r.range_end.is_empty(),
-            _ => false,
-        })
-}
-
 /// Whether every range of a read-only txn is serializable.
 pub fn is_txn_serializable(t: &TxnRequest) -> bool {
     t.success.iter().chain(&t.failure).all(|op| match &op.request {
@@ -334,39 +324,4 @@ fn exec_write(txn: &mut WriteTxn<'_>, t: &TxnRequest, path: &[bool]) -> Result<(
         responses.push(ResponseOp { response });
     }
     Ok((TxnResponse { header: None, succeeded: path[0], responses }, used))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn get(key: &[u8], end: &[u8]) -> RequestOp {
-        RequestOp {
-            request: Some(Request::RequestRange(RangeRequest {
-                key: Bytes::copy_from_slice(key),
-                range_end: Bytes::copy_from_slice(end),
-                ..Default::default()
-            })),
-        }
-    }
-
-    #[test]
-    fn point_reads_touch_single_keys_only() {
-        let compare = |end: &[u8]| Compare {
-            key: Bytes::from_static(b"a"),
-            range_end: Bytes::copy_from_slice(end),
-            ..Default::default()
-        };
-        let txn = |compare: Vec<Compare>, success: Vec<RequestOp>, failure: Vec<RequestOp>| TxnRequest {
-            compare,
-            success,
-            failure,
-        };
-        assert!(is_txn_point_read(&txn(vec![compare(b"")], vec![get(b"a", b"")], vec![get(b"b", b"")])));
-        assert!(is_txn_point_read(&txn(vec![], vec![], vec![])));
-        assert!(!is_txn_point_read(&txn(vec![compare(b"b")], vec![get(b"a", b"")], vec![])));
-        assert!(!is_txn_point_read(&txn(vec![], vec![get(b"a", b"")], vec![get(b"a", b"\0")])));
-        let put = RequestOp { request: Some(Request::RequestPut(PutRequest::default())) };
-        assert!(!is_txn_point_read(&txn(vec![], vec![put], vec![])));
-    }
 }

@@ -15,7 +15,6 @@ use crate::engine::handler::following_handler::FollowingHandler;
 use crate::engine::handler::leader_handler::LeaderHandler;
 use crate::engine::handler::log_handler::LogHandler;
 use crate::engine::handler::replication_handler::ReplicationHandler;
-use crate::engine::handler::replication_handler::SendNone;
 use crate::engine::handler::server_state_handler::ServerStateHandler;
 use crate::engine::handler::snapshot_handler::SnapshotHandler;
 use crate::engine::handler::vote_handler::VoteHandler;
@@ -154,19 +153,12 @@ where C: RaftTypeConfig
             self.state.membership_state.effective().is_voter(&self.config.id)
         );
 
-        // Previously it is a leader. restore it as leader at once
-        if self.state.is_leader(&self.config.id) {
-            self.vote_handler().update_internal_server_state();
-
-            let mut rh = self.replication_handler();
-
-            // Restore the progress about the local log
-            rh.update_local_progress(rh.state.last_log_id().cloned());
-
-            rh.initiate_replication(SendNone::False);
-
-            return;
-        }
+        // keel patch: never restore leadership at startup. A leader
+        // replicates entries before its own flush (see `submit_leader_append`
+        // in core/raft_core.rs), so after a power loss its log may end
+        // before entries its followers hold; resuming under the same vote
+        // would hand out those log ids again for different entries. A
+        // restarted node starts as a follower and must win a new term.
 
         let server_state = if self.state.membership_state.effective().is_voter(&self.config.id) {
             ServerState::Follower
