@@ -90,6 +90,7 @@ use crate::storage::RaftLogStorage;
 use crate::storage::RaftStateMachine;
 use crate::type_config::alias::InstantOf;
 use crate::type_config::alias::ResponderOf;
+use crate::type_config::alias::OneshotReceiverOf;
 use crate::type_config::TypeConfigExt;
 use crate::AsyncRuntime;
 use crate::ChangeMembers;
@@ -718,16 +719,29 @@ where
     {
         tracing::debug!("append_to_log");
 
-        let (tx, rx) = C::AsyncRuntime::oneshot();
-        let log_io_id = LogIOId::new(vote, Some(last_log_id));
-
-        let callback = LogFlushed::new(log_io_id, tx);
-
-        self.log_store.append(entries, callback).await?;
+        let rx = self.submit_append(entries, vote, last_log_id).await?;
         rx.await
             .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?
             .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?;
         Ok(())
+    }
+
+    /// keel patch: hands entries to the log store; the receiver completes
+    /// when they are flushed.
+    async fn submit_append<I>(
+        &mut self,
+        entries: I,
+        vote: Vote<C::NodeId>,
+        last_log_id: LogId<C::NodeId>,
+    ) -> Result<OneshotReceiverOf<C, Result<LogIOId<C::NodeId>, std::io::Error>>, StorageError<C::NodeId>>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let (tx, rx) = C::AsyncRuntime::oneshot();
+        let log_io_id = LogIOId::new(vote, Some(last_log_id));
+        self.log_store.append(entries, LogFlushed::new(log_io_id, tx)).await?;
+        Ok(rx)
     }
 
     /// keel patch: submits the leader's own entries to the log store
@@ -746,9 +760,7 @@ where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let (tx, rx) = C::AsyncRuntime::oneshot();
-        let log_io_id = LogIOId::new(vote.clone(), Some(last_log_id.clone()));
-        self.log_store.append(entries, LogFlushed::new(log_io_id, tx)).await?;
+        let rx = self.submit_append(entries, vote.clone(), last_log_id.clone()).await?;
 
         let tx_notify = self.tx_notify.clone();
         // False positive lint warning(`non-binding `let` on a future`): https://github.com/rust-lang/rust-clippy/issues/9932
