@@ -125,6 +125,20 @@ fn host_of(url: &str) -> Option<String> {
 /// member joining later must get it as a snapshot, not by replaying the
 /// log. So once the bootstrap membership applies, take a snapshot and
 /// purge the log it covers.
+/// Keeps the log store told whether this member leads: a leader's appends
+/// are flushed in the background, a follower's inline (see `log_store`).
+async fn tell_log_store_the_role(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<crate::raft::NodeId, MemberNode>>,
+    log_store: LogStore,
+) {
+    loop {
+        log_store.set_leading(metrics.borrow_and_update().state == openraft::ServerState::Leader);
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn snapshot_restored_state(raft: Raft) {
     let wait = Some(Duration::from_secs(600));
     if raft.wait(wait).applied_index_at_least(Some(0), "restored membership applied").await.is_err() {
@@ -354,6 +368,8 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let raft = Raft::new(id, Arc::new(raft_config(&config)?), network, log_store.clone(), state_machine.clone())
         .await
         .map_err(|e| anyhow!("cannot start raft: {e}"))?;
+    // Ends with Raft (its metrics channel closes).
+    tokio::spawn(tell_log_store_the_role(raft.metrics(), log_store.clone()));
 
     // A restored member bootstraps the membership given to the restore.
     if bootstrap == Bootstrap::Restart && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {

@@ -4,7 +4,7 @@
 //! restarted peer is picked up without intervention; an unreachable peer
 //! makes openraft back off.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
+use tonic::Status;
 
 use super::{codec, MemberNode, NodeId, TypeConfig};
 use crate::error::Error;
@@ -32,22 +33,131 @@ use crate::transport::PeerConnector;
 /// Largest peer message (an append-entries batch or snapshot chunk).
 pub const MAX_PEER_MESSAGE: usize = 64 << 20;
 
+/// A peer as the transport knows it: its id and the URL it is reached at.
+type PeerKey = (NodeId, String);
+
+/// Idle append-entries streams kept per peer: the replication stream's,
+/// plus one for the occasional extra sender (a read-index heartbeat).
+const IDLE_APPEND_STREAMS: usize = 2;
+
 /// gRPC clients to every peer, created on first use.
 pub struct PeerClients {
     connector: PeerConnector,
-    clients: Mutex<HashMap<(NodeId, String), RaftPeerClient<Channel>>>,
+    clients: Mutex<HashMap<PeerKey, RaftPeerClient<Channel>>>,
+    /// Open append-entries streams not in use, by peer.
+    idle_append_streams: Mutex<HashMap<PeerKey, Vec<AppendStream>>>,
+    /// Peers that answered the stream with Unimplemented (a keel from
+    /// before it existed): they get unary append-entries calls.
+    unary_append_peers: Mutex<HashSet<PeerKey>>,
     removed: tokio::sync::watch::Sender<bool>,
+}
+
+/// An open append-entries stream to one peer. The peer answers every
+/// request with exactly one reply, in order; a stream is used by one sender
+/// at a time (taken from the idle pool, put back after its reply), so the
+/// next reply is always the answer to the last request.
+struct AppendStream {
+    requests: tokio::sync::mpsc::Sender<RaftPayload>,
+    replies: tonic::Streaming<RaftPayload>,
+}
+
+impl AppendStream {
+    /// Opens a stream whose first message is `first`; returns the stream and
+    /// `first`'s reply. The message is queued before the call so it goes out
+    /// with the stream's headers instead of a round trip later.
+    async fn open(mut client: RaftPeerClient<Channel>, first: RaftPayload) -> Result<(Self, RaftPayload), Status> {
+        let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+        requests.try_send(first).map_err(|_| Status::internal("new append stream refused its first message"))?;
+        let replies = client.append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(outgoing)).await?;
+        let mut stream = Self { requests, replies: replies.into_inner() };
+        let reply = stream.next_reply().await?;
+        Ok((stream, reply))
+    }
+
+    /// Sends `payload` and waits for its reply.
+    async fn exchange(&mut self, payload: RaftPayload) -> Result<RaftPayload, Status> {
+        self.requests.send(payload).await.map_err(|_| Status::unavailable("append stream closed"))?;
+        self.next_reply().await
+    }
+
+    async fn next_reply(&mut self) -> Result<RaftPayload, Status> {
+        self.replies.message().await?.ok_or_else(|| Status::unavailable("peer ended the append stream"))
+    }
 }
 
 impl PeerClients {
     pub fn new(connector: PeerConnector) -> Self {
-        Self { connector, clients: Mutex::new(HashMap::new()), removed: tokio::sync::watch::Sender::new(false) }
+        Self {
+            connector,
+            clients: Mutex::new(HashMap::new()),
+            idle_append_streams: Mutex::new(HashMap::new()),
+            unary_append_peers: Mutex::new(HashSet::new()),
+            removed: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    fn key(id: NodeId, node: &MemberNode) -> Result<PeerKey, Error> {
+        let url =
+            node.peer_urls.first().cloned().ok_or_else(|| Error::Internal(format!("member {id:x} has no peer URL")))?;
+        Ok((id, url))
+    }
+
+    /// Sends one append-entries message to `id` over a stream and returns
+    /// the reply; `Ok(None)` if the peer only takes unary calls.
+    async fn append_streamed(
+        &self,
+        id: NodeId,
+        node: &MemberNode,
+        payload: RaftPayload,
+    ) -> Result<Option<RaftPayload>, Status> {
+        let key = Self::key(id, node).map_err(|e| Status::unavailable(e.to_string()))?;
+        if lock(&self.unary_append_peers)?.contains(&key) {
+            return Ok(None);
+        }
+        let idle = lock(&self.idle_append_streams)?.get_mut(&key).and_then(Vec::pop);
+        let (stream, reply) = match idle {
+            Some(mut stream) => match stream.exchange(payload.clone()).await {
+                Ok(reply) => (stream, reply),
+                // An idle stream dies with its connection (the peer
+                // restarted) and says so only when used. Raft messages are
+                // safe to deliver twice, so retry on a fresh stream.
+                Err(_) => self.open_append_stream(id, node, &key, payload).await?,
+            },
+            None => match self.open_append_stream(id, node, &key, payload).await {
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    lock(&self.unary_append_peers)?.insert(key);
+                    return Ok(None);
+                }
+                other => other?,
+            },
+        };
+        let mut idle = lock(&self.idle_append_streams)?;
+        let pool = idle.entry(key).or_default();
+        if pool.len() < IDLE_APPEND_STREAMS {
+            pool.push(stream);
+        }
+        Ok(Some(reply))
+    }
+
+    async fn open_append_stream(
+        &self,
+        id: NodeId,
+        node: &MemberNode,
+        key: &PeerKey,
+        first: RaftPayload,
+    ) -> Result<(AppendStream, RaftPayload), Status> {
+        let client = self.client(id, node).map_err(|e| Status::unavailable(e.to_string()))?;
+        let opened = AppendStream::open(client, first).await;
+        if opened.is_err() {
+            // Streams that shared the broken connection are likely dead too.
+            lock(&self.idle_append_streams)?.remove(key);
+        }
+        opened
     }
 
     /// The client for `id` at the first of `node`'s peer URLs.
     pub fn client(&self, id: NodeId, node: &MemberNode) -> Result<RaftPeerClient<Channel>, Error> {
-        let url =
-            node.peer_urls.first().cloned().ok_or_else(|| Error::Internal(format!("member {id:x} has no peer URL")))?;
+        let (id, url) = Self::key(id, node)?;
         let mut clients = self.clients.lock().map_err(|_| Error::Internal("peer client lock poisoned".into()))?;
         if let Some(c) = clients.get(&(id, url.clone())) {
             return Ok(c.clone());
@@ -200,6 +310,10 @@ impl PeerClients {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Status> {
+    m.lock().map_err(|_| Status::internal("peer transport lock poisoned"))
+}
+
 /// The status a member answers peers it has removed from the cluster.
 pub const MEMBER_REMOVED: &str = "the member has been permanently removed from the cluster";
 
@@ -286,7 +400,7 @@ fn note_tls_refusal(target: NodeId, status: &tonic::Status) {
 
 impl PeerNetwork {
     /// Sends an encoded request (see [`encode_rpc`]) and decodes the reply.
-    async fn call<Resp, E, F, Fut>(&self, data: Vec<u8>, option: &RPCOption, send: F) -> RpcResult<Resp, E>
+    async fn call<Resp, E, F, Fut>(&self, payload: RaftPayload, option: &RPCOption, send: F) -> RpcResult<Resp, E>
     where
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
@@ -297,21 +411,32 @@ impl PeerNetwork {
             .clients
             .client(self.target, &self.node)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&TransportError(e.to_string()))))?;
-        let mut request = tonic::Request::new(RaftPayload { data: data.into() });
+        let mut request = tonic::Request::new(payload);
         request.set_timeout(option.hard_ttl());
-        let reply = send(client, request).await.map_err(|status| {
-            note_tls_refusal(self.target, &status);
-            if status.code() == tonic::Code::FailedPrecondition && status.message() == MEMBER_REMOVED {
-                self.clients.mark_removed();
-            }
-            let err = TransportError(format!("{}: {}", status.code(), status.message()));
-            match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown => RPCError::Unreachable(Unreachable::new(&err)),
-                _ => RPCError::Network(NetworkError::new(&err)),
-            }
-        })?;
+        let reply = send(client, request).await.map_err(|status| self.rpc_error(status))?;
+        self.decode_reply(&reply.into_inner())
+    }
+
+    /// What openraft is told about a failed call.
+    fn rpc_error<E: std::error::Error>(&self, status: Status) -> RpcError<E> {
+        note_tls_refusal(self.target, &status);
+        if status.code() == tonic::Code::FailedPrecondition && status.message() == MEMBER_REMOVED {
+            self.clients.mark_removed();
+        }
+        let err = TransportError(format!("{}: {}", status.code(), status.message()));
+        match status.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown => RPCError::Unreachable(Unreachable::new(&err)),
+            _ => RPCError::Network(NetworkError::new(&err)),
+        }
+    }
+
+    fn decode_reply<Resp, E>(&self, reply: &RaftPayload) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let result: Result<Resp, RaftError<NodeId, E>> =
-            codec::decode(&reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            codec::decode(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
     }
 }
@@ -331,7 +456,14 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             let hint = (n * limit / data.len()).clamp(1, n - 1) as u64;
             return Err(RPCError::PayloadTooLarge(openraft::error::PayloadTooLarge::new_entries_hint(hint)));
         }
-        self.call(data, &option, |mut c, r| async move { c.append_entries(r).await }).await
+        let payload = RaftPayload { data: data.into() };
+        let streamed = self.clients.append_streamed(self.target, &self.node, payload.clone());
+        match tokio::time::timeout(option.hard_ttl(), streamed).await {
+            Ok(Ok(Some(reply))) => self.decode_reply(&reply),
+            Ok(Ok(None)) => self.call(payload, &option, |mut c, r| async move { c.append_entries(r).await }).await,
+            Ok(Err(status)) => Err(self.rpc_error(status)),
+            Err(_) => Err(self.rpc_error(Status::deadline_exceeded("append-entries reply timed out"))),
+        }
     }
 
     async fn install_snapshot(
@@ -339,7 +471,10 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(encode_rpc(&rpc)?, &option, |mut c, r| async move { c.install_snapshot(r).await }).await
+        self.call(RaftPayload { data: encode_rpc(&rpc)?.into() }, &option, |mut c, r| async move {
+            c.install_snapshot(r).await
+        })
+        .await
     }
 
     async fn vote(
@@ -347,6 +482,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call(encode_rpc(&rpc)?, &option, |mut c, r| async move { c.vote(r).await }).await
+        self.call(RaftPayload { data: encode_rpc(&rpc)?.into() }, &option, |mut c, r| async move { c.vote(r).await })
+            .await
     }
 }

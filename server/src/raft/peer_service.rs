@@ -1,7 +1,10 @@
 //! The server side of the peer transport: hands openraft messages to the
 //! local Raft and serves leader-bound requests from followers.
 
+use std::pin::Pin;
 use std::sync::Arc;
+
+use futures::Stream;
 
 use keel_proto::etcdserverpb::{
     HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest,
@@ -13,7 +16,7 @@ use keel_proto::keelpb::{
     ForwardRequest, ForwardResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::network::MEMBER_REMOVED;
 use super::{codec, NodeId, TypeConfig};
@@ -49,34 +52,61 @@ fn to_status(e: Error) -> Status {
     }
 }
 
-impl PeerService {
-    /// Refuses Raft traffic from a member this cluster removed, telling it
-    /// so (it then shuts down, as etcd's removed members do).
-    fn check_sender(&self, sender: NodeId) -> Result<(), Status> {
-        if self.server.members.is_removed(sender) {
-            return Err(Status::failed_precondition(MEMBER_REMOVED));
-        }
-        Ok(())
+/// Refuses Raft traffic from a member this cluster removed, telling it so
+/// (it then shuts down, as etcd's removed members do).
+fn check_sender(server: &Server, sender: NodeId) -> Result<(), Status> {
+    if server.members.is_removed(sender) {
+        return Err(Status::failed_precondition(MEMBER_REMOVED));
     }
+    Ok(())
 }
+
+/// Hands one append-entries message to the local Raft; returns its reply.
+async fn append_one(server: &Server, payload: &RaftPayload) -> Result<RaftPayload, Status> {
+    let rpc: AppendEntriesRequest<TypeConfig> = decode(payload)?;
+    check_sender(server, rpc.vote.leader_id().voted_for().unwrap_or_default())?;
+    Ok(encode(&server.raft.append_entries(rpc).await)?.into_inner())
+}
+
+/// The replies of an append-entries stream.
+pub type AppendReplies = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
-        self.check_sender(rpc.vote.leader_id().voted_for().unwrap_or_default())?;
-        encode(&self.server.raft.append_entries(rpc).await)
+        Ok(Response::new(append_one(&self.server, req.get_ref()).await?))
+    }
+
+    type AppendEntriesStreamStream = AppendReplies;
+
+    async fn append_entries_stream(
+        &self,
+        req: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<AppendReplies>, Status> {
+        // Each message is handled by whoever polls the reply stream (the
+        // HTTP/2 stream's own task, no hand-off) and answered before the next
+        // is read, so replies keep the requests' order: the sender pairs them
+        // by position. An error ends the stream with its status.
+        let replies =
+            futures::stream::try_unfold((self.server.clone(), req.into_inner()), |(server, mut requests)| async move {
+                let Some(payload) = requests.message().await? else {
+                    return Ok(None);
+                };
+                let reply = append_one(&server, &payload).await?;
+                Ok(Some((reply, (server, requests))))
+            });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
-        self.check_sender(rpc.vote.leader_id().voted_for().unwrap_or_default())?;
+        check_sender(&self.server, rpc.vote.leader_id().voted_for().unwrap_or_default())?;
         encode(&self.server.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
-        self.check_sender(rpc.vote.leader_id().voted_for().unwrap_or_default())?;
+        check_sender(&self.server, rpc.vote.leader_id().voted_for().unwrap_or_default())?;
         encode(&self.server.raft.install_snapshot(rpc).await)
     }
 

@@ -1,5 +1,7 @@
 //! openraft's storage conformance suite (`openraft::testing::Suite`) run
-//! against keel's RocksDB-backed log store and state machine.
+//! against keel's RocksDB-backed log store and state machine, once as a
+//! follower's store (appends flushed inline) and once as a leader's
+//! (appends flushed by the syncer thread).
 
 use std::sync::Arc;
 
@@ -32,7 +34,9 @@ impl Reloadable for ReloadMvcc {
     }
 }
 
-struct RocksBuilder;
+struct RocksBuilder {
+    leading: bool,
+}
 
 fn storage_err(e: impl std::fmt::Display) -> RaftStorageError {
     openraft::StorageIOError::write(openraft::AnyError::error(e.to_string())).into()
@@ -54,11 +58,17 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         let sm = StateMachine::open(engine.clone(), applier, dir.path().join("snap"), Arc::new(ReloadMvcc(mvcc)))
             .map_err(storage_err)?;
         let log = LogStore::open(engine).map_err(storage_err)?;
+        log.set_leading(self.leading);
         Ok((dir, log, sm))
     }
 }
 
 #[test]
-fn rocksdb_store_passes_openraft_suite() -> Result<(), RaftStorageError> {
-    Suite::test_all(RocksBuilder)
+fn follower_store_passes_openraft_suite() -> Result<(), RaftStorageError> {
+    Suite::test_all(RocksBuilder { leading: false })
+}
+
+#[test]
+fn leader_store_passes_openraft_suite() -> Result<(), RaftStorageError> {
+    Suite::test_all(RocksBuilder { leading: true })
 }
