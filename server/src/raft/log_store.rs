@@ -9,7 +9,9 @@
 //! waits for every flush before answering, so there `append` writes with
 //! fsync on the calling task and completes the callback itself: two thread
 //! hand-offs (to the syncer and back, ~60 us each on a busy 2-core machine)
-//! fewer on every write's critical path. Votes are written synchronously.
+//! fewer on every write's critical path. That holds one runtime worker for
+//! the fsync, while Raft's task, the only one that could use the answer,
+//! waits for it anyway. Votes are written synchronously.
 //!
 //! Integrity: each entry is stored as crc32 + bincode; a checksum mismatch
 //! (a torn or flipped write) is reported as corruption and stops the

@@ -47,7 +47,8 @@ pub struct PeerClients {
     /// Open append-entries streams not in use, by peer.
     idle_append_streams: Mutex<HashMap<PeerKey, Vec<AppendStream>>>,
     /// Peers that answered the stream with Unimplemented (a keel from
-    /// before it existed): they get unary append-entries calls.
+    /// before it existed): they get unary append-entries calls until this
+    /// member restarts (a rolling upgrade restarts every member anyway).
     unary_append_peers: Mutex<HashSet<PeerKey>>,
     removed: tokio::sync::watch::Sender<bool>,
 }
