@@ -487,3 +487,185 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use keel_proto::etcdserverpb::{HashKvRequest, HashKvResponse, LeaseKeepAliveResponse, LeaseTimeToLiveResponse};
+    use keel_proto::keelpb::raft_peer_server::{RaftPeer, RaftPeerServer};
+    use keel_proto::keelpb::{ClusterChangeResponse, ForwardResponse, ReadIndexResponse};
+    use tonic::{Request, Response, Streaming};
+
+    use super::*;
+    use crate::raft::peer_service::AppendReplies;
+    use crate::transport::{self, Http2Options, Security};
+
+    /// A peer that answers append-entries with "stream:<request>" over the
+    /// stream (or refuses the stream, like a keel from before it) and with
+    /// an encoded success to the unary call.
+    #[derive(Default)]
+    struct FakePeer {
+        refuse_streams: bool,
+        stream_attempts: AtomicUsize,
+        unary_calls: AtomicUsize,
+        /// Fail the next message received on a stream, ending that stream.
+        break_next_stream: AtomicBool,
+        streams_opened: AtomicUsize,
+        stream_messages: AtomicUsize,
+    }
+
+    fn tagged(tag: &str, p: &RaftPayload) -> RaftPayload {
+        RaftPayload { data: [tag.as_bytes(), &p.data].concat().into() }
+    }
+
+    /// The gRPC service of a shared [`FakePeer`].
+    struct FakeService(Arc<FakePeer>);
+
+    #[tonic::async_trait]
+    impl RaftPeer for FakeService {
+        async fn append_entries(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            self.0.unary_calls.fetch_add(1, Ordering::SeqCst);
+            let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = Ok(AppendEntriesResponse::Success);
+            let data = codec::encode(&ok).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(Response::new(RaftPayload { data: data.into() }))
+        }
+
+        type AppendEntriesStreamStream = AppendReplies;
+
+        async fn append_entries_stream(
+            &self,
+            req: Request<Streaming<RaftPayload>>,
+        ) -> Result<Response<AppendReplies>, Status> {
+            self.0.stream_attempts.fetch_add(1, Ordering::SeqCst);
+            if self.0.refuse_streams {
+                return Err(Status::unimplemented("no such method"));
+            }
+            self.0.streams_opened.fetch_add(1, Ordering::SeqCst);
+            let peer = self.0.clone();
+            let replies = futures::stream::try_unfold(req.into_inner(), move |mut requests| {
+                let peer = peer.clone();
+                async move {
+                    let Some(payload) = requests.message().await? else { return Ok(None) };
+                    peer.stream_messages.fetch_add(1, Ordering::SeqCst);
+                    if peer.break_next_stream.swap(false, Ordering::SeqCst) {
+                        return Err(Status::unavailable("connection lost"));
+                    }
+                    Ok(Some((tagged("stream:", &payload), requests)))
+                }
+            });
+            Ok(Response::new(Box::pin(replies)))
+        }
+
+        async fn vote(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn install_snapshot(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn forward(&self, _: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn read_index(&self, _: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn lease_keep_alive(
+            &self,
+            _: Request<LeaseKeepAliveRequest>,
+        ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn lease_time_to_live(
+            &self,
+            _: Request<LeaseTimeToLiveRequest>,
+        ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn cluster_change(
+            &self,
+            _: Request<ClusterChangeRequest>,
+        ) -> Result<Response<ClusterChangeResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn cluster_info(&self, _: Request<ClusterInfoRequest>) -> Result<Response<ClusterInfoResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn campaign(&self, _: Request<Empty>) -> Result<Response<Empty>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+    }
+
+    /// Serves `peer` on a loopback port through keel's own server; returns
+    /// the peer's node and the shutdown switch (keep it alive).
+    async fn serve(peer: Arc<FakePeer>) -> (MemberNode, tokio::sync::watch::Sender<bool>) {
+        let listener = transport::bind("http://127.0.0.1:0").await.expect("bind a loopback port");
+        let addr = listener.local_addr().expect("a TCP listener has an address");
+        let router = tonic::service::Routes::new(RaftPeerServer::new(FakeService(peer))).prepare().into_axum_router();
+        let opts = Http2Options {
+            max_concurrent_streams: u32::MAX,
+            keepalive_min_time: Duration::ZERO,
+            keepalive_interval: Duration::ZERO,
+            keepalive_timeout: Duration::from_secs(20),
+        };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(transport::serve(listener, Security::Plain, router, opts, stopped));
+        (MemberNode { peer_urls: vec![format!("http://{addr}")] }, stop)
+    }
+
+    fn clients() -> PeerClients {
+        PeerClients::new(PeerConnector { tls: None, connect_timeout: Duration::from_secs(5), loopback_source: None })
+    }
+
+    fn payload(i: usize) -> RaftPayload {
+        RaftPayload { data: format!("m{i}").into_bytes().into() }
+    }
+
+    #[tokio::test]
+    async fn messages_share_one_stream_and_each_gets_its_own_reply() {
+        let peer = Arc::new(FakePeer::default());
+        let (node, _stop) = serve(peer.clone()).await;
+        let clients = clients();
+        for i in 0..5 {
+            let reply = clients.append_streamed(7, &node, payload(i)).await.expect("append over the stream");
+            assert_eq!(reply, Some(tagged("stream:", &payload(i))));
+        }
+        assert_eq!(peer.streams_opened.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_is_replaced_and_the_message_resent() {
+        let peer = Arc::new(FakePeer::default());
+        let (node, _stop) = serve(peer.clone()).await;
+        let clients = clients();
+        clients.append_streamed(7, &node, payload(0)).await.expect("first append");
+        peer.break_next_stream.store(true, Ordering::SeqCst);
+        let reply = clients.append_streamed(7, &node, payload(1)).await.expect("append after the break");
+        assert_eq!(reply, Some(tagged("stream:", &payload(1))));
+        assert_eq!(peer.streams_opened.load(Ordering::SeqCst), 2);
+        // m0 once, m1 on the broken stream and again on the new one.
+        assert_eq!(peer.stream_messages.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_stream_gets_unary_calls() {
+        let peer = Arc::new(FakePeer { refuse_streams: true, ..FakePeer::default() });
+        let (node, _stop) = serve(peer.clone()).await;
+        let mut network = PeerNetwork { target: 7, node, clients: Arc::new(clients()) };
+        for calls in 1..=2 {
+            let heartbeat = AppendEntriesRequest::<TypeConfig> {
+                vote: openraft::Vote::new_committed(1, 1),
+                prev_log_id: None,
+                entries: Vec::new(),
+                leader_commit: None,
+            };
+            let reply = network.append_entries(heartbeat, RPCOption::new(Duration::from_secs(5))).await;
+            assert!(matches!(reply, Ok(AppendEntriesResponse::Success)), "{reply:?}");
+            assert_eq!(peer.unary_calls.load(Ordering::SeqCst), calls);
+        }
+        // Asked once; the refusal is remembered.
+        assert_eq!(peer.stream_attempts.load(Ordering::SeqCst), 1);
+    }
+}
