@@ -428,6 +428,11 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         keepalive_interval: config.grpc_keepalive_interval,
         keepalive_timeout: config.grpc_keepalive_timeout,
     };
+    // etcd's stream limit and keepalive policy are for clients. Peers keep
+    // long-lived append-entries streams open (and ping over them every 10
+    // s), which a small limit or a long minimum ping interval would starve
+    // or cut off.
+    let peer_http2 = Http2Options { max_concurrent_streams: u32::MAX, keepalive_min_time: Duration::ZERO, ..http2 };
 
     // Peers first: the rest of the cluster needs us to elect a leader.
     let peer_tls = tls_acceptor(
@@ -450,7 +455,13 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on peer URL {url}"))?;
         peer_addrs.extend(listener.local_addr());
         tracing::info!(address = %url, "listening for peers");
-        tasks.push(tokio::spawn(transport::serve(listener, security, peer_router.clone(), http2, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(transport::serve(
+            listener,
+            security,
+            peer_router.clone(),
+            peer_http2,
+            shutdown_rx.clone(),
+        )));
     }
 
     let client_tls = tls_acceptor(

@@ -21,7 +21,7 @@ use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{OptionalSend, StorageIOError, Vote};
@@ -55,6 +55,12 @@ pub fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StorageError> {
 
 type FlushRequest = LogFlushed<TypeConfig>;
 
+/// The truncation count's guard. A poisoned lock still holds a valid
+/// count (it is only ever incremented), so it is used as is.
+fn lock_epoch(truncations: &Mutex<u64>) -> std::sync::MutexGuard<'_, u64> {
+    truncations.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// One thread that makes appended entries durable in batches.
 struct Syncer {
     tx: mpsc::Sender<FlushRequest>,
@@ -63,7 +69,12 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(engine: SharedEngine, appended: Arc<AtomicU64>, mark: Option<Arc<AckMark>>) -> std::io::Result<Self> {
+    fn start(
+        engine: SharedEngine,
+        appended: Arc<AtomicU64>,
+        truncations: Arc<Mutex<u64>>,
+        mark: Option<Arc<AckMark>>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<FlushRequest>();
         let queued = Arc::new(AtomicUsize::new(0));
         let completed = queued.clone();
@@ -76,6 +87,7 @@ impl Syncer {
                 waiting.extend(rx.try_iter());
                 // Everything appended before this load is in the
                 // write-ahead log, so durable once the sync returns.
+                let epoch = *lock_epoch(&truncations);
                 let covered = appended.load(Ordering::Acquire);
                 let started = std::time::Instant::now();
                 let res = match engine.upgrade() {
@@ -84,10 +96,16 @@ impl Syncer {
                 };
                 crate::metrics::WAL_FSYNC.observe(started.elapsed().as_secs_f64());
                 if let (Ok(()), Some(mark)) = (&res, &mark) {
-                    // A truncation meanwhile lowered `appended`: never
-                    // record entries the log no longer has.
-                    if let Err(e) = mark.durable_up_to(covered.min(appended.load(Ordering::Acquire))) {
-                        tracing::warn!(error = %e, "cannot update the acknowledgement mark");
+                    // A truncation since `covered` was read may have
+                    // replaced entries up to it with new ones this sync does
+                    // not cover: record nothing then (the next sync will).
+                    // The epoch's lock keeps a truncation from lowering the
+                    // mark between this check and the write.
+                    let current = lock_epoch(&truncations);
+                    if *current == epoch {
+                        if let Err(e) = mark.durable_up_to(covered.min(appended.load(Ordering::Acquire))) {
+                            tracing::warn!(error = %e, "cannot update the acknowledgement mark");
+                        }
                     }
                 }
                 let n = waiting.len();
@@ -118,6 +136,8 @@ pub struct LogStore {
     syncer: Arc<Syncer>,
     /// Index of the last entry handed to the engine.
     appended: Arc<AtomicU64>,
+    /// How many truncations there have been (see the syncer).
+    truncations: Arc<Mutex<u64>>,
     mark: Option<Arc<AckMark>>,
     /// Whether this member leads (see the module doc); kept by
     /// [`LogStore::set_leading`] from Raft's metrics, so it may lag a role
@@ -141,8 +161,9 @@ impl LogStore {
     /// Opens the log without an acknowledgement mark (tests, tools).
     pub fn open(engine: SharedEngine) -> std::io::Result<Self> {
         let appended = Arc::new(AtomicU64::new(0));
-        let syncer = Arc::new(Syncer::start(engine.clone(), appended.clone(), None)?);
-        Ok(Self { engine, syncer, appended, mark: None, leading: Arc::new(AtomicBool::new(false)) })
+        let truncations = Arc::new(Mutex::new(0));
+        let syncer = Arc::new(Syncer::start(engine.clone(), appended.clone(), truncations.clone(), None)?);
+        Ok(Self { engine, syncer, appended, truncations, mark: None, leading: Arc::new(AtomicBool::new(false)) })
     }
 
     /// Opens the log of a member, checking that the engine recovered
@@ -161,7 +182,12 @@ impl LogStore {
         mark.voted(recovered.vote_term)?;
         store.appended.store(recovered.last_index, Ordering::Release);
         let mark = Arc::new(mark);
-        store.syncer = Arc::new(Syncer::start(store.engine.clone(), store.appended.clone(), Some(mark.clone()))?);
+        store.syncer = Arc::new(Syncer::start(
+            store.engine.clone(),
+            store.appended.clone(),
+            store.truncations.clone(),
+            Some(mark.clone()),
+        )?);
         store.mark = Some(mark);
         Ok(store)
     }
@@ -307,9 +333,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
         // Lower the mark (and what the syncer may record) first, so it
         // never claims entries the log no longer has.
-        self.appended.store(log_id.index.saturating_sub(1), Ordering::Release);
-        if let Some(mark) = &self.mark {
-            mark.truncating_from(log_id.index).map_err(write_err)?;
+        {
+            let mut epoch = lock_epoch(&self.truncations);
+            self.appended.store(log_id.index.saturating_sub(1), Ordering::Release);
+            *epoch += 1;
+            if let Some(mark) = &self.mark {
+                mark.truncating_from(log_id.index).map_err(write_err)?;
+            }
         }
         let mut b = WriteBatch::new();
         b.delete_range(Table::RaftLog, log_key(log_id.index), log_key(u64::MAX));

@@ -48,7 +48,9 @@ pub struct PeerClients {
     idle_append_streams: Mutex<HashMap<PeerKey, Vec<AppendStream>>>,
     /// Peers that answered the stream with Unimplemented (a keel from
     /// before it existed): they get unary append-entries calls until this
-    /// member restarts (a rolling upgrade restarts every member anyway).
+    /// member restarts. In a rolling upgrade, members upgraded before a
+    /// peer keep using unary calls to it until their own next restart,
+    /// which costs speed, not correctness.
     unary_append_peers: Mutex<HashSet<PeerKey>>,
     removed: tokio::sync::watch::Sender<bool>,
 }
@@ -116,21 +118,22 @@ impl PeerClients {
             return Ok(None);
         }
         let idle = lock(&self.idle_append_streams)?.get_mut(&key).and_then(Vec::pop);
-        let (stream, reply) = match idle {
+        let replied = match idle {
             Some(mut stream) => match stream.exchange(payload.clone()).await {
-                Ok(reply) => (stream, reply),
+                Ok(reply) => Ok((stream, reply)),
                 // An idle stream dies with its connection (the peer
                 // restarted) and says so only when used. Raft messages are
                 // safe to deliver twice, so retry on a fresh stream.
-                Err(_) => self.open_append_stream(id, node, &key, payload).await?,
+                Err(_) => self.open_append_stream(id, node, &key, payload).await,
             },
-            None => match self.open_append_stream(id, node, &key, payload).await {
-                Err(status) if status.code() == tonic::Code::Unimplemented => {
-                    lock(&self.unary_append_peers)?.insert(key);
-                    return Ok(None);
-                }
-                other => other?,
-            },
+            None => self.open_append_stream(id, node, &key, payload).await,
+        };
+        let (stream, reply) = match replied {
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                lock(&self.unary_append_peers)?.insert(key);
+                return Ok(None);
+            }
+            other => other?,
         };
         let mut idle = lock(&self.idle_append_streams)?;
         let pool = idle.entry(key).or_default();
