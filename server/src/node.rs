@@ -121,10 +121,6 @@ fn host_of(url: &str) -> Option<String> {
     }
 }
 
-/// The restored data is in the state machine, not in the Raft log: a
-/// member joining later must get it as a snapshot, not by replaying the
-/// log. So once the bootstrap membership applies, take a snapshot and
-/// purge the log it covers.
 /// Keeps the log store told whether this member leads: a leader's appends
 /// are flushed in the background, a follower's inline (see `log_store`).
 async fn tell_log_store_the_role(
@@ -139,6 +135,10 @@ async fn tell_log_store_the_role(
     }
 }
 
+/// The restored data is in the state machine, not in the Raft log: a
+/// member joining later must get it as a snapshot, not by replaying the
+/// log. So once the bootstrap membership applies, take a snapshot and
+/// purge the log it covers.
 async fn snapshot_restored_state(raft: Raft) {
     let wait = Some(Duration::from_secs(600));
     if raft.wait(wait).applied_index_at_least(Some(0), "restored membership applied").await.is_err() {

@@ -186,8 +186,8 @@ impl HubState {
         }
     }
 
-    /// Synced watchers whose range contains `key`.
-    /// Appends the synced watchers of `key` to `out`, in (stream, id) order.
+    /// Appends the synced watchers whose range contains `key` to `out`, in
+    /// (stream, id) order.
     fn matching(&self, key: &[u8], out: &mut Vec<(StreamId, WatchId)>) {
         let start = out.len();
         if let Some(set) = self.synced_keys.get(key) {
