@@ -21,9 +21,11 @@ all: build
 # bindgen and its C++ is compiled by the rocksdb crate; the RocksDB version
 # is pinned by Cargo.lock, not taken from Debian), etcd-client (etcdctl, for
 # tests and for you), etcd-server (real etcd, the reference the differential
-# tests compare against), iproute2 and iptables (network namespaces and
-# faults for the Jepsen harness).
-DEB_PACKAGES := clang libclang-dev etcd-client etcd-server iproute2 iptables curl
+# tests compare against), protobuf-compiler (the etcd-client crate, etcd's
+# Rust client, which the black-box tests drive keel with, runs protoc when
+# it builds; keel's own protos need none), iproute2 and iptables (network
+# namespaces and faults for the Jepsen harness).
+DEB_PACKAGES := clang libclang-dev protobuf-compiler etcd-client etcd-server iproute2 iptables curl
 deps:
 	@missing=""; \
 	for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

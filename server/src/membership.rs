@@ -28,6 +28,10 @@ use crate::error::{Error, Result};
 use crate::raft::{MemberNode, NodeId};
 use crate::server::Server;
 
+/// How many election timeouts a leader without a quorum stays silent
+/// (`check_quorum`): the longest a follower waits to campaign, 4, plus one.
+const STEP_DOWN_PAUSE: u32 = 5;
+
 /// etcd allows one learner at a time.
 const MAX_LEARNERS: usize = 1;
 /// A learner is ready for promotion at 90% of the leader's log (etcd).
@@ -288,14 +292,21 @@ impl Server {
 
     /// etcd's CheckQuorum. An openraft 0.9 leader cut off from a quorum
     /// stays leader (and keeps the members it still reaches believing in
-    /// it). Here such a leader stops its heartbeats for three election
-    /// timeouts: the followers it reaches then start elections, nobody
-    /// names a leader until a quorum is back, and `WithRequireLeader`
-    /// requests fail fast, as in etcd. Heartbeats resume afterwards so a
-    /// returning quorum is noticed. A follower campaigns 1.5 to 2 election
-    /// timeouts after its last heartbeat (`node::raft_config`); a pause of
-    /// two let one whose draw was near 2 lose that race on every round
-    /// (seen in CI: a five-member test kept naming the cut-off leader).
+    /// it). Here such a leader stops its heartbeats for `STEP_DOWN_PAUSE`
+    /// election timeouts: the followers it reaches then start elections,
+    /// nobody names a leader until a quorum is back, and
+    /// `WithRequireLeader` requests fail fast, as in etcd. Heartbeats
+    /// resume afterwards so a returning quorum is noticed.
+    ///
+    /// The pause must outlast the longest wait of a follower before it
+    /// campaigns. openraft waits its leader lease (election_timeout_max)
+    /// plus a random timeout below election_timeout_max, and a follower
+    /// that lost an earlier election to a member with a longer log adds
+    /// `smaller_log_timeout` (2 x election_timeout_max) until it campaigns
+    /// again: up to 4 election timeouts (`node::raft_config` sets
+    /// election_timeout_max to etcd's election timeout). A shorter pause
+    /// let such a follower keep naming the cut-off leader on every round
+    /// (seen in CI, twice, in a five-member test).
     pub async fn check_quorum(&self) {
         let timeout = self.config.election_timeout;
         let mut ticker = tokio::time::interval(self.config.heartbeat_interval);
@@ -311,7 +322,7 @@ impl Server {
                 let _gate = self.transfer_gate.write().await;
                 tracing::warn!("leader lost contact with a quorum; stepping down");
                 self.raft.runtime_config().heartbeat(false);
-                tokio::time::sleep(timeout * 3).await;
+                tokio::time::sleep(timeout * STEP_DOWN_PAUSE).await;
                 self.raft.runtime_config().heartbeat(true);
             }
         }
