@@ -508,11 +508,14 @@ impl Db {
 
     /// The newest write-ahead log file of member `i`: RocksDB's `NNNNNN.log`
     /// (keel) or etcd's `*.wal`.
-    pub fn newest_wal(&self, i: usize) -> Option<PathBuf> {
+    /// The newest write-ahead log file of member `i`: etcd's WAL segment,
+    /// or keel's Raft log journal segment (`journal`) or RocksDB log.
+    pub fn newest_wal(&self, i: usize, journal: bool) -> Option<PathBuf> {
         let mut found = Vec::new();
         collect_wal(&self.nodes[i].data_dir, &mut found);
         found
             .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "journal") == journal)
             .filter(|p| p.metadata().is_ok_and(|m| m.len() > 0))
             .max_by_key(|p| (p.metadata().and_then(|m| m.modified()).ok(), p.file_name().map(|f| f.to_os_string())))
     }
@@ -557,7 +560,7 @@ fn collect_wal(dir: &Path, out: &mut Vec<PathBuf>) {
         } else if let Some(name) = p.file_name().and_then(|f| f.to_str()) {
             let rocks_wal =
                 name.strip_suffix(".log").is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
-            if rocks_wal || name.ends_with(".wal") {
+            if rocks_wal || name.ends_with(".wal") || name.ends_with(".journal") {
                 out.push(p);
             }
         }

@@ -349,19 +349,39 @@ impl Nemesis {
         let mut db = self.db.lock().await;
         let name = db.nodes[i].name.clone();
         db.kill(i)?;
-        let Some(wal) = db.newest_wal(i) else { bail!("no write-ahead log found for {name}") };
+        // keel makes appends durable in its journal and also writes them to
+        // RocksDB's log: damage either.
+        let journal = self.rng.gen_bool(0.5);
+        let Some(wal) = db.newest_wal(i, journal).or_else(|| db.newest_wal(i, !journal)) else {
+            bail!("no write-ahead log found for {name}")
+        };
         let mut bytes = std::fs::read(&wal)?;
-        let len = bytes.len();
+        // A journal segment is allocated in full: its records end where the
+        // zeros start.
+        let preallocated = wal.extension().is_some_and(|e| e == "journal");
+        let len = if preallocated { bytes.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1) } else { bytes.len() };
+        if len == 0 {
+            bail!("{} is empty", wal.display());
+        }
         let what = if damage == 0 {
             // What a crash in the middle of appending leaves: part of a
             // record that was never acknowledged.
             let extra = self.rng.gen_range(1..=64);
-            bytes.extend((0..extra).map(|_| self.rng.gen::<u8>()));
+            let torn: Vec<u8> = (0..extra).map(|_| self.rng.gen::<u8>()).collect();
+            bytes.truncate(len);
+            bytes.extend(&torn);
+            if preallocated {
+                bytes.resize(bytes.len().max(std::fs::metadata(&wal)?.len() as usize), 0);
+            }
             format!("appended a torn record of {extra} bytes to {len}")
         } else if damage == 1 {
             // A disk that lost synced data: acknowledged records vanish.
             let cut = self.rng.gen_range(1..=len.min(4096));
-            bytes.truncate(len - cut);
+            if preallocated {
+                bytes[len - cut..len].fill(0);
+            } else {
+                bytes.truncate(len - cut);
+            }
             format!("truncated the last {cut} of {len} bytes")
         } else {
             let at = self.rng.gen_range(0..len);

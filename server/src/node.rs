@@ -362,7 +362,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         auth: auth.clone(),
     });
     let state_machine = StateMachine::open(engine.clone(), applier, snap_dir, reloader)?;
-    let log_store = LogStore::open_checked(engine.clone(), &member_dir.join("raft.ack"))?;
+    let log_store = LogStore::open_checked(engine.clone(), &member_dir.join("journal"), &member_dir.join("raft.ack"))?;
 
     let network = NetworkFactory { clients: peers.clone() };
     let raft = Raft::new(id, Arc::new(raft_config(&config)?), network, log_store.clone(), state_machine.clone())

@@ -1,17 +1,22 @@
 //! The Raft log and vote, stored in the engine's `raft_log` and
-//! `raft_state` tables.
+//! `raft_state` tables, with appends made durable by the journal.
 //!
-//! Durability: on the leader, `append` writes entries without waiting for
-//! the disk and hands the flush callback to one syncer thread, which fsyncs
-//! the engine's write-ahead log once for every callback that queued up
-//! meanwhile (group commit) and completes them in order; the leader's Raft
-//! (keel's openraft patch) replicates while that runs. A follower's Raft
-//! waits for every flush before answering, so there `append` writes with
-//! fsync on the calling task and completes the callback itself: two thread
+//! Durability: `append` writes the entries to the engine without waiting
+//! for the disk and to the journal (`journal`: preallocated segments, one
+//! device wait per fsync instead of the engine's two); the journal's fsync
+//! is what completes the flush callback. On the leader the callback goes
+//! to one syncer thread, which fsyncs once for every callback that queued
+//! up meanwhile (group commit) and completes them in order; the leader's
+//! Raft (keel's openraft patch) replicates while that runs. A follower's
+//! Raft waits for every flush before answering, so there `append` fsyncs
+//! on the calling task and completes the callback itself: two thread
 //! hand-offs (to the syncer and back, ~60 us each on a busy 2-core machine)
 //! fewer on every write's critical path. That holds one runtime worker for
 //! the fsync, while Raft's task, the only one that could use the answer,
-//! waits for it anyway. Votes are written synchronously.
+//! waits for it anyway. Votes are written to the engine synchronously.
+//!
+//! On open, the journal is replayed onto the `raft_log` table, so the log
+//! holds every entry whose append completed, whatever the engine lost.
 //!
 //! Integrity: each entry is stored as crc32 + bincode; a checksum mismatch
 //! (a torn or flipped write) is reported as corruption and stops the
@@ -19,6 +24,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -27,6 +33,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{OptionalSend, StorageIOError, Vote};
 
 use super::ack_mark::{AckMark, Acknowledged};
+use super::journal::{self, Journal, Record};
 use super::{codec, Entry, LogId, NodeId, RaftStorageError, TypeConfig};
 use crate::storage::keys::{log_key, RAFT_COMMITTED, RAFT_LAST_PURGED, RAFT_VOTE};
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
@@ -70,7 +77,7 @@ struct Syncer {
 
 impl Syncer {
     fn start(
-        engine: SharedEngine,
+        journal: Arc<Journal>,
         appended: Arc<AtomicU64>,
         truncations: Arc<Mutex<u64>>,
         mark: Option<Arc<AckMark>>,
@@ -78,22 +85,16 @@ impl Syncer {
         let (tx, rx) = mpsc::channel::<FlushRequest>();
         let queued = Arc::new(AtomicUsize::new(0));
         let completed = queued.clone();
-        // Weak: the engine closes with its last user, not later in this
-        // thread (which may still run while the process exits).
-        let engine = Arc::downgrade(&engine);
         std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || {
             while let Ok(first) = rx.recv() {
                 let mut waiting = vec![first];
                 waiting.extend(rx.try_iter());
                 // Everything appended before this load is in the
-                // write-ahead log, so durable once the sync returns.
+                // journal, so durable once the sync returns.
                 let epoch = *lock_epoch(&truncations);
                 let covered = appended.load(Ordering::Acquire);
                 let started = std::time::Instant::now();
-                let res = match engine.upgrade() {
-                    Some(engine) => engine.sync(),
-                    None => Err(StorageError::Io("the storage engine was closed".into())),
-                };
+                let res = journal.sync();
                 crate::metrics::WAL_FSYNC.observe(started.elapsed().as_secs_f64());
                 if let (Ok(()), Some(mark)) = (&res, &mark) {
                     // A truncation since `covered` was read may have
@@ -110,7 +111,7 @@ impl Syncer {
                 }
                 let n = waiting.len();
                 for cb in waiting {
-                    let r = res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+                    let r = res.as_ref().map(|_| ()).map_err(|e| std::io::Error::new(e.kind(), e.to_string()));
                     cb.log_io_completed(r);
                 }
                 completed.fetch_sub(n, Ordering::AcqRel);
@@ -133,6 +134,7 @@ impl Syncer {
 #[derive(Clone)]
 pub struct LogStore {
     engine: SharedEngine,
+    journal: Arc<Journal>,
     syncer: Arc<Syncer>,
     /// Index of the last entry handed to the engine.
     appended: Arc<AtomicU64>,
@@ -158,24 +160,27 @@ fn vote_err(e: impl std::fmt::Display) -> RaftStorageError {
 }
 
 impl LogStore {
-    /// Opens the log without an acknowledgement mark (tests, tools).
-    pub fn open(engine: SharedEngine) -> std::io::Result<Self> {
-        let appended = Arc::new(AtomicU64::new(0));
-        let truncations = Arc::new(Mutex::new(0));
-        let syncer = Arc::new(Syncer::start(engine.clone(), appended.clone(), truncations.clone(), None)?);
-        Ok(Self { engine, syncer, appended, truncations, mark: None, leading: Arc::new(AtomicBool::new(false)) })
+    /// Opens the log without an acknowledgement mark (tests, tools), with
+    /// its journal in `journal_dir`.
+    pub fn open(engine: SharedEngine, journal_dir: &Path) -> anyhow::Result<Self> {
+        let store = Self::replayed(engine, journal_dir)?;
+        store.retire_replayed_journal()?;
+        Ok(store)
     }
 
-    /// Opens the log of a member, checking that the engine recovered
-    /// everything the mark at `mark_path` says was acknowledged (see
-    /// `ack_mark`); an error means the member must not start.
-    pub fn open_checked(engine: SharedEngine, mark_path: &std::path::Path) -> anyhow::Result<Self> {
+    /// Opens the log of a member, checking that the engine and the journal
+    /// recovered everything the mark at `mark_path` says was acknowledged
+    /// (see `ack_mark`); an error means the member must not start.
+    pub fn open_checked(engine: SharedEngine, journal_dir: &Path, mark_path: &Path) -> anyhow::Result<Self> {
         let (mark, acknowledged) = AckMark::open(mark_path)?;
-        let mut store = Self::open(engine)?;
+        let mut store = Self::replayed(engine, journal_dir)?;
         let recovered = store.recovered()?;
         if let Some(ack) = acknowledged {
+            // Before the journal is retired: a member that refuses to start
+            // keeps the evidence.
             super::ack_mark::check(recovered, ack, mark.path()).map_err(anyhow::Error::msg)?;
         }
+        store.retire_replayed_journal()?;
         // Start from what is on disk (also for data dirs from before the
         // mark existed).
         mark.durable_up_to(recovered.last_index)?;
@@ -183,13 +188,61 @@ impl LogStore {
         store.appended.store(recovered.last_index, Ordering::Release);
         let mark = Arc::new(mark);
         store.syncer = Arc::new(Syncer::start(
-            store.engine.clone(),
+            store.journal.clone(),
             store.appended.clone(),
             store.truncations.clone(),
             Some(mark.clone()),
         )?);
         store.mark = Some(mark);
         Ok(store)
+    }
+
+    /// The store with the journal's records replayed onto the engine's
+    /// `raft_log` table (unsynced).
+    fn replayed(engine: SharedEngine, journal_dir: &Path) -> anyhow::Result<Self> {
+        // A new segment first, so the old ones can be retired as a whole.
+        let journal = Arc::new(Journal::open(journal_dir)?);
+        let appended = Arc::new(AtomicU64::new(0));
+        let truncations = Arc::new(Mutex::new(0));
+        let syncer = Arc::new(Syncer::start(journal.clone(), appended.clone(), truncations.clone(), None)?);
+        let store = Self {
+            engine,
+            journal,
+            syncer,
+            appended,
+            truncations,
+            mark: None,
+            leading: Arc::new(AtomicBool::new(false)),
+        };
+        // Entries up to the purge point are in a snapshot; replay must not
+        // bring them back.
+        let purged = store.last_purged().map_err(|e| anyhow::anyhow!("{e}"))?.map_or(0, |l| l.index);
+        let records = journal::replay::<anyhow::Error>(journal_dir, &mut |record| {
+            let mut b = WriteBatch::new();
+            match record {
+                Record::Append(entries) => {
+                    for (index, bytes) in entries.into_iter().filter(|(index, _)| *index > purged) {
+                        b.put(Table::RaftLog, log_key(index), bytes);
+                    }
+                }
+                Record::Truncate(from) => {
+                    b.delete_range(Table::RaftLog, log_key(from.max(purged + 1)), log_key(u64::MAX));
+                }
+            }
+            Ok(store.engine.write(b, false)?)
+        })?;
+        if records > 0 {
+            tracing::info!(records, "replayed the raft log journal");
+        }
+        Ok(store)
+    }
+
+    /// Makes the replayed records durable in the engine, then deletes the
+    /// journal segments they came from.
+    fn retire_replayed_journal(&self) -> anyhow::Result<()> {
+        self.engine.sync()?;
+        self.journal.retire_older()?;
+        Ok(())
     }
 
     fn recovered(&self) -> anyhow::Result<Acknowledged> {
@@ -211,6 +264,12 @@ impl LogStore {
 
     fn last_purged(&self) -> Result<Option<LogId>, RaftStorageError> {
         self.get_meta(RAFT_LAST_PURGED)
+    }
+
+    fn write_journal(&self, body: &[u8]) -> Result<(), RaftStorageError> {
+        let engine = &self.engine;
+        let sync_engine = || engine.sync().map_err(|e| std::io::Error::other(e.to_string()));
+        self.journal.write(body, &sync_engine).map_err(write_err)
     }
 
     /// Records whether this member is the Raft leader.
@@ -303,25 +362,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut b = WriteBatch::new();
-        let mut last = None;
+        let mut stored = Vec::new();
         for entry in entries {
-            b.put(Table::RaftLog, log_key(entry.log_id.index), encode_entry(&entry).map_err(write_err)?);
-            last = Some(entry.log_id.index);
+            stored.push((entry.log_id.index, encode_entry(&entry).map_err(write_err)?));
+        }
+        let Some(&(last, _)) = stored.last() else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        let body = journal::append_body(stored.iter().map(|(index, bytes)| (*index, bytes.as_slice())));
+        let mut b = WriteBatch::new();
+        for (index, bytes) in stored {
+            b.put(Table::RaftLog, log_key(index), bytes);
         }
         // Inline only once the syncer has completed everything before:
         // callbacks must complete in append order.
         let inline = !self.leading.load(Ordering::Acquire) && self.syncer.idle();
         let started = std::time::Instant::now();
-        self.engine.write(b, inline).map_err(write_err)?;
-        if let Some(last) = last {
-            self.appended.store(last, Ordering::Release);
-        }
+        // The engine first: a full journal segment is retired only after
+        // the engine has synced everything it holds.
+        self.engine.write(b, false).map_err(write_err)?;
+        self.write_journal(&body)?;
+        self.appended.store(last, Ordering::Release);
         if !inline {
             return self.syncer.submit(callback);
         }
+        self.journal.sync().map_err(write_err)?;
         crate::metrics::WAL_FSYNC.observe(started.elapsed().as_secs_f64());
-        if let (Some(mark), Some(last)) = (&self.mark, last) {
+        if let Some(mark) = &self.mark {
             if let Err(e) = mark.durable_up_to(last) {
                 tracing::warn!(error = %e, "cannot update the acknowledgement mark");
             }
@@ -341,9 +409,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 mark.truncating_from(log_id.index).map_err(write_err)?;
             }
         }
+        // Durable in the journal before the engine can make it durable:
+        // replay must never bring back the entries removed here.
+        self.write_journal(&journal::truncate_body(log_id.index))?;
+        self.journal.sync().map_err(write_err)?;
         let mut b = WriteBatch::new();
         b.delete_range(Table::RaftLog, log_key(log_id.index), log_key(u64::MAX));
-        self.engine.write(b, true).map_err(write_err)
+        self.engine.write(b, false).map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
@@ -351,5 +423,64 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         b.put(Table::RaftState, RAFT_LAST_PURGED, codec::encode(&log_id).map_err(write_err)?);
         b.delete_range(Table::RaftLog, log_key(0), log_key(log_id.index + 1));
         self.engine.write(b, false).map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::memory::MemoryEngine;
+
+    fn blank(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(term, 1), index),
+            payload: openraft::EntryPayload::Blank,
+        }
+    }
+
+    fn append_record(journal: &Journal, entries: &[Entry]) -> anyhow::Result<()> {
+        let stored: Vec<(u64, Vec<u8>)> =
+            entries.iter().map(|e| Ok((e.log_id.index, encode_entry(e)?))).collect::<Result<_, bincode::Error>>()?;
+        journal.write(&journal::append_body(stored.iter().map(|(i, b)| (*i, b.as_slice()))), &|| Ok(()))?;
+        Ok(())
+    }
+
+    async fn log_ids(store: &mut LogStore) -> anyhow::Result<Vec<(u64, u64)>> {
+        let entries = store.try_get_log_entries(0..).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(entries.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect())
+    }
+
+    /// What an engine that lost every unsynced write gets back: the journal
+    /// alone rebuilds the log, truncations included, and the log from the
+    /// purge point on only.
+    #[tokio::test]
+    async fn replaying_the_journal_rebuilds_the_log_an_engine_lost() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let journal = Journal::open(dir.path())?;
+            append_record(&journal, &[blank(1, 1), blank(1, 2), blank(1, 3)])?;
+            append_record(&journal, &[blank(1, 4)])?;
+            journal.write(&journal::truncate_body(3), &|| Ok(()))?;
+            append_record(&journal, &[blank(2, 3)])?;
+            journal.sync()?;
+        }
+        let mut store = LogStore::open(Arc::new(MemoryEngine::new()), dir.path())?;
+        assert_eq!(log_ids(&mut store).await?, vec![(1, 1), (1, 2), (2, 3)], "entry 4 stays truncated");
+        // Replayed, made durable in the engine, and retired.
+        assert!(journal::replay::<std::io::Error>(dir.path(), &mut |_| Ok(()))? == 0);
+
+        let dir = tempfile::tempdir()?;
+        {
+            let journal = Journal::open(dir.path())?;
+            append_record(&journal, &[blank(1, 1), blank(1, 2), blank(1, 3)])?;
+            journal.sync()?;
+        }
+        let engine: SharedEngine = Arc::new(MemoryEngine::new());
+        let mut b = WriteBatch::new();
+        b.put(Table::RaftState, RAFT_LAST_PURGED, codec::encode(&blank(1, 2).log_id)?);
+        engine.write(b, true)?;
+        let mut store = LogStore::open(engine, dir.path())?;
+        assert_eq!(log_ids(&mut store).await?, vec![(1, 3)], "purged entries stay purged");
+        Ok(())
     }
 }

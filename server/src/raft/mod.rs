@@ -2,6 +2,7 @@
 //!
 //! - `log_store`: the Raft log and vote in the engine, with group-commit
 //!   fsync;
+//! - `journal`: preallocated segments where appends become durable;
 //! - `batcher`: groups concurrent KV writes into one entry (group commit);
 //! - `ack_mark`: detects a log or vote that lost acknowledged data;
 //! - `state_machine`: applies committed entries (through `apply/`) and
@@ -13,6 +14,7 @@
 
 pub mod ack_mark;
 pub mod batcher;
+pub mod journal;
 pub mod log_store;
 pub mod network;
 pub mod peer_service;

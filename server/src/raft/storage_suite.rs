@@ -57,7 +57,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         let applier = Applier::new(engine.clone(), stores, Arc::new(Nothing), Arc::new(Nothing));
         let sm = StateMachine::open(engine.clone(), applier, dir.path().join("snap"), Arc::new(ReloadMvcc(mvcc)))
             .map_err(storage_err)?;
-        let log = LogStore::open(engine).map_err(storage_err)?;
+        let log = LogStore::open(engine, &dir.path().join("journal")).map_err(storage_err)?;
         log.set_leading(self.leading);
         Ok((dir, log, sm))
     }
