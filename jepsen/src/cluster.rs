@@ -506,17 +506,16 @@ impl Db {
         }
     }
 
-    /// The newest write-ahead log file of member `i`: RocksDB's `NNNNNN.log`
-    /// (keel) or etcd's `*.wal`.
-    /// The newest write-ahead log file of member `i`: etcd's WAL segment,
-    /// or keel's Raft log journal segment (`journal`) or RocksDB log.
+    /// The newest write-ahead log file of member `i` holding records:
+    /// keel's Raft log journal segment (`journal`), else RocksDB's
+    /// `NNNNNN.log` (keel) or etcd's `*.wal`.
     pub fn newest_wal(&self, i: usize, journal: bool) -> Option<PathBuf> {
         let mut found = Vec::new();
         collect_wal(&self.nodes[i].data_dir, &mut found);
         found
             .into_iter()
             .filter(|p| p.extension().is_some_and(|e| e == "journal") == journal)
-            .filter(|p| p.metadata().is_ok_and(|m| m.len() > 0))
+            .filter(|p| std::fs::read(p).is_ok_and(|b| records_end(p, &b) > 0))
             .max_by_key(|p| (p.metadata().and_then(|m| m.modified()).ok(), p.file_name().map(|f| f.to_os_string())))
     }
 }
@@ -549,6 +548,25 @@ async fn add_member(
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
+}
+
+/// Where the records of write-ahead log file `path` (contents `bytes`)
+/// end. A keel journal segment is allocated in full: its records are
+/// `len u32 | crc u32 | body`, followed by zeros; other logs end at their
+/// size.
+pub fn records_end(path: &Path, bytes: &[u8]) -> usize {
+    if path.extension().is_none_or(|e| e != "journal") {
+        return bytes.len();
+    }
+    let mut at = 0;
+    while let Some(len) = bytes.get(at..at + 4) {
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len == 0 || at + 8 + len > bytes.len() {
+            break;
+        }
+        at += 8 + len;
+    }
+    at
 }
 
 fn collect_wal(dir: &Path, out: &mut Vec<PathBuf>) {

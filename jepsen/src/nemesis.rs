@@ -353,16 +353,12 @@ impl Nemesis {
         // RocksDB's log: damage either.
         let journal = self.rng.gen_bool(0.5);
         let Some(wal) = db.newest_wal(i, journal).or_else(|| db.newest_wal(i, !journal)) else {
-            bail!("no write-ahead log found for {name}")
+            db.start_member(i).await?;
+            bail!("no write-ahead log with records found for {name}")
         };
         let mut bytes = std::fs::read(&wal)?;
-        // A journal segment is allocated in full: its records end where the
-        // zeros start.
         let preallocated = wal.extension().is_some_and(|e| e == "journal");
-        let len = if preallocated { bytes.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1) } else { bytes.len() };
-        if len == 0 {
-            bail!("{} is empty", wal.display());
-        }
+        let len = crate::cluster::records_end(&wal, &bytes);
         let what = if damage == 0 {
             // What a crash in the middle of appending leaves: part of a
             // record that was never acknowledged.

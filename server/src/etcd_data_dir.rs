@@ -440,8 +440,10 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
     let engine = crate::storage::rocks::RocksEngine::open(&member.join("db"))
         .with_context(|| format!("cannot open {} (is the member still running?)", member.display()))?;
     let engine: crate::storage::SharedEngine = std::sync::Arc::new(engine);
-    // After a crash, the last appended entries may be only in the journal.
-    crate::raft::log_store::LogStore::open(engine.clone(), &member.join("journal"))?;
+    // After a crash, the last appended entries may be only in the journal;
+    // a member that would refuse to start (lost acknowledged entries) is
+    // not converted either.
+    crate::raft::log_store::LogStore::open_checked(engine.clone(), &member.join("journal"), &member.join("raft.ack"))?;
     let get = |table, key: &[u8]| engine.get(table, key).map_err(|e| anyhow::anyhow!("reading the data dir: {e}"));
 
     let (member_id, cluster_id): (u64, u64) = match get(Table::RaftState, crate::node::LOCAL_IDENTITY)? {

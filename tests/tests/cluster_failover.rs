@@ -210,3 +210,32 @@ async fn leader_without_quorum_fails_reads_and_stays_responsive() -> anyhow::Res
     }
     Ok(())
 }
+
+/// Regression (found by the Jepsen harness): a leader killed and restarted
+/// at once took up its old term again (its stored vote is a committed vote
+/// for itself) and served linearizable reads from a commit index it had
+/// not yet caught up on. A restarted member must win a new term first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_leader_does_not_resume_its_term() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3)?;
+    let leader = c.leader(Duration::from_secs(10)).await?;
+    let mut client = client_for(&c, &[leader]).await?;
+    first_write(&mut client, "before", Duration::from_secs(10)).await?;
+    let term = c.status(leader).await?.header.map_or(0, |h| h.raft_term);
+    assert!(term > 0);
+    c.kill(leader)?;
+    c.restart(leader)?;
+    let mut client = client_for(&c, &[leader]).await?;
+    let resp = loop {
+        match tokio::time::timeout(Duration::from_secs(2), client.put("after", "v", None)).await {
+            Ok(Ok(resp)) => break resp,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let written_in = resp.header().map_or(0, |h| h.raft_term());
+    assert!(
+        written_in > term,
+        "the first write after the restart went in term {written_in}, the old leader's was {term}"
+    );
+    Ok(())
+}

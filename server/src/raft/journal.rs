@@ -23,10 +23,12 @@
 //! `len u32 LE | crc32 u32 LE of the body | body`, then zeros to the end of
 //! the allocation. A body is an append (`1`, then per entry: index u64 LE,
 //! length u32 LE, the entry as stored in `raft_log`) or a truncation (`2`,
-//! then the first removed index u64 LE). Replay stops at the first zero
-//! length or failed checksum: a torn record at the tail was never
-//! acknowledged; damage before the tail loses acknowledged entries, which
-//! the acknowledgement mark (`ack_mark`) then reports.
+//! then the first removed index u64 LE). A zero length ends a segment's
+//! records. A record that fails its checksum ends the journal if it is
+//! torn (`is_torn`: a crash cut its write short, so it was never
+//! acknowledged) and stops replay with an error otherwise (damage); a
+//! journal that merely ends early is caught by the acknowledgement mark
+//! (`ack_mark`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -110,12 +112,55 @@ fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// Visits every record of the journal in `dir`, oldest first, up to the
-/// first damaged or missing one. Returns how many were visited.
+/// Sector size for telling a torn write from damage.
+const SECTOR: usize = 512;
+
+/// Whether the bad record at `at` (declaring `len` body bytes) is a write
+/// a crash cut short: some part of it never reached the disk, so one of
+/// the sectors it covers still reads as zeros (etcd's rule for its WAL).
+/// Anything else is damage.
+fn is_torn(bytes: &[u8], at: usize, len: usize) -> bool {
+    let end = at.saturating_add(HEADER).saturating_add(len).min(bytes.len());
+    let mut start = at;
+    while start < end {
+        let chunk_end = ((start / SECTOR + 1) * SECTOR).min(end);
+        if bytes[start..chunk_end].iter().all(|&b| b == 0) {
+            return true;
+        }
+        start = chunk_end;
+    }
+    false
+}
+
+fn has_records(bytes: &[u8]) -> bool {
+    bytes.get(..4).is_some_and(|len| len.iter().any(|&b| b != 0))
+}
+
+fn damaged(path: &Path, at: usize, what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("raft log journal {} is damaged at offset {at}: {what}", path.display()),
+    )
+}
+
+/// Visits every record of the journal in `dir`, oldest first, and returns
+/// how many there were. A torn record (see `is_torn`) ends the journal:
+/// it and whatever follows it in its segment were never acknowledged (a
+/// segment is synced before the next one starts, so a later segment with
+/// records means it was not a crash, and is an error). A record that fails
+/// its checksum without being torn is damage: an error, so the member
+/// refuses to start rather than replay around a hole.
 pub fn replay<E: From<io::Error>>(dir: &Path, visit: &mut dyn FnMut(Record) -> Result<(), E>) -> Result<usize, E> {
     let mut visited = 0;
+    let mut torn: Option<(PathBuf, usize)> = None;
     for (_, path) in segments(dir)? {
         let bytes = std::fs::read(&path)?;
+        if let Some((torn_path, at)) = &torn {
+            if has_records(&bytes) {
+                return Err(damaged(torn_path, *at, "a torn record is followed by a newer segment").into());
+            }
+            continue;
+        }
         let mut at = 0;
         while let Some(header) = bytes.get(at..at + HEADER) {
             let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
@@ -128,8 +173,12 @@ pub fn replay<E: From<io::Error>>(dir: &Path, visit: &mut dyn FnMut(Record) -> R
                 .filter(|body| crc32fast::hash(body) == crc)
                 .and_then(decode_body);
             let Some(record) = record else {
-                tracing::warn!(segment = %path.display(), offset = at, "raft log journal ends in a damaged record");
-                return Ok(visited);
+                if !is_torn(&bytes, at, len) {
+                    return Err(damaged(&path, at, "a record fails its checksum").into());
+                }
+                tracing::warn!(segment = %path.display(), offset = at, "raft log journal ends in a torn record");
+                torn = Some((path.clone(), at));
+                break;
             };
             visit(record)?;
             visited += 1;
@@ -157,7 +206,9 @@ fn retire_before(dir: &Path, current: u64) -> io::Result<()> {
             std::fs::remove_file(&path)?;
         }
     }
-    Ok(())
+    // A retired segment that came back after a power failure would be
+    // replayed before the newer ones.
+    sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -175,7 +226,9 @@ struct Segment {
 impl Segment {
     fn create(dir: &Path, number: u64, capacity: u64) -> io::Result<Self> {
         let path = dir.join(segment_name(number));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        // Truncated: a file left by an attempt that failed half way is
+        // empty, never holds records.
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
         allocate(&file, capacity)?;
         file.sync_all()?;
         // The new name must survive a crash before anything in it counts.
@@ -186,31 +239,39 @@ impl Segment {
 
 pub struct Journal {
     dir: PathBuf,
-    current: Mutex<Segment>,
+    current: Mutex<Current>,
+}
+
+struct Current {
+    /// Created at the first write, so a member that stops before writing
+    /// (e.g. one refusing to start) leaves no empty segments behind.
+    segment: Option<Segment>,
+    /// The number of the segment to create next.
+    next: u64,
 }
 
 impl Journal {
-    /// Opens the journal in `dir` (created if missing) with a new, empty
-    /// segment. Existing segments stay until [`Journal::retire_older`]:
+    /// Opens the journal in `dir` (created if missing); records go to a
+    /// new segment. Existing segments stay until [`Journal::retire_older`]:
     /// replay them, make what they hold durable elsewhere, then retire.
     pub fn open(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let next = segments(dir)?.last().map_or(1, |(n, _)| n + 1);
-        let segment = Segment::create(dir, next, SEGMENT_BYTES)?;
-        Ok(Self { dir: dir.to_path_buf(), current: Mutex::new(segment) })
+        Ok(Self { dir: dir.to_path_buf(), current: Mutex::new(Current { segment: None, next }) })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Segment> {
-        // The segment's fields are only changed together after the I/O they
-        // describe succeeded, so a poisoned lock still holds a valid state.
+    fn lock(&self) -> MutexGuard<'_, Current> {
+        // Fields change only after the I/O they describe succeeded, so a
+        // poisoned lock still holds a valid state.
         self.current.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Deletes the segments older than the current one. Call only once
-    /// everything they hold is durable in the engine.
+    /// Deletes the segments from before this journal was opened. Call only
+    /// once everything they hold is durable in the engine.
     pub fn retire_older(&self) -> io::Result<()> {
-        let current = self.lock().number;
-        retire_before(&self.dir, current)
+        let current = self.lock();
+        let first_own = current.segment.as_ref().map_or(current.next, |s| s.number);
+        retire_before(&self.dir, first_own)
     }
 
     /// Writes one record (not yet durable: see [`Journal::sync`]). When the
@@ -225,14 +286,30 @@ impl Journal {
         record.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
         record.extend_from_slice(body);
         let needed = record.len() as u64;
-        let mut segment = self.lock();
-        if segment.offset + needed > segment.capacity {
-            segment.file.sync_data()?;
-            let capacity = SEGMENT_BYTES.max(needed.next_multiple_of(4096));
-            *segment = Segment::create(&self.dir, segment.number + 1, capacity)?;
-            sync_engine()?;
-            retire_before(&self.dir, segment.number)?;
+        let capacity = SEGMENT_BYTES.max(needed.next_multiple_of(4096));
+        let mut current = self.lock();
+        let full = current.segment.as_ref().map(|s| s.offset + needed > s.capacity);
+        match full {
+            None => {
+                current.segment = Some(Segment::create(&self.dir, current.next, capacity)?);
+                current.next += 1;
+            }
+            Some(true) => {
+                if let Some(old) = &current.segment {
+                    old.file.sync_data()?;
+                }
+                let segment = Segment::create(&self.dir, current.next, capacity)?;
+                let number = segment.number;
+                current.segment = Some(segment);
+                current.next += 1;
+                sync_engine()?;
+                retire_before(&self.dir, number)?;
+            }
+            Some(false) => {}
         }
+        let Some(segment) = current.segment.as_mut() else {
+            return Err(io::Error::other("raft log journal has no segment"));
+        };
         segment.file.write_all_at(&record, segment.offset)?;
         segment.offset += needed;
         Ok(())
@@ -241,8 +318,11 @@ impl Journal {
     /// Makes every record written so far durable.
     pub fn sync(&self) -> io::Result<()> {
         // A segment replaced meanwhile was synced when it was replaced.
-        let file = self.lock().file.clone();
-        file.sync_data()
+        let file = self.lock().segment.as_ref().map(|s| s.file.clone());
+        match file {
+            Some(file) => file.sync_data(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -280,16 +360,25 @@ mod tests {
         assert_eq!(all(dir.path()), want);
         drop(j);
         let j = Journal::open(dir.path())?;
-        assert_eq!(segments(dir.path())?.len(), 2);
+        assert_eq!(segments(dir.path())?.len(), 1, "a segment is made at the first write");
         assert_eq!(all(dir.path()), want);
         j.retire_older()?;
-        assert_eq!(segments(dir.path())?.len(), 1);
-        assert!(all(dir.path()).is_empty());
+        assert!(segments(dir.path())?.is_empty());
+        j.write(&truncate_body(9), &no_engine)?;
+        assert_eq!(segments(dir.path())?.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(all(dir.path()), vec![Record::Truncate(9)]);
         Ok(())
     }
 
+    fn flip_byte(path: &Path, at: u64, mask: u8) -> io::Result<()> {
+        let f = OpenOptions::new().read(true).write(true).open(path)?;
+        let mut byte = [0u8];
+        f.read_exact_at(&mut byte, at)?;
+        f.write_all_at(&[byte[0] ^ mask], at)
+    }
+
     #[test]
-    fn a_segment_is_allocated_in_full_and_replay_stops_at_damage() -> io::Result<()> {
+    fn a_flipped_bit_is_damage_and_fails_replay() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         let j = Journal::open(dir.path())?;
         for i in 1..=3u64 {
@@ -297,14 +386,35 @@ mod tests {
         }
         j.sync()?;
         let (_, path) = segments(dir.path())?.pop().unwrap_or_default();
-        assert_eq!(std::fs::metadata(&path)?.len(), SEGMENT_BYTES);
-        // Flip a bit in the second record's body: replay keeps the first.
-        let record = (HEADER + append_body([(1, &b"entry"[..])]).len()) as u64;
-        let f = OpenOptions::new().read(true).write(true).open(&path)?;
-        let mut byte = [0u8];
-        f.read_exact_at(&mut byte, record + HEADER as u64 + 3)?;
-        f.write_all_at(&[byte[0] ^ 4], record + HEADER as u64 + 3)?;
-        assert_eq!(all(dir.path()), vec![Record::Append(vec![(1, b"entry".to_vec())])]);
+        assert_eq!(std::fs::metadata(&path)?.len(), SEGMENT_BYTES, "allocated in full");
+        let second = (HEADER + append_body([(1, &b"entry"[..])]).len()) as u64;
+        flip_byte(&path, second + HEADER as u64 + 3, 4)?;
+        let err = replay::<io::Error>(dir.path(), &mut |_| Ok(())).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("fails its checksum")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_torn_record_ends_the_journal_unless_a_newer_segment_has_records() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let j = Journal::open(dir.path())?;
+        j.write(&append_body([(1, &b"kept"[..])]), &no_engine)?;
+        let first = (HEADER + append_body([(1, &b"kept"[..])]).len()) as u64;
+        let long = vec![5u8; 3000];
+        j.write(&append_body([(2, &long[..])]), &no_engine)?;
+        j.write(&append_body([(3, &b"after"[..])]), &no_engine)?;
+        j.sync()?;
+        let (_, path) = segments(dir.path())?.pop().unwrap_or_default();
+        // The second record's third sector never reached the disk.
+        let f = OpenOptions::new().write(true).open(&path)?;
+        f.write_all_at(&[0u8; SECTOR], (first / SECTOR as u64 + 3) * SECTOR as u64)?;
+        assert_eq!(all(dir.path()), vec![Record::Append(vec![(1, b"kept".to_vec())])]);
+        // A newer segment with records: not a crash's tail.
+        drop(j);
+        let j = Journal::open(dir.path())?;
+        j.write(&truncate_body(2), &no_engine)?;
+        let err = replay::<io::Error>(dir.path(), &mut |_| Ok(())).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("followed by a newer segment")));
         Ok(())
     }
 

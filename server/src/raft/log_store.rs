@@ -422,7 +422,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut b = WriteBatch::new();
         b.put(Table::RaftState, RAFT_LAST_PURGED, codec::encode(&log_id).map_err(write_err)?);
         b.delete_range(Table::RaftLog, log_key(0), log_key(log_id.index + 1));
-        self.engine.write(b, false).map_err(write_err)
+        // Synced: replay skips entries up to the purge point the engine
+        // recovers, and after a snapshot install that point can be past the
+        // last entry the log had; if it were lost while the appends after
+        // it survived in the journal, the log would have a gap.
+        self.engine.write(b, true).map_err(write_err)
     }
 }
 

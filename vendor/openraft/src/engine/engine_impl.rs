@@ -157,11 +157,25 @@ where C: RaftTypeConfig
         // replicates entries before its own flush (see `submit_leader_append`
         // in core/raft_core.rs), so after a power loss its log may end
         // before entries its followers hold; resuming under the same vote
-        // would hand out those log ids again for different entries. A
-        // restarted node starts as a follower and must win a new term.
+        // would hand out those log ids again for different entries. Its
+        // persisted commit index may also lag, and a leader resuming in the
+        // same term serves linearizable reads from it (found by keel's
+        // Jepsen harness). A restarted node must win a new term.
+        //
+        // Starting as a follower is not enough: the stored vote stays a
+        // committed vote for this node, and the first tick's
+        // `leader_step_down` (or any other call to
+        // `update_internal_server_state`) would make it leader again. So
+        // the vote is held uncommitted in memory (what is stored is
+        // unchanged): this node then counts as a candidate of that term,
+        // names no leader, grants no vote in it, and campaigns in the next
+        // term once its election timeout passes.
+        if self.state.is_leader(&self.config.id) {
+            self.state.vote.committed = false;
+        }
 
         let server_state = if self.state.membership_state.effective().is_voter(&self.config.id) {
-            ServerState::Follower
+            self.state.calc_server_state(&self.config.id)
         } else {
             ServerState::Learner
         };
