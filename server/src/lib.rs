@@ -11,8 +11,9 @@
 //! - `auth`: users, roles, key-range permissions and tokens; auth changes
 //!   are applied through Raft, permission checks run at apply (writes)
 //!   and in the API layer (reads, watches, admin RPCs).
-//! - `raft`: openraft's type config, log store, state machine, snapshot
-//!   files and the gRPC peer transport.
+//! - `raft`: openraft's type config, log store (entries in RocksDB, made
+//!   durable by the preallocated journal), state machine, snapshot files
+//!   and the gRPC peer transport.
 //! - `cluster`: member/cluster ids, URL rules, published member attributes.
 //! - `server`: the member core: propose (with forwarding) and
 //!   linearizable read barriers.
@@ -29,7 +30,8 @@
 //! The path of a write: `api::kv` validates -> `server::Server::propose`
 //! (forwards to the leader if needed) -> `raft::batcher` (concurrent writes
 //! share one entry) -> openraft (patched: `vendor/openraft`) replicates
-//! while the leader's log flushes, and commits
+//! while the leader's log flushes (`raft::log_store`, `raft::journal`),
+//! and commits
 //! -> `raft::state_machine` -> `apply::Applier` -> `apply::kv` over an
 //! `mvcc::WriteTxn` -> one engine batch with the applied index -> the
 //! response travels back through Raft's client_write.
