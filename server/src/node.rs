@@ -309,7 +309,28 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let snap_dir = member_dir.join("snap");
     std::fs::create_dir_all(&db_dir).with_context(|| format!("cannot create data dir {}", db_dir.display()))?;
     let engine: SharedEngine = Arc::new(RocksEngine::open(&db_dir)?);
+    match start_on(config, engine.clone(), &member_dir, snap_dir).await {
+        Ok(node) => Ok(node),
+        Err(e) => {
+            // The process exits with this error next: close the database
+            // first, so RocksDB's background threads do not outlive the C++
+            // runtime (seen as an abort, "pthread lock: Invalid argument",
+            // after a member refused to start).
+            if let Err(close) = engine.close() {
+                tracing::warn!(error = %close, "cannot close the database");
+            }
+            Err(e)
+        }
+    }
+}
 
+/// The rest of [`start`], on the opened engine.
+async fn start_on(
+    config: Config,
+    engine: SharedEngine,
+    member_dir: &std::path::Path,
+    snap_dir: std::path::PathBuf,
+) -> anyhow::Result<Node> {
     let peer_tls_client = match (&config.peer_tls, config.peer_auto_tls) {
         (Some(files), _) => Some(transport::peer_client_tls(Some(files), &config.tls_policy)?),
         (None, true) => Some(transport::peer_client_tls(None, &config.tls_policy)?),
