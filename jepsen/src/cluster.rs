@@ -515,7 +515,15 @@ impl Db {
         found
             .into_iter()
             .filter(|p| p.extension().is_some_and(|e| e == "journal") == journal)
-            .filter(|p| std::fs::read(p).is_ok_and(|b| records_end(p, &b) > 0))
+            // Only a journal segment must be read to see whether it holds
+            // records; it is allocated in full.
+            .filter(|p| {
+                if journal {
+                    std::fs::read(p).is_ok_and(|b| records_end(p, &b) > 0)
+                } else {
+                    p.metadata().is_ok_and(|m| m.len() > 0)
+                }
+            })
             .max_by_key(|p| (p.metadata().and_then(|m| m.modified()).ok(), p.file_name().map(|f| f.to_os_string())))
     }
 }

@@ -364,11 +364,11 @@ impl Nemesis {
             // record that was never acknowledged.
             let extra = self.rng.gen_range(1..=64);
             let torn: Vec<u8> = (0..extra).map(|_| self.rng.gen::<u8>()).collect();
+            // Over the records' end; a preallocated file keeps its size.
+            let size = bytes.len();
             bytes.truncate(len);
             bytes.extend(&torn);
-            if preallocated {
-                bytes.resize(bytes.len().max(std::fs::metadata(&wal)?.len() as usize), 0);
-            }
+            bytes.resize(bytes.len().max(size), 0);
             format!("appended a torn record of {extra} bytes to {len}")
         } else if damage == 1 {
             // A disk that lost synced data: acknowledged records vanish.

@@ -306,10 +306,9 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     crate::etcd_data_dir::convert_if_etcd(&config.data_dir)?;
     let member_dir = config.data_dir.join("member");
     let db_dir = member_dir.join("db");
-    let snap_dir = member_dir.join("snap");
     std::fs::create_dir_all(&db_dir).with_context(|| format!("cannot create data dir {}", db_dir.display()))?;
     let engine: SharedEngine = Arc::new(RocksEngine::open(&db_dir)?);
-    match start_on(config, engine.clone(), &member_dir, snap_dir).await {
+    match start_on(config, engine.clone(), &member_dir).await {
         Ok(node) => Ok(node),
         Err(e) => {
             // The process exits with this error next: close the database
@@ -325,12 +324,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
 }
 
 /// The rest of [`start`], on the opened engine.
-async fn start_on(
-    config: Config,
-    engine: SharedEngine,
-    member_dir: &std::path::Path,
-    snap_dir: std::path::PathBuf,
-) -> anyhow::Result<Node> {
+async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::Path) -> anyhow::Result<Node> {
     let peer_tls_client = match (&config.peer_tls, config.peer_auto_tls) {
         (Some(files), _) => Some(transport::peer_client_tls(Some(files), &config.tls_policy)?),
         (None, true) => Some(transport::peer_client_tls(None, &config.tls_policy)?),
@@ -382,7 +376,7 @@ async fn start_on(
         alarms: alarms.clone(),
         auth: auth.clone(),
     });
-    let state_machine = StateMachine::open(engine.clone(), applier, snap_dir, reloader)?;
+    let state_machine = StateMachine::open(engine.clone(), applier, member_dir.join("snap"), reloader)?;
     let log_store = LogStore::open_checked(engine.clone(), &member_dir.join("journal"), &member_dir.join("raft.ack"))?;
 
     let network = NetworkFactory { clients: peers.clone() };

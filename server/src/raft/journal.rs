@@ -289,27 +289,19 @@ impl Journal {
         let capacity = SEGMENT_BYTES.max(needed.next_multiple_of(4096));
         let mut current = self.lock();
         let full = current.segment.as_ref().map(|s| s.offset + needed > s.capacity);
-        match full {
-            None => {
-                current.segment = Some(Segment::create(&self.dir, current.next, capacity)?);
-                current.next += 1;
+        if full != Some(false) {
+            if let Some(old) = &current.segment {
+                old.file.sync_data()?;
             }
-            Some(true) => {
-                if let Some(old) = &current.segment {
-                    old.file.sync_data()?;
-                }
-                let segment = Segment::create(&self.dir, current.next, capacity)?;
-                let number = segment.number;
-                current.segment = Some(segment);
-                current.next += 1;
+            let segment = Segment::create(&self.dir, current.next, capacity)?;
+            let number = segment.number;
+            current.next += 1;
+            if current.segment.replace(segment).is_some() {
                 sync_engine()?;
                 retire_before(&self.dir, number)?;
             }
-            Some(false) => {}
         }
-        let Some(segment) = current.segment.as_mut() else {
-            return Err(io::Error::other("raft log journal has no segment"));
-        };
+        let segment = current.segment.as_mut().ok_or_else(|| io::Error::other("raft log journal has no segment"))?;
         segment.file.write_all_at(&record, segment.offset)?;
         segment.offset += needed;
         Ok(())
@@ -342,6 +334,11 @@ mod tests {
 
     fn no_engine() -> io::Result<()> {
         Ok(())
+    }
+
+    /// Why replay of `dir` fails ("" if it does not).
+    fn replay_error(dir: &Path) -> String {
+        replay::<io::Error>(dir, &mut |_| Ok(())).err().map(|e| e.to_string()).unwrap_or_default()
     }
 
     #[test]
@@ -389,8 +386,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&path)?.len(), SEGMENT_BYTES, "allocated in full");
         let second = (HEADER + append_body([(1, &b"entry"[..])]).len()) as u64;
         flip_byte(&path, second + HEADER as u64 + 3, 4)?;
-        let err = replay::<io::Error>(dir.path(), &mut |_| Ok(())).err();
-        assert!(err.is_some_and(|e| e.to_string().contains("fails its checksum")));
+        assert!(replay_error(dir.path()).contains("fails its checksum"));
         Ok(())
     }
 
@@ -413,8 +409,7 @@ mod tests {
         drop(j);
         let j = Journal::open(dir.path())?;
         j.write(&truncate_body(2), &no_engine)?;
-        let err = replay::<io::Error>(dir.path(), &mut |_| Ok(())).err();
-        assert!(err.is_some_and(|e| e.to_string().contains("followed by a newer segment")));
+        assert!(replay_error(dir.path()).contains("followed by a newer segment"));
         Ok(())
     }
 

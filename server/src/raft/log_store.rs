@@ -163,9 +163,9 @@ impl LogStore {
     /// Opens the log without an acknowledgement mark (tests, tools), with
     /// its journal in `journal_dir`.
     pub fn open(engine: SharedEngine, journal_dir: &Path) -> anyhow::Result<Self> {
-        let store = Self::replayed(engine, journal_dir)?;
-        store.retire_replayed_journal()?;
-        Ok(store)
+        let journal = replay_journal(&engine, journal_dir)?;
+        retire_replayed_journal(&engine, &journal)?;
+        Ok(Self::assemble(engine, journal, None, 0)?)
     }
 
     /// Opens the log of a member, checking that the engine and the journal
@@ -173,93 +173,36 @@ impl LogStore {
     /// (see `ack_mark`); an error means the member must not start.
     pub fn open_checked(engine: SharedEngine, journal_dir: &Path, mark_path: &Path) -> anyhow::Result<Self> {
         let (mark, acknowledged) = AckMark::open(mark_path)?;
-        let mut store = Self::replayed(engine, journal_dir)?;
-        let recovered = store.recovered()?;
+        let journal = replay_journal(&engine, journal_dir)?;
+        let recovered = recovered(&engine)?;
         if let Some(ack) = acknowledged {
             // Before the journal is retired: a member that refuses to start
             // keeps the evidence.
             super::ack_mark::check(recovered, ack, mark.path()).map_err(anyhow::Error::msg)?;
         }
-        store.retire_replayed_journal()?;
+        retire_replayed_journal(&engine, &journal)?;
         // Start from what is on disk (also for data dirs from before the
         // mark existed).
         mark.durable_up_to(recovered.last_index)?;
         mark.voted(recovered.vote_term)?;
-        store.appended.store(recovered.last_index, Ordering::Release);
-        let mark = Arc::new(mark);
-        store.syncer = Arc::new(Syncer::start(
-            store.journal.clone(),
-            store.appended.clone(),
-            store.truncations.clone(),
-            Some(mark.clone()),
-        )?);
-        store.mark = Some(mark);
-        Ok(store)
+        Ok(Self::assemble(engine, journal, Some(Arc::new(mark)), recovered.last_index)?)
     }
 
-    /// The store with the journal's records replayed onto the engine's
-    /// `raft_log` table (unsynced).
-    fn replayed(engine: SharedEngine, journal_dir: &Path) -> anyhow::Result<Self> {
-        // A new segment first, so the old ones can be retired as a whole.
-        let journal = Arc::new(Journal::open(journal_dir)?);
-        let appended = Arc::new(AtomicU64::new(0));
+    /// The store over a replayed journal, its syncer started.
+    fn assemble(
+        engine: SharedEngine,
+        journal: Arc<Journal>,
+        mark: Option<Arc<AckMark>>,
+        last_index: u64,
+    ) -> std::io::Result<Self> {
+        let appended = Arc::new(AtomicU64::new(last_index));
         let truncations = Arc::new(Mutex::new(0));
-        let syncer = Arc::new(Syncer::start(journal.clone(), appended.clone(), truncations.clone(), None)?);
-        let store = Self {
-            engine,
-            journal,
-            syncer,
-            appended,
-            truncations,
-            mark: None,
-            leading: Arc::new(AtomicBool::new(false)),
-        };
-        // Entries up to the purge point are in a snapshot; replay must not
-        // bring them back.
-        let purged = store.last_purged().map_err(|e| anyhow::anyhow!("{e}"))?.map_or(0, |l| l.index);
-        let records = journal::replay::<anyhow::Error>(journal_dir, &mut |record| {
-            let mut b = WriteBatch::new();
-            match record {
-                Record::Append(entries) => {
-                    for (index, bytes) in entries.into_iter().filter(|(index, _)| *index > purged) {
-                        b.put(Table::RaftLog, log_key(index), bytes);
-                    }
-                }
-                Record::Truncate(from) => {
-                    b.delete_range(Table::RaftLog, log_key(from.max(purged + 1)), log_key(u64::MAX));
-                }
-            }
-            Ok(store.engine.write(b, false)?)
-        })?;
-        if records > 0 {
-            tracing::info!(records, "replayed the raft log journal");
-        }
-        Ok(store)
-    }
-
-    /// Makes the replayed records durable in the engine, then deletes the
-    /// journal segments they came from.
-    fn retire_replayed_journal(&self) -> anyhow::Result<()> {
-        self.engine.sync()?;
-        self.journal.retire_older()?;
-        Ok(())
-    }
-
-    fn recovered(&self) -> anyhow::Result<Acknowledged> {
-        let last = self.engine.last_in_range(Table::RaftLog, &log_key(0), &log_key(u64::MAX))?;
-        let last_index = match last.and_then(|(k, _)| crate::storage::keys::decode_u64(&k)) {
-            Some(i) => i,
-            None => self.last_purged().map_err(|e| anyhow::anyhow!("{e}"))?.map_or(0, |l| l.index),
-        };
-        let vote: Option<Vote<NodeId>> = self.get_meta(RAFT_VOTE).map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(Acknowledged { last_index, vote_term: vote.map_or(0, |v| v.leader_id().term) })
+        let syncer = Arc::new(Syncer::start(journal.clone(), appended.clone(), truncations.clone(), mark.clone())?);
+        Ok(Self { engine, journal, syncer, appended, truncations, mark, leading: Arc::new(AtomicBool::new(false)) })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, RaftStorageError> {
-        match self.engine.get(Table::RaftState, key).map_err(read_err)? {
-            Some(bytes) => Ok(Some(codec::decode(&bytes).map_err(read_err)?)),
-            None => Ok(None),
-        }
+        get_meta(&self.engine, key)
     }
 
     fn last_purged(&self) -> Result<Option<LogId>, RaftStorageError> {
@@ -279,9 +222,73 @@ impl LogStore {
 
     /// Index of the last entry in the log, if any (for status reporting).
     pub fn last_index(&self) -> Result<Option<u64>, StorageError> {
-        let last = self.engine.last_in_range(Table::RaftLog, &log_key(0), &log_key(u64::MAX))?;
-        Ok(last.and_then(|(k, _)| crate::storage::keys::decode_u64(&k)))
+        last_index(&self.engine)
     }
+}
+
+fn get_meta<T: serde::de::DeserializeOwned>(engine: &SharedEngine, key: &[u8]) -> Result<Option<T>, RaftStorageError> {
+    match engine.get(Table::RaftState, key).map_err(read_err)? {
+        Some(bytes) => Ok(Some(codec::decode(&bytes).map_err(read_err)?)),
+        None => Ok(None),
+    }
+}
+
+fn last_index(engine: &SharedEngine) -> Result<Option<u64>, StorageError> {
+    let last = engine.last_in_range(Table::RaftLog, &log_key(0), &log_key(u64::MAX))?;
+    Ok(last.and_then(|(k, _)| crate::storage::keys::decode_u64(&k)))
+}
+
+/// Index of the last purged entry (0 if none).
+fn purged_index(engine: &SharedEngine) -> anyhow::Result<u64> {
+    let purged: Option<LogId> = get_meta(engine, RAFT_LAST_PURGED).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(purged.map_or(0, |l| l.index))
+}
+
+/// What the engine holds after replay: the last log index and vote term.
+fn recovered(engine: &SharedEngine) -> anyhow::Result<Acknowledged> {
+    let last_index = match last_index(engine)? {
+        Some(i) => i,
+        None => purged_index(engine)?,
+    };
+    let vote: Option<Vote<NodeId>> = get_meta(engine, RAFT_VOTE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Acknowledged { last_index, vote_term: vote.map_or(0, |v| v.leader_id().term) })
+}
+
+/// Opens the journal in `journal_dir` and replays its records onto the
+/// engine's `raft_log` table (unsynced).
+fn replay_journal(engine: &SharedEngine, journal_dir: &Path) -> anyhow::Result<Arc<Journal>> {
+    // Opened first, so what it writes goes to a segment newer than every
+    // replayed one, and those can be retired as a whole.
+    let journal = Arc::new(Journal::open(journal_dir)?);
+    // Entries up to the purge point are in a snapshot; replay must not
+    // bring them back.
+    let purged = purged_index(engine)?;
+    let records = journal::replay::<anyhow::Error>(journal_dir, &mut |record| {
+        let mut b = WriteBatch::new();
+        match record {
+            Record::Append(entries) => {
+                for (index, bytes) in entries.into_iter().filter(|(index, _)| *index > purged) {
+                    b.put(Table::RaftLog, log_key(index), bytes);
+                }
+            }
+            Record::Truncate(from) => {
+                b.delete_range(Table::RaftLog, log_key(from.max(purged + 1)), log_key(u64::MAX));
+            }
+        }
+        Ok(engine.write(b, false)?)
+    })?;
+    if records > 0 {
+        tracing::info!(records, "replayed the raft log journal");
+    }
+    Ok(journal)
+}
+
+/// Makes the replayed records durable in the engine, then deletes the
+/// journal segments they came from.
+fn retire_replayed_journal(engine: &SharedEngine, journal: &Journal) -> anyhow::Result<()> {
+    engine.sync()?;
+    journal.retire_older()?;
+    Ok(())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
