@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use keel_proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    maintenance_server::MaintenanceServer,
 };
 use keel_proto::keelpb::{internal_request, raft_peer_server::RaftPeerServer, InternalRequest, MemberAttributes};
 use keel_proto::v3electionpb::election_server::ElectionServer;
@@ -494,10 +494,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
             .max_encoding_message_size(usize::MAX),
     );
     routes = routes
-        .add_service(
-            WatchServer::new(api::watch::WatchService::new(server.clone(), hub.clone()))
-                .max_decoding_message_size(max_msg),
-        )
+        .add_service(api::watch::WatchServer::new(server.clone(), hub.clone(), max_msg))
         .add_service(LeaseServer::new(api::lease::LeaseService::new(server.clone())).max_decoding_message_size(max_msg))
         .add_service(
             ClusterServer::new(api::cluster::ClusterService::new(server.clone())).max_decoding_message_size(max_msg),

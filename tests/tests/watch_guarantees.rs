@@ -493,3 +493,62 @@ async fn progress_notify_sends_periodic_bookmarks() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Watchers of one key on one stream with different options: a member
+/// encodes a revision once per stream for the watchers that share it
+/// (`watch/response.rs`), so each must still get its own watch id and the
+/// events its options ask for.
+#[tokio::test(flavor = "multi_thread")]
+async fn watchers_sharing_a_stream_get_their_own_responses() -> anyhow::Result<()> {
+    let c = Cluster::start(1)?;
+    let url = c.members[0].client_url.clone();
+    let mut client = WatchClient::connect(url.clone()).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let options = [(false, false), (true, false), (true, true), (false, false)];
+    for (prev_kv, fragment) in options {
+        let create = WatchCreateRequest { key: Bytes::from_static(b"shared"), prev_kv, fragment, ..Default::default() };
+        tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) })?;
+    }
+    let mut stream = client.watch(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
+    let mut ids = Vec::new();
+    while ids.len() < options.len() {
+        let r = stream.next().await.ok_or_else(|| anyhow::anyhow!("closed"))??;
+        assert!(r.created);
+        ids.push(r.watch_id);
+    }
+    let mut kv = KvClient::connect(url).await?;
+    let first = kv
+        .put(PutRequest { key: Bytes::from_static(b"shared"), value: Bytes::from_static(b"one"), ..Default::default() })
+        .await?
+        .into_inner();
+    let second = kv
+        .put(PutRequest { key: Bytes::from_static(b"shared"), value: Bytes::from_static(b"two"), ..Default::default() })
+        .await?
+        .into_inner();
+    let revisions = [first.header.map(|h| h.revision), second.header.map(|h| h.revision)];
+    let mut got: HashMap<i64, Vec<WatchResponse>> = HashMap::new();
+    while got.values().map(Vec::len).sum::<usize>() < 2 * options.len() {
+        let r = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("closed"))??;
+        got.entry(r.watch_id).or_default().push(r);
+    }
+    for (id, (prev_kv, _)) in ids.iter().zip(options) {
+        let responses = got.get(id).ok_or_else(|| anyhow::anyhow!("nothing for watch {id}"))?;
+        assert_eq!(responses.len(), 2, "watch {id}");
+        for (r, (rev, value)) in responses.iter().zip([(revisions[0], "one"), (revisions[1], "two")]) {
+            assert_eq!(r.header.map(|h| h.revision), rev, "watch {id}");
+            assert!(!r.fragment && !r.created && !r.canceled);
+            let [event] = r.events.as_slice() else { anyhow::bail!("watch {id}: {:?}", r.events) };
+            let kv = event.kv.as_ref().ok_or_else(|| anyhow::anyhow!("no kv"))?;
+            assert_eq!(
+                (kv.key.as_ref(), kv.value.as_ref(), kv.mod_revision),
+                (&b"shared"[..], value.as_bytes(), rev.unwrap_or(0))
+            );
+            let prev = event.prev_kv.as_ref().map(|p| p.value.clone());
+            let expected_prev = (prev_kv && value == "two").then(|| Bytes::from_static(b"one"));
+            assert_eq!(prev, expected_prev, "watch {id} prev_kv={prev_kv} at {value}");
+        }
+    }
+    Ok(())
+}

@@ -256,7 +256,7 @@ async fn dispatch(
                 };
                 let responses =
                     crate::watch::session::start(gw.server.clone(), gw.server.hub.clone(), Box::pin(requests), options);
-                stream_body(responses, permit)
+                stream_body(responses.map(|r| r.map(crate::watch::response::WatchOut::into_response)), permit)
             }
             Err(s) => error(&s),
         },

@@ -9,6 +9,8 @@
 //!   progress requests, turns queued events into WatchResponses (prev_kv,
 //!   fragments), and catches up watchers that are behind ("unsynced") from
 //!   MVCC history, in batches, only as fast as the client reads.
+//! - [`response`]: responses as they leave the member; a revision going to
+//!   many watchers of a stream is encoded once, not once per watcher.
 //!
 //! A watcher is synced or unsynced, never both: the hub delivers only to
 //! synced ones, the catch-up loop only to unsynced ones, and the switch
@@ -17,6 +19,7 @@
 
 pub mod hub;
 pub mod internal;
+pub mod response;
 pub mod session;
 
 pub use hub::WatchHub;

@@ -29,6 +29,7 @@ use tonic::Status;
 use super::hub::{
     Outgoing, Recipient, StreamId, StreamQueue, WatchHub, WatchSpec, INVALID_WATCH_ID, STREAM_BUDGET_BYTES,
 };
+use super::response::{SharedResponse, WatchOut};
 use crate::error::Error;
 use crate::server::Server;
 
@@ -45,11 +46,11 @@ pub type ResponseStream =
     futures::stream::FlatMap<tokio_stream::wrappers::ReceiverStream<Batch>, BatchItems, fn(Batch) -> BatchItems>;
 
 /// A batch's responses, one by one.
-pub type BatchItems = futures::stream::Iter<std::vec::IntoIter<Result<WatchResponse, Status>>>;
+pub type BatchItems = futures::stream::Iter<std::vec::IntoIter<Result<WatchOut, Status>>>;
 
 /// Responses handed to gRPC together: a shared revision's responses for
 /// every recipient on the stream cost one channel operation, not one each.
-pub type Batch = Vec<Result<WatchResponse, Status>>;
+pub type Batch = Vec<Result<WatchOut, Status>>;
 
 /// The session's side of the response stream.
 type Outbox = mpsc::Sender<Batch>;
@@ -241,37 +242,35 @@ async fn send_loop(
         let batch: Batch = match msg {
             Outgoing::Control { mut response, revision } => {
                 response.header = Some(server.header(revision));
-                vec![Ok(response)]
+                vec![Ok(WatchOut::Message(response))]
             }
             Outgoing::Events { watch_id, revision, mut events, prev_kv, fragment, .. } => {
                 if prev_kv {
                     fill_prev_kv(&server, &mut events);
                 }
                 let to = Recipient { watch_id, prev_kv, fragment };
-                responses(to, Some(server.header(revision)), events, limit).into_iter().map(Ok).collect()
+                messages(responses(to, Some(server.header(revision)), events, limit))
             }
             Outgoing::Shared { watchers, revision, events, .. } => {
-                let header = Some(server.header(revision));
-                // A copy of the events for this stream alone when several
-                // responses clone them: clones of buffers shared with
-                // other streams' tasks would contend on one reference
-                // count across cores.
-                let events = if watchers.len() > 1 { stream_local(&events) } else { events };
-                let mut with_prev = None;
+                let header = server.header(revision);
+                // Encoded once for the watchers without prev_kv and once
+                // for those with it.
+                let mut shared: [Option<Arc<SharedResponse>>; 2] = [None, None];
                 let mut batch = Vec::with_capacity(watchers.len());
                 for to in watchers {
-                    let events = if to.prev_kv {
-                        with_prev
-                            .get_or_insert_with(|| {
-                                let mut evs = events.clone();
-                                fill_prev_kv(&server, &mut evs);
-                                evs
-                            })
-                            .clone()
+                    let response = shared[usize::from(to.prev_kv)].get_or_insert_with(|| {
+                        let mut events = events.clone();
+                        if to.prev_kv {
+                            fill_prev_kv(&server, &mut events);
+                        }
+                        Arc::new(SharedResponse::new(header, events))
+                    });
+                    if to.fragment && response.encoded_len(to.watch_id) >= limit {
+                        let events = response.events().to_vec();
+                        batch.extend(messages(responses(to, Some(header), events, limit)));
                     } else {
-                        events.clone()
-                    };
-                    batch.extend(responses(to, header, events, limit).into_iter().map(Ok));
+                        batch.push(Ok(WatchOut::Shared { response: response.clone(), watch_id: to.watch_id }));
+                    }
                 }
                 batch
             }
@@ -295,17 +294,8 @@ fn fill_prev_kv(server: &Server, events: &mut [Event]) {
     }
 }
 
-/// Events whose buffers belong to this stream only.
-fn stream_local(events: &[Event]) -> Vec<Event> {
-    let copy = |kv: &keel_proto::mvccpb::KeyValue| keel_proto::mvccpb::KeyValue {
-        key: Bytes::copy_from_slice(&kv.key),
-        value: Bytes::copy_from_slice(&kv.value),
-        ..kv.clone()
-    };
-    events
-        .iter()
-        .map(|e| Event { r#type: e.r#type, kv: e.kv.as_ref().map(copy), prev_kv: e.prev_kv.as_ref().map(copy) })
-        .collect()
+fn messages(responses: Vec<WatchResponse>) -> Batch {
+    responses.into_iter().map(|r| Ok(WatchOut::Message(r))).collect()
 }
 
 /// One watcher's response for `events`, in fragments if it asked for them
