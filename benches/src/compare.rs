@@ -245,7 +245,7 @@ fn suite(quick: bool) -> Vec<Bench> {
         Bench::Range { clients: 256, total: k(200_000, 30_000), serializable: true },
         Bench::TxnMixed { clients: 64, total: k(60_000, 10_000) },
         Bench::Watch { watchers: 1_000, puts: k(2_000, 50) },
-        Bench::Watch { watchers: 10_000, puts: k(200, 20) },
+        Bench::Watch { watchers: 10_000, puts: k(1_000, 20) },
         Bench::Watch { watchers: 100_000, puts: k(20, 2) },
         Bench::WatchSteady { watchers: 1_000, rate: 200.0, puts: k(2_000, 200) },
         Bench::WatchSteady { watchers: 10_000, rate: 50.0, puts: k(500, 50) },

@@ -3,9 +3,12 @@
 //!
 //! Module map: `load` (concurrent clients, rate limiting, latency
 //! histograms, reports), `workloads` (each benchmark over etcd's gRPC API),
-//! `compare` (two clusters, one suite, the Markdown report). The criterion
+//! `compare` (two clusters, one suite, the Markdown report),
+//! `watch_decode` (the fan-out benchmark's cheap reading of watch
+//! responses). The criterion
 //! micro-benchmarks of keel's hot paths are in `benches/hot_paths.rs`.
 
 pub mod compare;
 pub mod load;
+pub mod watch_decode;
 pub mod workloads;

@@ -235,7 +235,7 @@ pub async fn watch(t: &Target, load: &WatchLoad, name: &str, progress: bool) -> 
                 })),
             });
         }
-        let mut stream = slim_watch(conns.channel(s), rx).await?;
+        let mut stream = crate::watch_decode::open(conns.channel(s), rx).await?;
         let (delivered, hist, ready) = (delivered.clone(), hist.clone(), ready_tx.clone());
         stream_tasks.push(tokio::spawn(async move {
             let _keep = tx;
@@ -251,7 +251,7 @@ pub async fn watch(t: &Target, load: &WatchLoad, name: &str, progress: bool) -> 
                     continue;
                 }
                 let now = nanos_since(start);
-                for sent in r.sent_times() {
+                for &sent in &r.sent_times {
                     let _ = local.record((now.saturating_sub(sent) / 1000).max(1));
                     count += 1;
                 }
@@ -314,58 +314,6 @@ pub async fn watch(t: &Target, load: &WatchLoad, name: &str, progress: bool) -> 
     r.ops = got;
     r.throughput = got as f64 / elapsed.as_secs_f64().max(1e-9);
     Ok(r)
-}
-
-/// Opens a Watch stream that decodes only what the fan-out benchmark
-/// reads. The load generator shares the machine's two cores with the
-/// members it measures; decoding every header, key and revision of
-/// millions of events took it as much CPU as the member serving them, so
-/// it capped the figure it was measuring.
-async fn slim_watch(
-    channel: Channel,
-    requests: mpsc::UnboundedReceiver<WatchRequest>,
-) -> Result<tonic::Streaming<SlimWatchResponse>> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.context("watch channel")?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Watch");
-    let codec = tonic_prost::ProstCodec::<WatchRequest, SlimWatchResponse>::default();
-    let requests = tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(requests));
-    Ok(grpc.streaming(requests, path, codec).await?.into_inner())
-}
-
-/// etcd's WatchResponse (rpc.proto) with only `created` (3) and `events`
-/// (11); prost skips the other fields unread.
-#[derive(Clone, PartialEq, prost::Message)]
-struct SlimWatchResponse {
-    #[prost(bool, tag = "3")]
-    created: bool,
-    #[prost(message, repeated, tag = "11")]
-    events: Vec<SlimEvent>,
-}
-
-/// mvccpb.Event with only `kv` (2).
-#[derive(Clone, PartialEq, prost::Message)]
-struct SlimEvent {
-    #[prost(message, optional, tag = "2")]
-    kv: Option<SlimKeyValue>,
-}
-
-/// mvccpb.KeyValue with only `value` (5), which the fan-out writers fill
-/// with their send time in decimal nanoseconds.
-#[derive(Clone, PartialEq, prost::Message)]
-struct SlimKeyValue {
-    #[prost(bytes = "vec", tag = "5")]
-    value: Vec<u8>,
-}
-
-impl SlimWatchResponse {
-    /// The send time carried by each event (0 when a value is not one).
-    fn sent_times(&self) -> impl Iterator<Item = u64> + '_ {
-        self.events
-            .iter()
-            .filter_map(|e| e.kv.as_ref())
-            .map(|kv| std::str::from_utf8(&kv.value).ok().and_then(|v| v.parse().ok()).unwrap_or(0))
-    }
 }
 
 pub async fn lease_keepalive(t: &Target, cfg: &LoadConfig) -> Result<Report> {

@@ -15,6 +15,11 @@
 //!   durable by the preallocated journal), state machine, snapshot files
 //!   and the gRPC peer transport.
 //! - `cluster`: member/cluster ids, URL rules, published member attributes.
+//! - `watch`: the hub that takes each applied revision to the synced
+//!   watchers, one session per gRPC stream (catch-up from history for the
+//!   rest), and responses encoded once per stream (`watch/response.rs`).
+//! - `lease`: leases, their expiry on the leader, keepalives and
+//!   checkpoints.
 //! - `server`: the member core: propose (with forwarding) and
 //!   linearizable read barriers.
 //! - `api`: the etcd gRPC services, one file each; `api/errors.rs` maps
@@ -39,6 +44,9 @@
 //! The path of a read: `api::kv` -> `Server::linearizable_barrier` (read
 //! index from the leader, wait for local apply; skipped when serializable)
 //! -> `apply::kv::range` over an `mvcc::ReadTxn`.
+//!
+//! The path of a watch event: `apply::Applier` -> `watch::hub` (queued
+//! once per stream) -> `watch::session`'s sender -> `api::watch`'s codec.
 
 pub mod alarm;
 pub mod api;

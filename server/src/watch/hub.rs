@@ -545,7 +545,10 @@ impl HubState {
         let mut taken = Vec::with_capacity(group.len());
         let mut bytes = 0;
         for &key in group {
-            if !self.watchers.get(&key).is_some_and(&wants) {
+            // One lookup per watcher: with thousands of watchers of a key
+            // each lookup is a cache miss.
+            let Some(w) = self.watchers.get_mut(&key) else { continue };
+            if !wants(w) {
                 continue;
             }
             let pending = queued + bytes;
@@ -553,11 +556,9 @@ impl HubState {
                 self.desync(key, rev);
                 continue;
             }
-            if let Some(w) = self.watchers.get_mut(&key) {
-                w.quiet = false;
-                taken.push(Recipient { watch_id: key.1, prev_kv: w.spec.prev_kv, fragment: w.spec.fragment });
-                bytes += each;
-            }
+            w.quiet = false;
+            taken.push(Recipient { watch_id: key.1, prev_kv: w.spec.prev_kv, fragment: w.spec.fragment });
+            bytes += each;
         }
         if !taken.is_empty() {
             self.send(stream, Outgoing::Shared { watchers: taken, revision: rev, events, bytes });
