@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use keel_proto::etcdserverpb::{PutRequest, RangeResponse};
+use keel_proto::etcdserverpb::{PutRequest, RangeResponse, ResponseHeader, WatchResponse};
 use keel_proto::mvccpb::{event::EventType, Event, KeyValue};
 use keel_server::apply::CommitObserver;
 use keel_server::mvcc::store::{MvccStore, RangeOptions, ReadView};
@@ -14,6 +14,7 @@ use keel_server::storage::memory::MemoryEngine;
 use keel_server::storage::rocks::RocksEngine;
 use keel_server::storage::{SharedEngine, Table, WriteBatch};
 use keel_server::watch::hub::{WatchHub, WatchSpec};
+use keel_server::watch::response::{SharedResponse, WatchOut};
 use prost::Message;
 
 fn key(i: u64) -> Vec<u8> {
@@ -156,6 +157,41 @@ fn codec(c: &mut Criterion) {
     };
     g.throughput(Throughput::Elements(500));
     g.bench_function("RangeResponse of 500 kvs encode", |b| b.iter(|| resp.encode_to_vec()));
+    // One revision's event to the 1,000 watchers of a stream, as the
+    // stream's sender turns it into bytes for gRPC.
+    let header = ResponseHeader { cluster_id: 1 << 60, member_id: 1 << 61, revision: 1 << 20, raft_term: 3 };
+    let events = vec![Event {
+        r#type: EventType::Put as i32,
+        kv: Some(KeyValue {
+            key: Bytes::from(key(7)),
+            value: Bytes::from_static(&[b'v'; 256]),
+            create_revision: 2,
+            mod_revision: 1 << 20,
+            version: 9,
+            lease: 0,
+        }),
+        prev_kv: None,
+    }];
+    let mut out = Vec::with_capacity(1 << 20);
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("watch event to 1000 watchers, a WatchResponse each", |b| {
+        b.iter(|| {
+            out.clear();
+            for watch_id in 0..1000 {
+                let r = WatchResponse { header: Some(header), watch_id, events: events.clone(), ..Default::default() };
+                r.encode(&mut out).expect("Vec grows");
+            }
+        })
+    });
+    g.bench_function("watch event to 1000 watchers, encoded once (SharedResponse)", |b| {
+        b.iter(|| {
+            out.clear();
+            let shared = Arc::new(SharedResponse::new(header, events.clone()));
+            for watch_id in 0..1000 {
+                WatchOut::Shared { response: shared.clone(), watch_id }.encode(&mut out).expect("Vec grows");
+            }
+        })
+    });
     g.finish();
 }
 

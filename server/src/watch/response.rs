@@ -46,7 +46,8 @@ impl WatchOut {
         }
     }
 
-    fn encode(self, buf: &mut impl BufMut) -> Result<(), prost::EncodeError> {
+    /// Writes the response's protobuf encoding to `buf`.
+    pub fn encode(self, buf: &mut impl BufMut) -> Result<(), prost::EncodeError> {
         match self {
             WatchOut::Message(r) => r.encode(buf),
             WatchOut::Shared { response, watch_id } => {
