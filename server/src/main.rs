@@ -68,8 +68,9 @@ fn main() -> std::process::ExitCode {
 /// back, where spread over every core each hand-off can wake a parked
 /// thread, which costs tens of microseconds on a virtual machine. The
 /// core left over runs what does not belong on the runtime: RocksDB's
-/// flushes and compactions, the journal's syncer, blocking reads and the
-/// kernel's network work.
+/// flushes and compactions, the leader's journal syncer, blocking reads
+/// and the kernel's network work. (A follower flushes its journal on the
+/// runtime: with one worker that holds the member for the flush.)
 fn worker_threads() -> Option<usize> {
     if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
         return None;

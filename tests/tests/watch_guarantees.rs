@@ -552,3 +552,21 @@ async fn watchers_sharing_a_stream_get_their_own_responses() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// keel serves etcdserverpb.Watch with its own service (`api/watch.rs`):
+/// a method it does not have is UNIMPLEMENTED, as in tonic's generated
+/// services, and the stream stays usable.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_watch_method_is_unimplemented() -> anyhow::Result<()> {
+    let c = Cluster::start(1)?;
+    let url = c.members[0].client_url.clone();
+    let mut grpc = tonic::client::Grpc::new(Channel::from_shared(url.clone())?.connect().await?);
+    grpc.ready().await?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Other");
+    let codec = tonic_prost::ProstCodec::<WatchRequest, WatchResponse>::default();
+    let refused = grpc.unary(tonic::Request::new(WatchRequest::default()), path, codec).await;
+    assert_eq!(refused.err().map(|s| s.code()), Some(tonic::Code::Unimplemented));
+    let mut s = open_watch(&url, WatchCreateRequest { key: Bytes::from_static(b"k"), ..Default::default() }).await?;
+    assert!(s.next().await.ok_or_else(|| anyhow::anyhow!("closed"))??.created);
+    Ok(())
+}

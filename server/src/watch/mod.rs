@@ -6,7 +6,7 @@
 //!   committed revision; watchers that are caught up ("synced") get the
 //!   revision's events at once, through their stream's bounded queue.
 //! - [`session`]: one per gRPC Watch stream: handles create / cancel /
-//!   progress requests, turns queued events into WatchResponses (prev_kv,
+//!   progress requests, turns queued events into responses (prev_kv,
 //!   fragments), and catches up watchers that are behind ("unsynced") from
 //!   MVCC history, in batches, only as fast as the client reads.
 //! - [`response`]: responses as they leave the member; a revision going to

@@ -50,10 +50,7 @@ impl WatchOut {
     pub fn encode(self, buf: &mut impl BufMut) -> Result<(), prost::EncodeError> {
         match self {
             WatchOut::Message(r) => r.encode(buf),
-            WatchOut::Shared { response, watch_id } => {
-                response.encode(watch_id, buf);
-                Ok(())
-            }
+            WatchOut::Shared { response, watch_id } => response.encode(watch_id, buf),
         }
     }
 }
@@ -72,10 +69,13 @@ pub struct SharedResponse {
 
 impl SharedResponse {
     pub fn new(header: ResponseHeader, events: Vec<Event>) -> Self {
-        let mut encoded = WatchResponse { header: Some(header), ..Default::default() }.encode_to_vec();
-        let header_len = encoded.len();
+        let header_only = WatchResponse { header: Some(header), ..Default::default() };
         let events_only = WatchResponse { events, ..Default::default() };
-        events_only.encode_raw(&mut encoded);
+        let header_len = header_only.encoded_len();
+        let mut encoded = Vec::with_capacity(header_len + events_only.encoded_len());
+        // Encoding into a Vec cannot run out of room.
+        let _ = header_only.encode(&mut encoded);
+        let _ = events_only.encode(&mut encoded);
         Self { header, events: events_only.events, encoded: Bytes::from(encoded), header_len }
     }
 
@@ -88,10 +88,11 @@ impl SharedResponse {
         self.encoded.len() + WatchResponse { watch_id, ..Default::default() }.encoded_len()
     }
 
-    fn encode(&self, watch_id: i64, buf: &mut impl BufMut) {
+    fn encode(&self, watch_id: i64, buf: &mut impl BufMut) -> Result<(), prost::EncodeError> {
         buf.put_slice(&self.encoded[..self.header_len]);
-        WatchResponse { watch_id, ..Default::default() }.encode_raw(buf);
+        WatchResponse { watch_id, ..Default::default() }.encode(buf)?;
         buf.put_slice(&self.encoded[self.header_len..]);
+        Ok(())
     }
 }
 
@@ -150,7 +151,7 @@ mod tests {
         let header = ResponseHeader { cluster_id: 11, member_id: 12, revision: 300, raft_term: 4 };
         for events in [vec![], vec![event("a", 300, false)], vec![event("a", 300, true), event("b", 300, false)]] {
             let shared = Arc::new(SharedResponse::new(header, events.clone()));
-            for watch_id in [0, 1, 127, 128, 1 << 40] {
+            for watch_id in [0, 1, 127, 128, 1 << 40, -1, i64::MIN, i64::MAX] {
                 let whole =
                     WatchResponse { header: Some(header), watch_id, events: events.clone(), ..Default::default() };
                 let mut buf = Vec::new();

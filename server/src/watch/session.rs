@@ -3,8 +3,9 @@
 //!
 //! - the request loop (create / cancel / progress, the progress-notify
 //!   ticker, and the WithRequireLeader check);
-//! - the sender, which turns queued events into WatchResponses (headers,
-//!   prev_kv, fragments) and hands them to gRPC, freeing queue budget;
+//! - the sender, which turns queued events into responses (headers,
+//!   prev_kv, fragments; a revision for many watchers encoded once) and
+//!   hands them to gRPC, freeing queue budget;
 //! - the catch-up loop, which replays MVCC history to unsynced watchers in
 //!   batches of at most [`CATCH_UP_REVISIONS`] revisions, waiting whenever
 //!   the stream's queue is over budget, so a client that does not read
@@ -244,12 +245,14 @@ async fn send_loop(
                 response.header = Some(server.header(revision));
                 vec![Ok(WatchOut::Message(response))]
             }
-            Outgoing::Events { watch_id, revision, mut events, prev_kv, fragment, .. } => {
-                if prev_kv {
-                    fill_prev_kv(&server, &mut events);
-                }
+            Outgoing::Events { watch_id, revision, events, prev_kv, fragment, .. } => {
                 let to = Recipient { watch_id, prev_kv, fragment };
-                messages(responses(to, Some(server.header(revision)), events, limit))
+                one_watcher(&server, to, revision, events, limit)
+            }
+            // A revision for one watcher (the usual case for revisions
+            // that change several keys) has nothing to share.
+            Outgoing::Shared { watchers, revision, events, .. } if watchers.len() == 1 => {
+                one_watcher(&server, watchers[0], revision, events, limit)
             }
             Outgoing::Shared { watchers, revision, events, .. } => {
                 let header = server.header(revision);
@@ -292,6 +295,14 @@ fn fill_prev_kv(server: &Server, events: &mut [Event]) {
             ev.prev_kv = server.mvcc.get_at(&kv.key, kv.mod_revision - 1).ok().flatten();
         }
     }
+}
+
+/// The response(s) for one watcher's events at `revision`.
+fn one_watcher(server: &Server, to: Recipient, revision: i64, mut events: Vec<Event>, limit: usize) -> Batch {
+    if to.prev_kv {
+        fill_prev_kv(server, &mut events);
+    }
+    messages(responses(to, Some(server.header(revision)), events, limit))
 }
 
 fn messages(responses: Vec<WatchResponse>) -> Batch {
