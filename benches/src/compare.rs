@@ -308,6 +308,12 @@ pub async fn compare(cfg: CompareConfig) -> Result<()> {
         }
     }
     std::fs::write(&cfg.out, report)?;
+    let rows: Vec<(String, f64)> = pairs
+        .iter()
+        .filter(|p| p.etcd.throughput > 0.0)
+        .map(|p| (p.workload.clone(), p.keel.throughput / p.etcd.throughput))
+        .collect();
+    std::fs::write(cfg.out.with_file_name(CHART_FILE), crate::chart::throughput_ratios(&rows))?;
     let json = serde_json::json!({"pairs": pairs, "scale": scale});
     std::fs::write(cfg.run_dir.join("compare.json"), serde_json::to_string_pretty(&json)?)?;
     println!("wrote {} in {:.0} s", cfg.out.display(), started.elapsed().as_secs_f64());
@@ -409,6 +415,9 @@ fn machine() -> String {
     format!("{cores} cores ({model}), {:.0} GiB RAM, Linux {}", total as f64 / 1048576.0, kernel.trim())
 }
 
+/// The throughput chart, written next to the report.
+const CHART_FILE: &str = "benchmarks-ratios.svg";
+
 fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 {
         format!("{:.2}x", a / b)
@@ -454,6 +463,7 @@ fn render(cfg: &CompareConfig, pairs: &[Pair], scale: &Scale, took: Duration) ->
             p.etcd.errors
         );
     }
+    let _ = writeln!(s, "\n![keel's throughput as a multiple of etcd's, per workload]({CHART_FILE})");
     let _ =
         writeln!(s, "\nWatch rows count delivered events (watchers x puts) per second and put-to-delivery latency; fan-out rows write as fast as the cluster takes, steady rows at a fixed put rate with every watcher on member 0.\n");
     let _ = writeln!(s, "## Memory, disk and restart\n");

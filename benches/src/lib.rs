@@ -3,11 +3,13 @@
 //!
 //! Module map: `load` (concurrent clients, rate limiting, latency
 //! histograms, reports), `workloads` (each benchmark over etcd's gRPC API),
-//! `compare` (two clusters, one suite, the Markdown report),
+//! `compare` (two clusters, one suite, the Markdown report), `chart` (its
+//! throughput-ratio chart, SVG),
 //! `watch_decode` (the fan-out benchmark's cheap reading of watch
 //! responses). The criterion
 //! micro-benchmarks of keel's hot paths are in `benches/hot_paths.rs`.
 
+pub mod chart;
 pub mod compare;
 pub mod load;
 pub mod watch_decode;
