@@ -12,11 +12,11 @@
 use anyhow::{Context, Result};
 use bytes::Buf;
 use keel_proto::etcdserverpb::WatchRequest;
-use prost::Message;
 use tokio::sync::mpsc;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::transport::Channel;
 use tonic::Status;
+use tonic_prost::ProstEncoder;
 
 /// What the benchmark reads of a WatchResponse.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -134,27 +134,15 @@ struct SummaryCodec;
 impl Codec for SummaryCodec {
     type Encode = WatchRequest;
     type Decode = WatchSummary;
-    type Encoder = RequestEncoder;
+    type Encoder = ProstEncoder<WatchRequest>;
     type Decoder = SummaryDecoder;
 
-    fn encoder(&mut self) -> RequestEncoder {
-        RequestEncoder
+    fn encoder(&mut self) -> ProstEncoder<WatchRequest> {
+        ProstEncoder::new(BufferSettings::default())
     }
 
     fn decoder(&mut self) -> SummaryDecoder {
         SummaryDecoder
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct RequestEncoder;
-
-impl Encoder for RequestEncoder {
-    type Item = WatchRequest;
-    type Error = Status;
-
-    fn encode(&mut self, item: WatchRequest, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(buf).map_err(|e| Status::internal(e.to_string()))
     }
 }
 
@@ -187,6 +175,7 @@ mod tests {
     use bytes::Bytes;
     use keel_proto::etcdserverpb::{ResponseHeader, WatchResponse};
     use keel_proto::mvccpb::{Event, KeyValue};
+    use prost::Message;
 
     fn event(value: &str, prev: bool) -> Event {
         let kv = |v: &str| KeyValue {

@@ -515,11 +515,11 @@ impl Db {
         found
             .into_iter()
             .filter(|p| p.extension().is_some_and(|e| e == "journal") == journal)
-            // Only a journal segment must be read to see whether it holds
-            // records; it is allocated in full.
+            // A journal segment is allocated in full: it holds records when
+            // its first length is not zero.
             .filter(|p| {
                 if journal {
-                    std::fs::read(p).is_ok_and(|b| records_end(p, &b) > 0)
+                    first_bytes(p).is_ok_and(|b| b != [0; 4])
                 } else {
                     p.metadata().is_ok_and(|m| m.len() > 0)
                 }
@@ -575,6 +575,13 @@ pub fn records_end(path: &Path, bytes: &[u8]) -> usize {
         at += 8 + len;
     }
     at
+}
+
+fn first_bytes(path: &Path) -> std::io::Result<[u8; 4]> {
+    use std::io::Read;
+    let mut b = [0u8; 4];
+    std::fs::File::open(path)?.read_exact(&mut b)?;
+    Ok(b)
 }
 
 fn collect_wal(dir: &Path, out: &mut Vec<PathBuf>) {

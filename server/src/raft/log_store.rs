@@ -201,14 +201,6 @@ impl LogStore {
         Ok(Self { engine, journal, syncer, appended, truncations, mark, leading: Arc::new(AtomicBool::new(false)) })
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, RaftStorageError> {
-        get_meta(&self.engine, key)
-    }
-
-    fn last_purged(&self) -> Result<Option<LogId>, RaftStorageError> {
-        self.get_meta(RAFT_LAST_PURGED)
-    }
-
     fn write_journal(&self, body: &[u8]) -> Result<(), RaftStorageError> {
         let engine = &self.engine;
         let sync_engine = || engine.sync().map_err(|e| std::io::Error::other(e.to_string()));
@@ -238,10 +230,13 @@ fn last_index(engine: &SharedEngine) -> Result<Option<u64>, StorageError> {
     Ok(last.and_then(|(k, _)| crate::storage::keys::decode_u64(&k)))
 }
 
+fn last_purged(engine: &SharedEngine) -> Result<Option<LogId>, RaftStorageError> {
+    get_meta(engine, RAFT_LAST_PURGED)
+}
+
 /// Index of the last purged entry (0 if none).
 fn purged_index(engine: &SharedEngine) -> anyhow::Result<u64> {
-    let purged: Option<LogId> = get_meta(engine, RAFT_LAST_PURGED).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(purged.map_or(0, |l| l.index))
+    Ok(last_purged(engine).map_err(|e| anyhow::anyhow!("{e}"))?.map_or(0, |l| l.index))
 }
 
 /// What the engine holds after replay: the last log index and vote term.
@@ -324,7 +319,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
-        let last_purged = self.last_purged()?;
+        let last_purged = last_purged(&self.engine)?;
         let last = self.engine.last_in_range(Table::RaftLog, &log_key(0), &log_key(u64::MAX)).map_err(read_err)?;
         let last_log_id = match last {
             Some((k, v)) => {
@@ -351,7 +346,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
-        self.get_meta(RAFT_VOTE)
+        get_meta(&self.engine, RAFT_VOTE)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
@@ -361,7 +356,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {
-        Ok(self.get_meta::<Option<LogId>>(RAFT_COMMITTED)?.flatten())
+        Ok(get_meta::<Option<LogId>>(&self.engine, RAFT_COMMITTED)?.flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftStorageError>
