@@ -30,7 +30,8 @@
 //!   in etcd's bbolt format (and keel's own), and etcd's data dirs both
 //!   ways (a keel member takes one over; `keel convert-to-etcd` hands one
 //!   back).
-//! - `config`, `logging`, `node`: flags, logs, and wiring a member.
+//! - `config`, `logging`, `node`: flags, logs, and wiring a member;
+//!   `busy_poll`: the runtime's workers poll briefly before they sleep.
 //!
 //! The path of a write: `api::kv` validates -> `server::Server::propose`
 //! (forwards to the leader if needed) -> `raft::batcher` (concurrent writes
@@ -54,6 +55,7 @@ pub mod apply;
 pub mod auth;
 pub mod backup;
 pub mod bbolt;
+pub mod busy_poll;
 pub mod cli;
 pub mod cluster;
 pub mod concurrency;

@@ -44,6 +44,13 @@ fn main() -> std::process::ExitCode {
     if let Some(n) = worker_threads() {
         runtime.worker_threads(n);
     }
+    let busy_poll = match keel_server::busy_poll::window_from_env() {
+        Ok(window) => window.map(|w| keel_server::busy_poll::BusyPoll::install(&mut runtime, w)),
+        Err(e) => {
+            eprintln!("keel: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let runtime = match runtime.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -51,6 +58,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(poll) = busy_poll {
+        runtime.spawn(poll.run());
+    }
     match runtime.block_on(keel_server::run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

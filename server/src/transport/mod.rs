@@ -146,7 +146,12 @@ macro_rules! delegate {
 
 impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_read(cx, buf))
+        let before = buf.filled().len();
+        let read = delegate!(self, s => s.poll_read(cx, buf));
+        if buf.filled().len() > before {
+            crate::busy_poll::note_input();
+        }
+        read
     }
 }
 
