@@ -41,10 +41,15 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads() {
-        runtime.worker_threads(n);
-    }
-    let busy_poll = match keel_server::busy_poll::window_from_env() {
+    let workers = match worker_threads() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("keel: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    runtime.worker_threads(workers);
+    let busy_poll = match keel_server::busy_poll::window_from_env(workers) {
         Ok(window) => window.map(|w| keel_server::busy_poll::BusyPoll::install(&mut runtime, w)),
         Err(e) => {
             eprintln!("keel: {e}");
@@ -81,10 +86,14 @@ fn main() -> std::process::ExitCode {
 /// flushes and compactions, the leader's journal syncer, blocking reads
 /// and the kernel's network work. (A follower flushes its journal on the
 /// runtime: with one worker that holds the member for the flush.)
-fn worker_threads() -> Option<usize> {
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
-        return None;
+fn worker_threads() -> Result<usize, String> {
+    if let Some(v) = std::env::var_os("TOKIO_WORKER_THREADS") {
+        let v = v.to_string_lossy();
+        return match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("invalid TOKIO_WORKER_THREADS {v:?}: want a number of threads above 0")),
+        };
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    Some(cores.saturating_sub(1).max(1))
+    Ok(cores.saturating_sub(1).max(1))
 }

@@ -149,7 +149,7 @@ impl AsyncRead for Stream {
         let before = buf.filled().len();
         let read = delegate!(self, s => s.poll_read(cx, buf));
         if buf.filled().len() > before {
-            crate::busy_poll::note_input();
+            crate::busy_poll::note_read_with_data();
         }
         read
     }
