@@ -17,7 +17,7 @@
 //! round, once the tasks that were ready have run, the task also yields
 //! the CPU to the kernel (`sched_yield`), so any other runnable thread on
 //! it, a peer on the same machine included, goes next: without that, the
-//! polling starved the other members on 2 cores and writes got 30%
+//! polling starved the other members on 2 cores and writes got 20-40%
 //! slower; with it, 1-client writes on a 3-member cluster went from
 //! 1,978 / 1,955 to 2,524 / 2,622 per second (docs/BENCHMARKS.md).
 //!
