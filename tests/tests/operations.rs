@@ -279,3 +279,21 @@ async fn clients_pinging_faster_than_keepalive_min_time_are_cut_off() -> anyhow:
     assert_eq!(pings(&lax.members[0].client_url, 6, Duration::from_millis(100)).await?, 6);
     Ok(())
 }
+
+#[test]
+fn bad_runtime_settings_in_the_environment_fail_fast() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().join("data");
+    for (var, value, says) in [
+        ("TOKIO_WORKER_THREADS", "0", "invalid TOKIO_WORKER_THREADS \"0\""),
+        ("TOKIO_WORKER_THREADS", "many", "invalid TOKIO_WORKER_THREADS \"many\""),
+        ("KEEL_BUSY_POLL_US", "soon", "invalid KEEL_BUSY_POLL_US \"soon\""),
+    ] {
+        let out = Command::new(keel_bin()).env(var, value).arg("--data-dir").arg(&data_dir).output()?;
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{var}={value}: {stderr}");
+        assert!(!data_dir.exists(), "{var}={value} created the data dir");
+    }
+    Ok(())
+}
