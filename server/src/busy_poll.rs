@@ -31,7 +31,7 @@
 //! `transport::Stream` counts the reads ([`note_read_with_data`]).
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -43,12 +43,20 @@ use tokio::sync::Notify;
 /// acknowledgement) and a client's turnaround between two requests.
 const DEFAULT_WINDOW: Duration = Duration::from_micros(300);
 
-/// Reads that brought data, on any connection of the process.
+/// Reads that brought data, on any connection of the process, counted
+/// once polling is installed.
 static READS_WITH_DATA: AtomicU64 = AtomicU64::new(0);
+
+/// Whether [`BusyPoll::install`] ran: without polling nobody reads the
+/// count, and every socket read of every thread would otherwise write the
+/// same cache line.
+static COUNTING: AtomicBool = AtomicBool::new(false);
 
 /// Counts a read that brought data.
 pub fn note_read_with_data() {
-    READS_WITH_DATA.fetch_add(1, Ordering::Relaxed);
+    if COUNTING.load(Ordering::Relaxed) {
+        READS_WITH_DATA.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The polling window for a runtime of `workers` worker threads:
@@ -88,6 +96,7 @@ impl BusyPoll {
     /// Hooks polling to `runtime`'s worker wakes. It takes the runtime's
     /// one `on_thread_unpark` callback, replacing any set before.
     pub fn install(runtime: &mut tokio::runtime::Builder, window: Duration) -> Self {
+        COUNTING.store(true, Ordering::Relaxed);
         Self::install_counting(runtime, window, &READS_WITH_DATA)
     }
 

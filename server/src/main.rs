@@ -40,22 +40,16 @@ fn main() -> std::process::ExitCode {
         eprintln!("keel: cannot set up logging: {e}");
         return std::process::ExitCode::from(2);
     }
+    let (workers, poll_window) = match runtime_settings() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("keel: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    let workers = match worker_threads() {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("keel: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
     runtime.worker_threads(workers);
-    let busy_poll = match keel_server::busy_poll::window_from_env(workers) {
-        Ok(window) => window.map(|w| keel_server::busy_poll::BusyPoll::install(&mut runtime, w)),
-        Err(e) => {
-            eprintln!("keel: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
+    let busy_poll = poll_window.map(|w| keel_server::busy_poll::BusyPoll::install(&mut runtime, w));
     let runtime = match runtime.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -74,6 +68,13 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime's worker threads and busy-polling window, from the
+/// environment.
+fn runtime_settings() -> Result<(usize, Option<std::time::Duration>), String> {
+    let workers = worker_threads()?;
+    Ok((workers, keel_server::busy_poll::window_from_env(workers)?))
 }
 
 /// The runtime's worker threads: one fewer than the cores, at least one

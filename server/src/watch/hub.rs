@@ -68,9 +68,10 @@ pub enum Outgoing {
     /// Events of one or more whole revisions for one watcher; `revision`
     /// is the header revision.
     Events { watch_id: WatchId, revision: i64, events: Vec<Event>, bytes: usize, prev_kv: bool, fragment: bool },
-    /// One revision's events for the watchers of the stream that get
-    /// exactly these events (for a revision changing one key, every
-    /// watcher of the stream that wants it). One queue entry per stream
+    /// One revision's events for the two or more watchers of the stream
+    /// that get exactly these events (for a revision changing one key,
+    /// every watcher of the stream that wants it; a lone one gets
+    /// `Events`). One queue entry per stream
     /// instead of one per watcher keeps the apply path's work per
     /// revision proportional to the streams, not the watchers.
     Shared { watchers: Vec<Recipient>, revision: i64, events: Vec<Event>, bytes: usize },
@@ -560,9 +561,21 @@ impl HubState {
             taken.push(Recipient { watch_id: key.1, prev_kv: w.spec.prev_kv, fragment: w.spec.fragment });
             bytes += each;
         }
-        if !taken.is_empty() {
-            self.send(stream, Outgoing::Shared { watchers: taken, revision: rev, events, bytes });
-        }
+        // A revision for one watcher (the usual case for revisions that
+        // change several keys) has nothing to share.
+        let out = match <[Recipient; 1]>::try_from(taken) {
+            Ok([one]) => Outgoing::Events {
+                watch_id: one.watch_id,
+                revision: rev,
+                events,
+                bytes,
+                prev_kv: one.prev_kv,
+                fragment: one.fragment,
+            },
+            Err(taken) if taken.is_empty() => return,
+            Err(taken) => Outgoing::Shared { watchers: taken, revision: rev, events, bytes },
+        };
+        self.send(stream, out);
     }
 }
 

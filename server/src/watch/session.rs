@@ -249,11 +249,6 @@ async fn send_loop(
                 let to = Recipient { watch_id, prev_kv, fragment };
                 one_watcher(&server, to, revision, events, limit)
             }
-            // A revision for one watcher (the usual case for revisions
-            // that change several keys) has nothing to share.
-            Outgoing::Shared { watchers, revision, events, .. } if watchers.len() == 1 => {
-                one_watcher(&server, watchers[0], revision, events, limit)
-            }
             Outgoing::Shared { watchers, revision, events, .. } => {
                 let header = server.header(revision);
                 // Encoded once for the watchers without prev_kv and once
