@@ -17,6 +17,7 @@ use keel_proto::etcdserverpb::{PutRequest, RangeRequest, WatchCreateRequest, Wat
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::catch_up::dir_size;
 use crate::load::{LoadConfig, Report};
 use crate::workloads::{self, Keys, Target, WatchLoad};
 
@@ -101,18 +102,6 @@ impl System {
     }
 }
 
-fn dir_size(p: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(p) else { return 0 };
-    entries
-        .filter_map(|e| e.ok())
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct Pair {
     pub workload: String,
@@ -173,7 +162,7 @@ impl Bench {
     }
 
     async fn run(&self, s: &System, progress: bool) -> Result<Report> {
-        let keys = Keys { key_size: 8, val_size: 256, key_space: 10_000, sequential: false };
+        let keys = Keys { key_size: 8, val_size: 256, key_space: 10_000, sequential: false, incompressible: false };
         let cfg = |clients: usize, total: u64| LoadConfig {
             name: format!("{} {}", s.name, self.name()),
             clients,
@@ -364,7 +353,7 @@ async fn scale(systems: &mut [System; 2], quick: bool, progress: bool) -> Result
     let mut out = Scale { keys: if quick { 100_000 } else { 1_000_000 }, ..Default::default() };
     for (i, s) in systems.iter_mut().enumerate() {
         // Many keys of 256 bytes.
-        let keys = Keys { key_size: 16, val_size: 256, key_space: out.keys, sequential: true };
+        let keys = Keys { key_size: 16, val_size: 256, key_space: out.keys, sequential: true, incompressible: false };
         let cfg = LoadConfig {
             name: format!("{} load {} keys", s.name, out.keys),
             clients: 256,

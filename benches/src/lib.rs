@@ -3,12 +3,14 @@
 //!
 //! Module map: `load` (concurrent clients, rate limiting, latency
 //! histograms, reports), `workloads` (each benchmark over etcd's gRPC API),
-//! `compare` (two clusters, one suite, the Markdown report), `chart` (its
+//! `compare` (two clusters, one suite, the Markdown report), `catch_up`
+//! (a member added to a loaded cluster, timed until it serves), `chart` (its
 //! throughput-ratio chart, SVG),
 //! `watch_decode` (the fan-out benchmark's cheap reading of watch
 //! responses). The criterion
 //! micro-benchmarks of keel's hot paths are in `benches/hot_paths.rs`.
 
+pub mod catch_up;
 pub mod chart;
 pub mod compare;
 pub mod load;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use keel_bench::catch_up::{catch_up, CatchUpConfig};
 use keel_bench::compare::{compare, CompareConfig};
 use keel_bench::load::{LoadConfig, Report};
 use keel_bench::workloads::{self, Keys, Target, WatchLoad};
@@ -46,6 +47,9 @@ struct Common {
     key_space_size: u64,
     #[arg(long, global = true)]
     sequential_keys: bool,
+    /// Random bytes in every value (no storage can compress them).
+    #[arg(long, global = true)]
+    incompressible_values: bool,
     /// Send everything to the leader.
     #[arg(long, global = true)]
     target_leader: bool,
@@ -114,6 +118,23 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         page_size: i64,
     },
+    /// A member added to a loaded cluster: time until it serves every key.
+    /// Loads a 3-member cluster of each binary with --clients puts of
+    /// incompressible --val-size values over --key-space-size keys for
+    /// --duration seconds (default 40), then adds and starts a fourth.
+    CatchUp {
+        /// Server binaries to measure, one after the other (keel, etcd).
+        #[arg(long = "binary", required = true)]
+        binaries: Vec<PathBuf>,
+        #[arg(long, default_value = "target/catch-up")]
+        run_dir: PathBuf,
+        /// Extra flags for every member.
+        #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
+        member_args: Vec<String>,
+        /// Seconds the new member has to serve every key.
+        #[arg(long, default_value_t = 600)]
+        deadline: u64,
+    },
     /// keel against etcd, side by side; writes docs/BENCHMARKS.md.
     Compare {
         #[arg(long, default_value = "target/release/keel")]
@@ -149,8 +170,13 @@ fn main() -> std::process::ExitCode {
 async fn dispatch(cli: Cli) -> Result<()> {
     let c = cli.common;
     let target = Target { endpoints: c.endpoints.clone(), conns: c.conns, target_leader: c.target_leader };
-    let keys =
-        Keys { key_size: c.key_size, val_size: c.val_size, key_space: c.key_space_size, sequential: c.sequential_keys };
+    let keys = Keys {
+        key_size: c.key_size,
+        val_size: c.val_size,
+        key_space: c.key_space_size,
+        sequential: c.sequential_keys,
+        incompressible: c.incompressible_values,
+    };
     let cfg = |name: &str| LoadConfig {
         name: name.to_string(),
         clients: c.clients,
@@ -185,6 +211,28 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::PutDuringDefrag => workloads::put_during_defrag(&target, &keys, &cfg("put-during-defrag")).await?,
         Command::Kube { objects, page_size } => {
             workloads::kube(&target, objects, page_size, c.val_size, &cfg("kube")).await?
+        }
+        Command::CatchUp { binaries, run_dir, member_args, deadline } => {
+            for binary in binaries {
+                let cfg = CatchUpConfig {
+                    binary,
+                    run_dir: run_dir.clone(),
+                    load: Duration::from_secs(c.duration.unwrap_or(40)),
+                    clients: c.clients,
+                    val_size: c.val_size,
+                    key_space: c.key_space_size,
+                    extra_args: member_args.iter().filter(|a| !a.is_empty()).cloned().collect(),
+                    deadline: Duration::from_secs(deadline),
+                    progress: !c.json,
+                };
+                let report = catch_up(&cfg).await?;
+                if c.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    println!("{}", report.render());
+                }
+            }
+            return Ok(());
         }
         Command::Compare { keel, etcd, run_dir, out, quick, only } => {
             return compare(CompareConfig { keel, etcd, run_dir, out, quick, progress: !c.json, only }).await;

@@ -40,6 +40,9 @@ pub struct Keys {
     pub val_size: usize,
     pub key_space: u64,
     pub sequential: bool,
+    /// Random bytes in every value, so that neither side's storage can
+    /// compress them (`--incompressible-values`).
+    pub incompressible: bool,
 }
 
 impl Keys {
@@ -64,8 +67,21 @@ impl Keys {
         Bytes::from(k)
     }
 
+    /// The value every operation writes; with `incompressible`, use
+    /// [`Keys::value_for`].
     pub fn value(&self) -> Bytes {
         Bytes::from(vec![b'v'; self.val_size])
+    }
+
+    /// The value of one operation: `shared` (from [`Keys::value`]), or
+    /// fresh random bytes when values are incompressible.
+    pub fn value_for(&self, shared: &Bytes) -> Bytes {
+        if !self.incompressible {
+            return shared.clone();
+        }
+        let mut v = vec![0u8; self.val_size];
+        rand::thread_rng().fill(&mut v[..]);
+        Bytes::from(v)
     }
 }
 
@@ -115,7 +131,7 @@ pub async fn put(t: &Target, keys: &Keys, cfg: &LoadConfig) -> Result<Report> {
     let value = keys.value();
     Ok(load::run(cfg, move |c, n| {
         let mut kv = conns.kv(c);
-        let req = PutRequest { key: keys.key(n), value: value.clone(), ..Default::default() };
+        let req = PutRequest { key: keys.key(n), value: keys.value_for(&value), ..Default::default() };
         async move { kv.put(req).await.map(|_| ()).map_err(err) }
     })
     .await)

@@ -14,7 +14,7 @@ fn cfg(name: &str, clients: usize, total: u64) -> LoadConfig {
 async fn every_benchmark_completes_against_keel() -> anyhow::Result<()> {
     let c = Cluster::start(1)?;
     let target = Target { endpoints: vec![c.members[0].client_url.clone()], conns: 2, target_leader: true };
-    let keys = Keys { key_size: 8, val_size: 64, key_space: 100, sequential: false };
+    let keys = Keys { key_size: 8, val_size: 64, key_space: 100, sequential: false, incompressible: false };
 
     let r = workloads::put(&target, &keys, &cfg("put", 4, 200)).await?;
     assert_eq!((r.ops, r.errors), (200, 0), "{r:?}");
@@ -41,4 +41,16 @@ async fn every_benchmark_completes_against_keel() -> anyhow::Result<()> {
     let r = workloads::watch(&target, &load, "watch", false).await?;
     assert_eq!((r.ops, r.errors), (600, 0), "{r:?}");
     Ok(())
+}
+
+#[test]
+fn incompressible_values_are_fresh_random_bytes_of_the_size_asked() {
+    let keys = Keys { key_size: 8, val_size: 4096, key_space: 100, sequential: false, incompressible: true };
+    let shared = keys.value();
+    let (a, b) = (keys.value_for(&shared), keys.value_for(&shared));
+    assert_eq!((a.len(), b.len()), (4096, 4096));
+    assert_ne!(a, b);
+    assert!(a.iter().filter(|&&x| x == b'v').count() < 100, "values are not random");
+    let plain = Keys { incompressible: false, ..keys };
+    assert_eq!(plain.value_for(&shared), shared);
 }

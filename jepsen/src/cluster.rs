@@ -473,18 +473,8 @@ impl Db {
         if self.nodes[i].data_dir.exists() {
             std::fs::remove_dir_all(&self.nodes[i].data_dir)?;
         }
-        let added = add_member(client, &self.nodes[i].peer_url, learner).await?;
-        let id = added.member.as_ref().map_or(0, |m| m.id);
-        let mut initial = Vec::new();
-        for m in &added.members {
-            let mname = if m.id == id { name.clone() } else { m.name.clone() };
-            for u in &m.peer_ur_ls {
-                initial.push(format!("{mname}={u}"));
-            }
-        }
-        self.nodes[i].initial_cluster = initial.join(",");
-        self.nodes[i].initial_state = "existing";
-        self.start_member(i).await?;
+        let id = self.join(i, client, learner).await?;
+        self.wait_ready(i, Duration::from_secs(60)).await?;
         if learner {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
@@ -497,6 +487,55 @@ impl Db {
             }
         }
         Ok(format!("{id:x}"))
+    }
+
+    /// Adds member `i` (stopped, with an empty data dir) to the cluster as
+    /// etcdctl's `member add` does, then starts it with
+    /// `--initial-cluster-state existing` without waiting for it to serve;
+    /// returns its member id.
+    pub async fn join(&mut self, i: usize, client: &Client, learner: bool) -> Result<u64> {
+        let added = add_member(client, &self.nodes[i].peer_url, learner).await?;
+        let id = added.member.as_ref().map_or(0, |m| m.id);
+        let mut initial = Vec::new();
+        for m in &added.members {
+            let mname = if m.id == id { self.nodes[i].name.clone() } else { m.name.clone() };
+            for u in &m.peer_ur_ls {
+                initial.push(format!("{mname}={u}"));
+            }
+        }
+        self.nodes[i].initial_cluster = initial.join(",");
+        self.nodes[i].initial_state = "existing";
+        self.spawn(i)?;
+        Ok(id)
+    }
+
+    /// Defines one more member on a loopback cluster, not yet started or
+    /// added (see [`Db::join`]); returns its index.
+    pub fn define_member(&mut self) -> Result<usize> {
+        if self.spec.network != Network::Loopback {
+            bail!("members can only be defined on a loopback cluster");
+        }
+        let i = self.nodes.len();
+        let name = format!("n{}", i + 1);
+        let ip = "127.0.0.1".to_string();
+        let peer = format!("http://{ip}:{}", free_port(&ip)?);
+        self.nodes.push(Node {
+            data_dir: self.spec.run_dir.join(format!("{name}.data")),
+            log: self.spec.run_dir.join(format!("{name}.log")),
+            name,
+            ns: None,
+            client_url: format!("http://{ip}:{}", free_port(&ip)?),
+            ip,
+            peer_url: peer.clone(),
+            listen_peer_url: peer,
+            clock: None,
+            initial_cluster: String::new(),
+            initial_state: "existing",
+            child: None,
+            log_offset: 0,
+            paused: false,
+        });
+        Ok(i)
     }
 
     /// Stops every member (SIGKILL after resuming paused ones).

@@ -63,6 +63,11 @@ struct RunArgs {
     run_dir: PathBuf,
     #[arg(long)]
     seed: Option<u64>,
+    /// Bytes in every value the register and kube workloads write: the
+    /// value's text padded with incompressible bytes (large values make
+    /// catch-up after the membership and learner faults move real data).
+    #[arg(long, default_value_t = 0)]
+    value_size: usize,
     /// etcd's --snapshot-count for every member (small values exercise
     /// snapshot installation).
     #[arg(long)]
@@ -171,6 +176,7 @@ async fn run_all(args: RunArgs) -> Result<Validity> {
             faults,
             duration: Duration::from_secs(args.duration),
             rate: args.rate,
+            value_size: args.value_size,
             concurrency: args.concurrency.max(1),
             seed,
             extra_args: extra_args.clone(),

@@ -24,6 +24,9 @@ pub struct RunConfig {
     pub faults: Vec<Fault>,
     pub duration: Duration,
     pub rate: f64,
+    /// Size of the values the register and kube workloads write (0: as
+    /// short as their text).
+    pub value_size: usize,
     pub concurrency: usize,
     pub seed: u64,
     pub extra_args: Vec<String>,
@@ -119,6 +122,7 @@ pub async fn run(cfg: RunConfig) -> Result<Report> {
         members: cfg.members,
         concurrency: cfg.concurrency,
         rate: cfg.rate,
+        value_size: cfg.value_size,
         until,
         seed: cfg.seed,
         healed: healed_rx,

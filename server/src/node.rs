@@ -31,7 +31,7 @@ use crate::lease::Lessor;
 use crate::mvcc::{CompactionJob, MvccStore};
 use crate::raft::batcher::Batcher;
 use crate::raft::log_store::LogStore;
-use crate::raft::network::{NetworkFactory, PeerClients, MAX_PEER_MESSAGE};
+use crate::raft::network::{max_peer_message, NetworkFactory, PeerClients};
 use crate::raft::peer_service::PeerService;
 use crate::raft::read_index::ReadIndex;
 use crate::raft::state_machine::{Reloadable, StateMachine};
@@ -335,7 +335,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
         connect_timeout: Duration::from_secs(1),
         loopback_source: crate::transport::loopback_source(&config.listen_peer_urls),
     };
-    let peers = Arc::new(PeerClients::new(connector));
+    let peers = Arc::new(PeerClients::new(connector, max_peer_message(config.max_request_bytes)));
     let (id, cid, bootstrap) = identity(&engine, &config, &peers).await?;
     crate::metrics::init(id, &config.etcd_version, &config.etcd_cluster_version(), config.quota_backend_bytes);
     tracing::info!(
@@ -460,8 +460,8 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     )?;
     let peer_router = tonic::service::Routes::new(
         RaftPeerServer::new(PeerService::new(server.clone()))
-            .max_decoding_message_size(MAX_PEER_MESSAGE)
-            .max_encoding_message_size(MAX_PEER_MESSAGE),
+            .max_decoding_message_size(max_peer_message(config.max_request_bytes))
+            .max_encoding_message_size(max_peer_message(config.max_request_bytes)),
     )
     .prepare()
     .into_axum_router();

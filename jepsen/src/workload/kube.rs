@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use super::watch::{current_revision, is_progress, RawWatch};
 use super::{CatchUp, Ctx, Worker};
+use crate::wire::{padded, unpadded};
 
 const PREFIX: &str = "/registry/pods/default/";
 const PREFIX_END: &str = "/registry/pods/default0";
@@ -58,7 +59,7 @@ fn object(i: usize) -> String {
 }
 
 fn item(kv: &keel_client::KeyValue) -> Value {
-    json!({"key": String::from_utf8_lossy(&kv.key), "mod": kv.mod_revision, "value": String::from_utf8_lossy(&kv.value)})
+    json!({"key": String::from_utf8_lossy(&kv.key), "mod": kv.mod_revision, "value": String::from_utf8_lossy(unpadded(&kv.value))})
 }
 
 async fn list_whole(client: &Client, revision: i64) -> Result<(i64, Vec<Value>), keel_client::Error> {
@@ -157,7 +158,7 @@ async fn worker(mut w: Worker) {
         generation += 1;
         let value = format!("{{\"by\":{},\"gen\":{generation}}}", w.id);
         let (f, then) = if roll < 85 {
-            (if expect == 0 { "create" } else { "update" }, TxnOp::put(key.clone(), value.clone()))
+            (if expect == 0 { "create" } else { "update" }, TxnOp::put(key.clone(), padded(&value, w.value_size)))
         } else {
             ("delete", TxnOp::delete(key.clone()))
         };

@@ -100,6 +100,9 @@ pub struct Ctx {
     pub concurrency: usize,
     /// Target operations per second, over all workers.
     pub rate: f64,
+    /// Bytes in each value the register and kube workloads write
+    /// ([`crate::wire::padded`]).
+    pub value_size: usize,
     /// End of the main phase.
     pub until: Instant,
     pub seed: u64,
@@ -120,6 +123,7 @@ impl Ctx {
             client: self.client.pinned(member),
             rng: StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(id as u64)),
             pace: Duration::from_secs_f64(self.concurrency as f64 / self.rate.max(0.1)),
+            value_size: self.value_size,
             until: self.until,
             rec: self.rec.clone(),
         }
@@ -149,6 +153,8 @@ pub struct Worker {
     pub client: Client,
     pub rng: StdRng,
     pace: Duration,
+    /// See [`Ctx::value_size`].
+    pub value_size: usize,
     until: Instant,
     pub rec: Recorder,
 }

@@ -8,6 +8,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 
 use super::{spawn_workers, Ctx, Worker};
+use crate::wire::{padded, unpadded};
 
 /// Keys in use at once.
 const ACTIVE_KEYS: u64 = 3;
@@ -20,7 +21,7 @@ pub async fn run(ctx: Ctx) -> Result<()> {
 }
 
 fn value_of(kv: Option<keel_client::KeyValue>) -> Value {
-    kv.and_then(|kv| std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse::<i64>().ok()))
+    kv.and_then(|kv| std::str::from_utf8(unpadded(&kv.value)).ok().and_then(|s| s.parse::<i64>().ok()))
         .map_or(Value::Null, Value::from)
 }
 
@@ -38,15 +39,15 @@ async fn worker(mut w: Worker, started: std::time::Instant) {
             1 => {
                 let v: i64 = w.rng.gen_range(0..5);
                 let p = w.invoke("write", json!({"key": key, "value": v}));
-                let r = w.client.put(key.clone(), v.to_string()).await;
+                let r = w.client.put(key.clone(), padded(&v.to_string(), w.value_size)).await;
                 w.finish(p, r, |resp| json!({"rev": resp.header.map_or(0, |h| h.revision)}));
             }
             _ => {
                 let (from, to): (i64, i64) = (w.rng.gen_range(0..5), w.rng.gen_range(0..5));
                 let p = w.invoke("cas", json!({"key": key, "from": from, "to": to}));
                 let txn = Txn::new()
-                    .when([Compare::value(key.clone(), "=", from.to_string())])
-                    .and_then([TxnOp::put(key.clone(), to.to_string())]);
+                    .when([Compare::value(key.clone(), "=", padded(&from.to_string(), w.value_size))])
+                    .and_then([TxnOp::put(key.clone(), padded(&to.to_string(), w.value_size))]);
                 let r = w.client.txn(txn).await;
                 w.finish(p, r, |resp| json!({"succeeded": resp.succeeded}));
             }

@@ -286,6 +286,35 @@ fn retire_replayed_journal(engine: &SharedEngine, journal: &Journal) -> anyhow::
     Ok(())
 }
 
+/// Most stored bytes of entries one append-entries message carries to a
+/// lagging or new member: small enough that a message crosses the network
+/// and a follower's disk in a fraction of a second (its timeout grows
+/// with its size, see `raft::network`), large enough that the round trip
+/// per message is not what limits catch-up. A single larger entry is
+/// still sent, alone.
+pub const APPEND_BYTES_BUDGET: usize = 4 << 20;
+
+impl LogStore {
+    /// The entries in `[start, end)` (`end` `None`: to the last), in
+    /// order, stopping after the first entry that brings the stored bytes
+    /// read to `budget` or more (so at least one entry when any is there).
+    fn read_entries(&self, start: u64, end: Option<u64>, budget: usize) -> Result<Vec<Entry>, RaftStorageError> {
+        let end_key = end.map(log_key);
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        self.engine
+            .scan(Table::RaftLog, &log_key(start), end_key.as_ref().map(|k| k.as_slice()), &mut |k, v| {
+                let index = crate::storage::keys::decode_u64(k)
+                    .ok_or_else(|| StorageError::Corruption("bad raft log key".into()))?;
+                entries.push(decode_entry(index, v)?);
+                bytes = bytes.saturating_add(v.len());
+                Ok(bytes < budget)
+            })
+            .map_err(read_err)?;
+        Ok(entries)
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -301,17 +330,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&e) => Some(e),
             Bound::Unbounded => None,
         };
-        let end_key = end.map(log_key);
-        let mut entries = Vec::new();
-        self.engine
-            .scan(Table::RaftLog, &log_key(start), end_key.as_ref().map(|k| k.as_slice()), &mut |k, v| {
-                let index = crate::storage::keys::decode_u64(k)
-                    .ok_or_else(|| StorageError::Corruption("bad raft log key".into()))?;
-                entries.push(decode_entry(index, v)?);
-                Ok(true)
-            })
-            .map_err(read_err)?;
-        Ok(entries)
+        self.read_entries(start, end, usize::MAX)
+    }
+
+    /// What replication sends in one append-entries message: the entries
+    /// from `start` up to [`APPEND_BYTES_BUDGET`] stored bytes. Without the
+    /// budget a member far behind was sent hundreds of megabytes in one
+    /// message, which no per-message timeout let through.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, RaftStorageError> {
+        self.read_entries(start, Some(end), APPEND_BYTES_BUDGET)
     }
 }
 

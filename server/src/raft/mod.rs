@@ -108,6 +108,16 @@ impl<'de> Deserialize<'de> for CommandResult {
     }
 }
 
+/// About how many bytes `entry` takes on the wire: its request's encoding
+/// (membership and blank entries count as small).
+pub fn entry_size(entry: &Entry) -> usize {
+    const FRAMING: usize = 64;
+    match &entry.payload {
+        openraft::EntryPayload::Normal(Command(req)) => req.encoded_len() + FRAMING,
+        _ => FRAMING,
+    }
+}
+
 /// bincode with the settings every peer and every log record uses.
 pub mod codec {
     use serde::{de::DeserializeOwned, Serialize};

@@ -30,8 +30,31 @@ use crate::error::Error;
 use crate::lease::LeaseInfo;
 use crate::transport::PeerConnector;
 
-/// Largest peer message (an append-entries batch or snapshot chunk).
-pub const MAX_PEER_MESSAGE: usize = 64 << 20;
+/// Largest peer message (an append-entries batch or snapshot chunk) when
+/// requests are of etcd's default size; see [`max_peer_message`].
+const DEFAULT_MAX_PEER_MESSAGE: usize = 64 << 20;
+
+/// Largest peer message on a member taking requests of up to
+/// `max_request_bytes`: one Raft entry must always fit, and an entry is a
+/// batch of up to 1 MiB plus one request (`raft::batcher`), or a forwarded
+/// request, plus framing.
+pub fn max_peer_message(max_request_bytes: usize) -> usize {
+    DEFAULT_MAX_PEER_MESSAGE.max(max_request_bytes.saturating_add(4 << 20))
+}
+
+/// The slowest rate, in bytes per second, at which a healthy peer link and
+/// a follower's disk are assumed to take an append-entries message. The
+/// timeout of a message is the heartbeat interval plus its bytes at this
+/// rate, so a large message (a lagging member's catch-up, a large value)
+/// is given the time to cross instead of being cancelled and resent
+/// forever; a dead peer is still noticed within a second or so, since
+/// catch-up messages are bounded by `log_store::APPEND_BYTES_BUDGET`.
+const MIN_PEER_BYTES_PER_SEC: f64 = (8 << 20) as f64;
+
+/// The timeout of an append-entries message carrying `bytes` of entries.
+fn append_timeout(base: Duration, bytes: usize) -> Duration {
+    base + Duration::from_secs_f64(bytes as f64 / MIN_PEER_BYTES_PER_SEC)
+}
 
 /// A peer as the transport knows it: its id and the URL it is reached at.
 type PeerKey = (NodeId, String);
@@ -43,6 +66,8 @@ const IDLE_APPEND_STREAMS: usize = 2;
 /// gRPC clients to every peer, created on first use.
 pub struct PeerClients {
     connector: PeerConnector,
+    /// Largest message sent or received ([`max_peer_message`]).
+    max_message: usize,
     clients: Mutex<HashMap<PeerKey, RaftPeerClient<Channel>>>,
     /// Open append-entries streams not in use, by peer.
     idle_append_streams: Mutex<HashMap<PeerKey, Vec<AppendStream>>>,
@@ -89,9 +114,12 @@ impl AppendStream {
 }
 
 impl PeerClients {
-    pub fn new(connector: PeerConnector) -> Self {
+    /// Clients that send and accept messages of up to `max_message` bytes
+    /// ([`max_peer_message`]).
+    pub fn new(connector: PeerConnector, max_message: usize) -> Self {
         Self {
             connector,
+            max_message,
             clients: Mutex::new(HashMap::new()),
             idle_append_streams: Mutex::new(HashMap::new()),
             unary_append_peers: Mutex::new(HashSet::new()),
@@ -168,8 +196,8 @@ impl PeerClients {
         }
         let channel = self.connector.channel(&url).map_err(|e| Error::Internal(format!("peer URL {url}: {e}")))?;
         let client = RaftPeerClient::new(channel)
-            .max_decoding_message_size(MAX_PEER_MESSAGE)
-            .max_encoding_message_size(MAX_PEER_MESSAGE);
+            .max_decoding_message_size(self.max_message)
+            .max_encoding_message_size(self.max_message);
         clients.insert((id, url), client.clone());
         Ok(client)
     }
@@ -451,10 +479,10 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        // Entries carry whole batches of requests: when a run of them would
-        // not fit in one peer message, ask openraft to send fewer.
+        // The log reader already bounds a run of entries by bytes; should a
+        // run still not fit in one peer message, ask openraft to send fewer.
         let data = encode_rpc(&rpc)?;
-        let limit = MAX_PEER_MESSAGE - (1 << 20);
+        let limit = self.clients.max_message - (1 << 20);
         let n = rpc.entries.len();
         if data.len() > limit && n > 1 {
             let hint = (n * limit / data.len()).clamp(1, n - 1) as u64;
@@ -468,6 +496,10 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             Ok(Err(status)) => Err(self.rpc_error(status)),
             Err(_) => Err(self.rpc_error(Status::deadline_exceeded("append-entries reply timed out"))),
         }
+    }
+
+    fn append_entries_timeout(&self, rpc: &AppendEntriesRequest<TypeConfig>, base: Duration) -> Duration {
+        append_timeout(base, rpc.entries.iter().map(super::entry_size).sum())
     }
 
     async fn install_snapshot(
@@ -619,7 +651,10 @@ mod tests {
     }
 
     fn clients() -> PeerClients {
-        PeerClients::new(PeerConnector { tls: None, connect_timeout: Duration::from_secs(5), loopback_source: None })
+        PeerClients::new(
+            PeerConnector { tls: None, connect_timeout: Duration::from_secs(5), loopback_source: None },
+            max_peer_message(0),
+        )
     }
 
     fn payload(i: usize) -> RaftPayload {

@@ -44,6 +44,17 @@ where C: RaftTypeConfig
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C::NodeId>, RPCError<C::NodeId, C::Node, RaftError<C::NodeId>>>;
 
+    /// How long an AppendEntries RPC carrying `rpc` may take before it is cancelled.
+    ///
+    /// `base` is the configured heartbeat interval, enough for a heartbeat or a small batch. A
+    /// network that knows what its messages cost should allow more for a larger request: a
+    /// request that cannot cross the network within its timeout is cancelled and sent again,
+    /// forever, and the target never catches up. The default returns `base`.
+    fn append_entries_timeout(&self, rpc: &AppendEntriesRequest<C>, base: Duration) -> Duration {
+        let _ = rpc;
+        base
+    }
+
     /// Send an InstallSnapshot RPC to the target.
     #[cfg(feature = "generic-snapshot-data")]
     #[deprecated(

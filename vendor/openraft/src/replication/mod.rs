@@ -444,15 +444,17 @@ where
             entries: logs,
         };
 
+        let the_timeout =
+            self.network.append_entries_timeout(&payload, Duration::from_millis(self.config.heartbeat_interval));
+
         // Send the payload.
         tracing::debug!(
             payload=%payload.summary(),
             now = debug(leader_time),
             "start sending append_entries, timeout: {:?}",
-            self.config.heartbeat_interval
+            the_timeout
         );
 
-        let the_timeout = Duration::from_millis(self.config.heartbeat_interval);
         let option = RPCOption::new(the_timeout);
         let res = C::timeout(the_timeout, self.network.append_entries(payload, option)).await;
 
