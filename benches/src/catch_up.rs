@@ -131,7 +131,12 @@ async fn measure(db: &mut Db, cfg: &CatchUpConfig) -> Result<CatchUpReport> {
     let url = db.nodes[new].client_url.clone();
     let mut served = 0;
     let mut serving_after = None;
+    let mut last_note = Instant::now();
     while started.elapsed() < cfg.deadline {
+        if cfg.progress && last_note.elapsed() >= Duration::from_secs(1) {
+            eprintln!("{:5.1} s: the new member serves {served} of {expected} keys", started.elapsed().as_secs_f64());
+            last_note = Instant::now();
+        }
         if !db.is_running(new) {
             bail!("the new member exited; its log is {}", db.nodes[new].log.display());
         }

@@ -2,7 +2,8 @@
 //! message can carry: a member added to a cluster whose log holds about
 //! 100 MiB of incompressible values, and a follower cut off (paused) while
 //! they were committed. No snapshot is taken (a high `--snapshot-count`),
-//! so everything has to cross as log entries. Values of 64 KiB are batched
+//! so everything has to cross as log entries; one more test purges the
+//! log so that the new member needs the snapshot. Values of 64 KiB are batched
 //! into entries of about 1 MiB; values of 1 MiB make one entry each.
 //! Before the fix, the leader sent such a log in messages of up to 63 MiB
 //! with a 100 ms timeout and resent them forever.
@@ -96,6 +97,24 @@ async fn added_member_catches_up(value_size: usize) -> anyhow::Result<()> {
     assert!(out.contains("added to cluster"), "{out}");
     c.restart(joiner)?;
     assert_caught_up(&mut c, joiner, "big/", written).await
+}
+
+/// With the log purged behind frequent snapshots, the new member gets the
+/// leader's snapshot (about 100 MiB of values), then the log after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn added_member_catches_up_by_snapshot_with_64k_values() -> anyhow::Result<()> {
+    let purging = ["--snapshot-count", "20", "--experimental-snapshot-catchup-entries", "5"];
+    let mut c = Cluster::start_with(ClusterOptions::keel(3).args(&purging))?;
+    let endpoints: Vec<String> = c.members.iter().map(|m| m.client_url.clone()).collect();
+    let written = write_incompressible(&endpoints, "big/", 64 << 10).await?;
+
+    let joiner = c.define_joining_member("joiner", &purging)?;
+    let peer_url = c.members[joiner].peer_url.clone();
+    c.etcdctl(&["member", "add", "joiner", "--peer-urls", &peer_url])?;
+    c.restart(joiner)?;
+    assert_caught_up(&mut c, joiner, "big/", written).await?;
+    assert!(c.log(joiner).contains("installed snapshot"), "the new member caught up without a snapshot");
+    Ok(())
 }
 
 async fn cut_off_follower_catches_up(value_size: usize) -> anyhow::Result<()> {
