@@ -112,8 +112,8 @@ fn run(cli: SnapshotCli) -> anyhow::Result<()> {
             let cid = cluster_id(&ids.iter().map(|(i, _)| *i).collect::<Vec<_>>());
             let data_dir = if data_dir.is_empty() { format!("{name}.etcd") } else { data_dir };
             let mut local = WriteBatch::new();
-            local.put(Table::RaftState, crate::node::LOCAL_IDENTITY, codec::encode(&(id, cid))?);
-            local.put(Table::RaftState, crate::node::BOOTSTRAP_MEMBERS, codec::encode(&ids)?);
+            local.put(Table::RaftState, crate::storage::keys::LOCAL_IDENTITY, codec::encode(&(id, cid))?);
+            local.put(Table::RaftState, crate::storage::keys::BOOTSTRAP_MEMBERS, codec::encode(&ids)?);
             crate::backup::restore(&file, std::path::Path::new(&data_dir), local)?;
             println!("restored snapshot {} into {data_dir} as member {id:x} of cluster {cid:x}", file.display());
             Ok(())

@@ -12,7 +12,7 @@ use keel_proto::keelpb::MemberAttributes;
 use prost::Message;
 use sha1::{Digest, Sha1};
 
-use crate::raft::Membership;
+use crate::raft_types::Membership;
 use crate::storage::keys::{member_key, META_MEMBER_PREFIX, META_REMOVED_PREFIX};
 use crate::storage::{keys::prefix_end, SharedEngine, StorageError, Table, WriteBatch};
 

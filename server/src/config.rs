@@ -11,17 +11,13 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::cluster::{parse_url, parse_urls};
+use crate::duties::maintenance::CompactionMode;
+pub use crate::go_duration::parse_go_duration;
+use crate::server::Settings;
 use crate::transport::tls_policy::AllowedClient;
 use crate::transport::{TlsFiles, TlsPolicy};
 
-/// The etcd release keel is measured against (its e2e suite, Debian's
-/// etcd-server), and so the version it reports by default (Status,
-/// /version, metrics). `--advertise-etcd-version` changes it: the
-/// Kubernetes API server serves consistent lists from its watch cache only
-/// from etcd 3.4.31 / 3.5.13 on (releases with RequestProgress fixed, as it
-/// is in keel), and falls back to quorum reads for older ones.
-pub const ETCD_API_VERSION: &str = "3.4.23";
-pub const KEEL_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::version::{ETCD_API_VERSION, KEEL_VERSION};
 
 /// Default backend quota (etcd: 2 GiB).
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
@@ -42,42 +38,6 @@ fn parse_bool(s: &str) -> Result<bool, String> {
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
         _ => Err(format!("invalid boolean value {s:?}")),
     }
-}
-
-/// Parses a Go duration ("5s", "2h", "1m30s", "100ms", "0").
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err("invalid duration \"\"".into());
-    }
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        if num_end == 0 {
-            return Err(format!("invalid duration {s:?}"));
-        }
-        let n: f64 = rest[..num_end].parse().map_err(|_| format!("invalid duration {s:?}"))?;
-        rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let unit = &rest[..unit_end];
-        rest = &rest[unit_end..];
-        let scale = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "" => return Err(format!("missing unit in duration {s:?}")),
-            u => return Err(format!("unknown unit {u:?} in duration {s:?}")),
-        };
-        total += n * scale;
-    }
-    Duration::try_from_secs_f64(total).map_err(|_| format!("duration {s:?} out of range"))
 }
 
 /// Turns Go-style single-dash long flags (`-name x`) into clap's `--name x`.
@@ -415,12 +375,6 @@ pub enum ClusterState {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CompactionMode {
-    Periodic,
-    Revision,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
     Console,
@@ -455,7 +409,7 @@ pub struct Config {
     pub grpc_keepalive_interval: Duration,
     pub grpc_keepalive_timeout: Duration,
     /// None: auto compaction off.
-    pub auto_compaction: Option<crate::maintenance_duties::Retention>,
+    pub auto_compaction: Option<crate::duties::maintenance::Retention>,
     pub peer_auto_tls: bool,
     pub client_auto_tls: bool,
     /// Client-port certificates from files (--cert-file ...).
@@ -632,7 +586,7 @@ impl Flags {
             other => return Err(reject(format!("--auto-compaction-mode {other:?}: must be 'periodic' or 'revision'"))),
         };
         let auto_compaction =
-            crate::maintenance_duties::parse_retention(auto_compaction_mode, &self.auto_compaction_retention)
+            crate::duties::maintenance::parse_retention(auto_compaction_mode, &self.auto_compaction_retention)
                 .map_err(|e| reject(format!("--auto-compaction-retention: {e}")))?;
         let log_level = match self.log_level.as_str() {
             "debug" | "info" | "warn" | "error" => self.log_level.clone(),
@@ -766,9 +720,26 @@ impl Flags {
 }
 
 impl Config {
-    /// The cluster version line ("3.4") of the reported etcd version.
-    pub fn etcd_cluster_version(&self) -> String {
-        self.etcd_version.rsplit_once('.').map_or_else(|| self.etcd_version.clone(), |(line, _)| line.to_string())
+    /// What the member core and the layers above it read.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            name: self.name.clone(),
+            data_dir: self.data_dir.clone(),
+            heartbeat_interval: self.heartbeat_interval,
+            election_timeout: self.election_timeout,
+            advertise_client_urls: self.advertise_client_urls.clone(),
+            initial_cluster_token: self.initial_cluster_token.clone(),
+            strict_reconfig_check: self.strict_reconfig_check,
+            quota_backend_bytes: self.quota_backend_bytes,
+            max_txn_ops: self.max_txn_ops,
+            max_request_bytes: self.max_request_bytes,
+            max_concurrent_streams: self.max_concurrent_streams,
+            etcd_version: self.etcd_version.clone(),
+            watch_progress_notify_interval: self.watch_progress_notify_interval,
+            lease_checkpoint_interval: self.lease_checkpoint_interval,
+            bcrypt_cost: self.bcrypt_cost,
+            client_cert_auth: self.client_cert_auth,
+        }
     }
 }
 
@@ -822,14 +793,5 @@ mod tests {
             .unwrap_err()
             .contains("local name"));
         assert!(parse(&["--snapshot-count", "lots"]).is_err());
-    }
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_go_duration("100ms"), Ok(Duration::from_millis(100)));
-        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
-        assert!(parse_go_duration("5").is_err());
-        assert!(parse_go_duration("5x").is_err());
     }
 }

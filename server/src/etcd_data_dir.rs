@@ -300,10 +300,14 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
     let mut local = crate::storage::WriteBatch::new();
     local.put(
         crate::storage::Table::RaftState,
-        crate::node::LOCAL_IDENTITY,
+        crate::storage::keys::LOCAL_IDENTITY,
         crate::raft::codec::encode(&(identity.member_id, identity.cluster_id))?,
     );
-    local.put(crate::storage::Table::RaftState, crate::node::BOOTSTRAP_MEMBERS, crate::raft::codec::encode(&ids)?);
+    local.put(
+        crate::storage::Table::RaftState,
+        crate::storage::keys::BOOTSTRAP_MEMBERS,
+        crate::raft::codec::encode(&ids)?,
+    );
     // A crash while filling leaves the etcd member as it was; a staging
     // dir left by one is started over.
     if staging.exists() {
@@ -446,7 +450,7 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
     crate::raft::log_store::LogStore::open_checked(engine.clone(), &member.join("journal"), &member.join("raft.ack"))?;
     let get = |table, key: &[u8]| engine.get(table, key).map_err(|e| anyhow::anyhow!("reading the data dir: {e}"));
 
-    let (member_id, cluster_id): (u64, u64) = match get(Table::RaftState, crate::node::LOCAL_IDENTITY)? {
+    let (member_id, cluster_id): (u64, u64) = match get(Table::RaftState, crate::storage::keys::LOCAL_IDENTITY)? {
         Some(v) => codec::decode(&v)?,
         None => bail!("the data dir records no member identity (was the member ever started?)"),
     };
@@ -691,7 +695,7 @@ mod tests {
         let nodes = std::collections::BTreeMap::from([(1u64, MemberNode { peer_urls: vec!["http://a:2380".into()] })]);
         let membership = StoredMembership::new(Some(applied), Membership::new(vec![[1u64].into()], nodes));
         let mut b = WriteBatch::new();
-        b.put(Table::RaftState, crate::node::LOCAL_IDENTITY, codec::encode(&(1u64, 9u64))?);
+        b.put(Table::RaftState, crate::storage::keys::LOCAL_IDENTITY, codec::encode(&(1u64, 9u64))?);
         b.put(Table::Meta, META_APPLIED, codec::encode(&applied)?);
         b.put(Table::Meta, META_MEMBERSHIP, codec::encode(&membership)?);
         for e in tail {

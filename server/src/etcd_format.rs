@@ -117,7 +117,7 @@ pub fn write_db<W: std::io::Write + std::io::Seek>(
                 }
                 Table::Meta => {
                     if k == META_APPLIED {
-                        if let Ok(applied) = crate::raft::codec::decode::<crate::raft::LogId>(v) {
+                        if let Ok(applied) = crate::raft_types::codec::decode::<crate::raft_types::LogId>(v) {
                             meta.push((b"consistent_index".to_vec(), applied.index.to_be_bytes().to_vec()));
                         }
                     } else if k == META_COMPACT_SCHEDULED || k == META_COMPACT_FINISHED {

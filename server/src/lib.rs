@@ -1,44 +1,81 @@
 //! keel: an etcd-compatible, Raft-replicated MVCC key-value store.
 //!
-//! Module map (lowest layer first):
-//! - `storage`: the [`storage::Engine`] trait; RocksDB (`rocks.rs`, the only
-//!   file naming RocksDB) and an in-memory engine for tests; every table
-//!   and key layout in `keys.rs`.
-//! - `mvcc`: revisions, the in-memory key index and the multi-version
-//!   store with etcd's semantics.
-//! - `apply`: etcd's request semantics (range/put/delete/txn) and the
-//!   application of committed Raft entries.
-//! - `auth`: users, roles, key-range permissions and tokens; auth changes
-//!   are applied through Raft, permission checks run at apply (writes)
-//!   and in the API layer (reads, watches, admin RPCs).
-//! - `raft`: openraft's type config, log store (entries in RocksDB, made
-//!   durable by the preallocated journal), state machine, snapshot files
-//!   and the gRPC peer transport.
-//! - `cluster`: member/cluster ids, URL rules, published member attributes.
-//! - `watch`: the hub that takes each applied revision to the synced
-//!   watchers, one session per gRPC stream (catch-up from history for the
-//!   rest), and responses encoded once per stream (`watch/response.rs`).
-//! - `lease`: leases, their expiry on the leader, keepalives and
-//!   checkpoints.
-//! - `server`: the member core: propose (with forwarding) and
-//!   linearizable read barriers.
-//! - `api`: the etcd gRPC services, one file each; `api/errors.rs` maps
-//!   errors to etcd's codes and messages; `api/grpc_call.rs` is the
-//!   middleware every call passes first (metrics, require-leader).
-//! - `transport`: listeners, TLS, peer dialing.
-//! - `backup`, `bbolt`, `etcd_format`, `etcd_wal`, `etcd_data_dir`: backups
-//!   in etcd's bbolt format (and keel's own), and etcd's data dirs both
-//!   ways (a keel member takes one over; `keel convert-to-etcd` hands one
-//!   back).
-//! - `config`, `logging`, `node`: flags, logs, and wiring a member;
-//!   `busy_poll`: the runtime's workers poll briefly before they sleep.
+//! ## Module map, by layer (lowest first)
+//!
+//! A module imports only from its own layer or a lower one, and the
+//! imports between modules form no cycle. `tests/layers.rs` reads this
+//! list and fails when a module is missing from it or an import goes
+//! against it.
+//!
+//! - **Foundation**
+//!   - `storage`: the [`storage::Engine`] trait; RocksDB (`rocks.rs`, the
+//!     only file naming RocksDB) and an in-memory engine for tests; every
+//!     table and fixed key in `keys.rs`.
+//!   - `error`: the error every layer returns (`api::errors` maps it to
+//!     etcd's codes and messages).
+//!   - `metrics`: the Prometheus registry and etcd's metric names.
+//!   - `transport`: listeners, TLS, peer dialing.
+//!   - `raft_types`: member ids, log ids, memberships, the log entry
+//!     payload and the codec of persisted Raft state.
+//!   - `bbolt`: etcd's bbolt database files.
+//!   - `version`, `go_duration`, `busy_poll`: version numbers, Go's
+//!     duration syntax, and the runtime's workers polling briefly before
+//!     they sleep.
+//! - **State** (what applying an entry changes)
+//!   - `mvcc`: revisions, the in-memory key index and the multi-version
+//!     store with etcd's semantics.
+//!   - `lease`: leases and the keys attached to them (the leader's timed
+//!     side is `duties::lease`).
+//!   - `auth`: users, roles, key-range permissions and tokens.
+//!   - `alarm`, `cluster`: alarms; member and cluster ids, URL rules,
+//!     published member attributes.
+//!   - `etcd_format`, `etcd_wal`: etcd's backend layout and its WAL and
+//!     snapshot files, both ways.
+//! - **Apply**
+//!   - `apply`: etcd's request semantics (range/put/delete/txn) and the
+//!     application of committed Raft entries.
+//! - **Replication**
+//!   - `raft`: openraft's type config, log store (entries in RocksDB, made
+//!     durable by the preallocated journal), state machine, snapshot files
+//!     and the client side of the peer transport.
+//!   - `watch`: the hub that takes each applied revision to the synced
+//!     watchers, catch-up from history for the rest, responses encoded
+//!     once per stream.
+//! - **Member core**
+//!   - `server`: the member's state and the two things every request needs
+//!     from Raft: propose (forwarded to the leader when needed) and
+//!     linearizable read barriers.
+//!   - `backup`: backups in etcd's bbolt format and keel's own.
+//! - **Duties** (work a member starts itself, most of it as leader)
+//!   - `duties`: lease expiry, checkpoints and keepalives; scheduled
+//!     compaction and the corruption check.
+//!   - `membership`: membership changes through Raft and learner
+//!     promotion.
+//! - **Services**
+//!   - `api`: the etcd gRPC services, one file each, and keel's peer
+//!     service (`peer.rs`); `errors.rs` maps errors to etcd's codes and
+//!     messages; `grpc_call.rs` is the middleware every call passes first;
+//!     `watch_session.rs` runs one Watch stream; `recipes.rs` the lock and
+//!     election recipes.
+//!   - `http`: /health, /version, /metrics and the JSON gateway.
+//!   - `etcd_data_dir`: a keel member takes over an etcd data dir, and
+//!     `keel convert-to-etcd` hands one back.
+//! - **Configuration**
+//!   - `config`: etcd's flags and `ETCD_*` variables, validated into a
+//!     `Config`; builds the `server::Settings` the layers below read.
+//! - **Wiring**
+//!   - `node`: wires a member together and starts its listeners and duties.
+//!   - `cli`: offline subcommands (snapshot status/restore,
+//!     convert-to-etcd).
+//!   - `logging`: logs with etcd's knobs.
+//!   - `fuzz_targets`: hostile-input property tests (test builds only).
 //!
 //! The path of a write: `api::kv` validates -> `server::Server::propose`
-//! (forwards to the leader if needed) -> `raft::batcher` (concurrent writes
-//! share one entry) -> openraft (patched: `vendor/openraft`) replicates
-//! while the leader's log flushes (`raft::log_store`, `raft::journal`),
-//! and commits
-//! -> `raft::state_machine` -> `apply::Applier` -> `apply::kv` over an
+//! (forwards to the leader if needed; the leader's side is `api::peer`)
+//! -> `raft::batcher` (concurrent writes share one entry) -> openraft
+//! (patched: `vendor/openraft`) replicates while the leader's log flushes
+//! (`raft::log_store`, `raft::journal`), and commits ->
+//! `raft::state_machine` -> `apply::Applier` -> `apply::kv` over an
 //! `mvcc::WriteTxn` -> one engine batch with the applied index -> the
 //! response travels back through Raft's client_write.
 //!
@@ -47,7 +84,8 @@
 //! -> `apply::kv::range` over an `mvcc::ReadTxn`.
 //!
 //! The path of a watch event: `apply::Applier` -> `watch::hub` (queued
-//! once per stream) -> `watch::session`'s sender -> `api::watch`'s codec.
+//! once per stream) -> `api::watch_session`'s sender -> `api::watch`'s
+//! codec.
 
 pub mod alarm;
 pub mod api;
@@ -58,24 +96,26 @@ pub mod bbolt;
 pub mod busy_poll;
 pub mod cli;
 pub mod cluster;
-pub mod concurrency;
 pub mod config;
+pub mod duties;
 pub mod error;
 pub mod etcd_data_dir;
 pub mod etcd_format;
 pub mod etcd_wal;
+pub mod go_duration;
 pub mod http;
 pub mod lease;
 pub mod logging;
-pub mod maintenance_duties;
 pub mod membership;
 pub mod metrics;
 pub mod mvcc;
 pub mod node;
 pub mod raft;
+pub mod raft_types;
 pub mod server;
 pub mod storage;
 pub mod transport;
+pub mod version;
 pub mod watch;
 
 #[cfg(test)]

@@ -162,7 +162,7 @@ impl Server {
             if learners >= MAX_LEARNERS {
                 return Err(Error::TooManyLearners);
             }
-        } else if self.config.strict_reconfig_check {
+        } else if self.settings.strict_reconfig_check {
             // etcd's IsReadyToAddVotingMember.
             let (voters, started) = self.etcd_voters();
             let n = voters + 1;
@@ -171,7 +171,7 @@ impl Server {
             }
         }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-        let id = member_id(&urls, &self.config.initial_cluster_token, Some(now));
+        let id = member_id(&urls, &self.settings.initial_cluster_token, Some(now));
         if m.get_node(&id).is_some() {
             return Err(Error::MemberExists);
         }
@@ -197,7 +197,7 @@ impl Server {
             return Err(Error::MemberNotFound);
         }
         let is_raft_voter = m.voter_ids().any(|v| v == id);
-        if self.config.strict_reconfig_check && !self.members.is_learner(id, &m) {
+        if self.settings.strict_reconfig_check && !self.members.is_learner(id, &m) {
             // etcd's IsReadyToRemoveVotingMember.
             let (voters, mut started) = self.etcd_voters();
             if self.members.get(id).is_some_and(|a| !a.name.is_empty()) {
@@ -308,8 +308,8 @@ impl Server {
     /// let such a follower keep naming the cut-off leader on every round
     /// (seen in CI, twice, in a five-member test).
     pub async fn check_quorum(&self) {
-        let timeout = self.config.election_timeout;
-        let mut ticker = tokio::time::interval(self.config.heartbeat_interval);
+        let timeout = self.settings.election_timeout;
+        let mut ticker = tokio::time::interval(self.settings.heartbeat_interval);
         loop {
             ticker.tick().await;
             let lost = {
@@ -406,7 +406,7 @@ impl Server {
         let mut outcome = campaign.map(|_| ());
         if outcome.is_ok() {
             outcome = Err(Error::Timeout);
-            let give_up = Instant::now() + self.config.election_timeout * 3;
+            let give_up = Instant::now() + self.settings.election_timeout * 3;
             while Instant::now() < give_up {
                 if self.leader() == Some(target) {
                     outcome = Ok(());

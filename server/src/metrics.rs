@@ -108,6 +108,6 @@ pub fn init(member_id: u64, api_version: &str, cluster_version: &str, quota: u64
     SERVER_ID.with_label_values(&[&format!("{member_id:x}")]).set(1);
     SERVER_VERSION.with_label_values(&[api_version]).set(1);
     CLUSTER_VERSION.with_label_values(&[cluster_version]).set(1);
-    KEEL_VERSION.with_label_values(&[crate::config::KEEL_VERSION]).set(1);
+    KEEL_VERSION.with_label_values(&[crate::version::KEEL_VERSION]).set(1);
     QUOTA_BYTES.set(quota as i64);
 }

@@ -21,34 +21,27 @@ use tokio::task::JoinHandle;
 
 use crate::alarm::AlarmStore;
 use crate::api;
+use crate::api::peer::PeerService;
 use crate::apply::{Applier, Compactor, Stores};
 use crate::auth::tokens::TokenProvider;
 use crate::auth::AuthStore;
 use crate::cluster::{cluster_id, member_id, MemberRegistry};
 use crate::config::{ClusterState, Config};
-use crate::lease::duties::LeaseIdGen;
+use crate::lease::LeaseIdGen;
 use crate::lease::Lessor;
 use crate::mvcc::{CompactionJob, MvccStore};
 use crate::raft::batcher::Batcher;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{max_peer_message, NetworkFactory, PeerClients};
-use crate::raft::peer_service::PeerService;
 use crate::raft::read_index::ReadIndex;
 use crate::raft::state_machine::{Reloadable, StateMachine};
 use crate::raft::{codec, MemberNode, Raft};
 use crate::server::Server;
+use crate::storage::keys::{BOOTSTRAP_MEMBERS, LOCAL_IDENTITY};
 use crate::storage::rocks::RocksEngine;
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
 use crate::transport::{self, Http2Options, PeerConnector, Security, TlsFiles};
 use crate::watch::WatchHub;
-
-/// raft_state: this member's id and its cluster's id (local facts, never
-/// replicated or overwritten by a snapshot).
-pub const LOCAL_IDENTITY: &[u8] = b"identity";
-
-/// raft_state: the membership to bootstrap with on first start, written by
-/// `keel snapshot restore` (bincode `Vec<(member id, peer URLs)>`).
-pub const BOOTSTRAP_MEMBERS: &[u8] = b"bootstrap_members";
 
 /// gRPC message overhead etcd allows above --max-request-bytes.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -337,13 +330,14 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     };
     let peers = Arc::new(PeerClients::new(connector, max_peer_message(config.max_request_bytes)));
     let (id, cid, bootstrap) = identity(&engine, &config, &peers).await?;
-    crate::metrics::init(id, &config.etcd_version, &config.etcd_cluster_version(), config.quota_backend_bytes);
+    let settings = config.settings();
+    crate::metrics::init(id, &settings.etcd_version, &settings.etcd_cluster_version(), settings.quota_backend_bytes);
     tracing::info!(
         name = %config.name,
         data_dir = %config.data_dir.display(),
         member_id = %format!("{id:x}"),
         cluster_id = %format!("{cid:x}"),
-        keel_version = crate::config::KEEL_VERSION,
+        keel_version = crate::version::KEEL_VERSION,
         "starting keel member"
     );
 
@@ -416,7 +410,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     let server = Arc::new(Server {
         id,
         cluster_id: cid,
-        config: config.clone(),
+        settings: settings.clone(),
         raft: raft.clone(),
         proposals: Batcher::start(raft.clone()),
         read_index: ReadIndex::start(raft.clone(), peers.clone()),
@@ -602,7 +596,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
         }
         tracing::info!("initial corruption check passed");
     }
-    let cluster_version = config.etcd_cluster_version();
+    let cluster_version = settings.etcd_cluster_version();
     tracing::info!(cluster_version = %cluster_version, "enabled capabilities for version {cluster_version}");
     for url in &config.listen_client_urls {
         tracing::info!(address = %url, "ready to serve client requests");
@@ -615,8 +609,8 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
 async fn publish(server: &Arc<Server>) -> anyhow::Result<()> {
     let attrs = MemberAttributes {
         member_id: server.id,
-        name: server.config.name.clone(),
-        client_urls: server.config.advertise_client_urls.clone(),
+        name: server.settings.name.clone(),
+        client_urls: server.settings.advertise_client_urls.clone(),
         is_learner: false,
     };
     let current = server.members.get(server.id);
@@ -664,7 +658,7 @@ impl Node {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.server.config.data_dir.clone()
+        self.server.settings.data_dir.clone()
     }
 
     /// Resolves once this member learns that the cluster removed it.

@@ -14,9 +14,8 @@ use prost::Message;
 use crate::alarm::AlarmStore;
 use crate::auth::AuthStore;
 use crate::cluster::MemberRegistry;
-use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::lease::duties::LeaseIdGen;
+use crate::lease::LeaseIdGen;
 use crate::lease::Lessor;
 use crate::mvcc::MvccStore;
 use crate::raft::batcher::Batcher;
@@ -28,10 +27,42 @@ use crate::raft::{NodeId, Raft};
 use crate::storage::SharedEngine;
 use crate::watch::WatchHub;
 
+/// What the member core, and every layer above it, reads of the member's
+/// configuration; `config` builds it from the flags.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub name: String,
+    pub data_dir: std::path::PathBuf,
+    pub heartbeat_interval: Duration,
+    pub election_timeout: Duration,
+    pub advertise_client_urls: Vec<String>,
+    pub initial_cluster_token: String,
+    pub strict_reconfig_check: bool,
+    pub quota_backend_bytes: u64,
+    pub max_txn_ops: usize,
+    pub max_request_bytes: usize,
+    pub max_concurrent_streams: u32,
+    /// The etcd server version reported to clients ("3.4.23").
+    pub etcd_version: String,
+    pub watch_progress_notify_interval: Duration,
+    pub lease_checkpoint_interval: Duration,
+    pub bcrypt_cost: u32,
+    /// The common name of a verified client certificate names the user
+    /// when a request carries no token (`--client-cert-auth`).
+    pub client_cert_auth: bool,
+}
+
+impl Settings {
+    /// The cluster version line ("3.4") of the reported etcd version.
+    pub fn etcd_cluster_version(&self) -> String {
+        self.etcd_version.rsplit_once('.').map_or_else(|| self.etcd_version.clone(), |(line, _)| line.to_string())
+    }
+}
+
 pub struct Server {
     pub id: NodeId,
     pub cluster_id: u64,
-    pub config: Config,
+    pub settings: Settings,
     pub raft: Raft,
     /// Proposes writes; concurrent KV writes share a Raft entry.
     pub proposals: Batcher,
@@ -59,7 +90,7 @@ pub struct Server {
 impl Server {
     /// How long a request may wait for Raft (etcd: 5s + 2 x election timeout).
     pub fn request_timeout(&self) -> Duration {
-        Duration::from_secs(5) + 2 * self.config.election_timeout
+        Duration::from_secs(5) + 2 * self.settings.election_timeout
     }
 
     pub fn term(&self) -> u64 {
@@ -77,7 +108,7 @@ impl Server {
         let leader = m.current_leader?;
         if leader == self.id {
             let quorum_lost =
-                m.millis_since_quorum_ack.is_some_and(|ms| ms > self.config.election_timeout.as_millis() as u64);
+                m.millis_since_quorum_ack.is_some_and(|ms| ms > self.settings.election_timeout.as_millis() as u64);
             return (!quorum_lost).then_some(leader);
         }
         m.membership_config.membership().get_node(&leader).is_some().then_some(leader)
@@ -142,10 +173,10 @@ impl Server {
         // The cached size grows with every write until the next refresh,
         // so a burst of writes cannot overshoot the quota unseen.
         let size = self.db_size.fetch_add(cost, std::sync::atomic::Ordering::Relaxed);
-        if size + cost <= self.config.quota_backend_bytes {
+        if size + cost <= self.settings.quota_backend_bytes {
             return Ok(());
         }
-        if self.refresh_db_size() + cost <= self.config.quota_backend_bytes {
+        if self.refresh_db_size() + cost <= self.settings.quota_backend_bytes {
             return Ok(());
         }
         let alarm = keel_proto::etcdserverpb::AlarmRequest {
@@ -162,7 +193,7 @@ impl Server {
     /// on this member. Works on any member: a follower forwards to the
     /// leader, then waits for its own state machine to catch up.
     pub async fn propose(&self, req: InternalRequest) -> Result<InternalResponse> {
-        if req.encoded_len() > self.config.max_request_bytes {
+        if req.encoded_len() > self.settings.max_request_bytes {
             return Err(Error::RequestTooLarge);
         }
         self.check_quota(&req).await?;

@@ -67,7 +67,7 @@ impl AuthService {
             let who = credentials::auth_info(&self.server, req).await?;
             self.server.auth.check_admin(who.as_ref())?;
         }
-        let cost = self.server.config.bcrypt_cost;
+        let cost = self.server.settings.bcrypt_cost;
         tokio::task::spawn_blocking(move || bcrypt::hash(password, cost))
             .await
             .map_err(|e| Error::Internal(e.to_string()))?

@@ -33,7 +33,7 @@ pub async fn from_parts(
         let token = token.to_str().map_err(|_| Error::InvalidAuthToken)?;
         return token_info(server, token).await.map(Some);
     }
-    if !server.config.client_cert_auth {
+    if !server.settings.client_cert_auth {
         return Ok(None);
     }
     // etcd ignores the certificate of requests relayed by its gateway.

@@ -1,5 +1,5 @@
 //! v3electionpb.Election: leader election with clientv3/concurrency's
-//! Election layout (`concurrency.rs`).
+//! Election layout (`recipes.rs`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use keel_proto::v3electionpb::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::concurrency::{RecipeError, Recipes};
+use crate::api::recipes::{RecipeError, Recipes};
 use crate::server::Server;
 
 pub struct ElectionService {
@@ -25,7 +25,7 @@ impl ElectionService {
     }
 }
 
-type CampaignOutcome = crate::concurrency::RecipeResult<(keel_proto::etcdserverpb::ResponseHeader, bytes::Bytes, i64)>;
+type CampaignOutcome = crate::api::recipes::RecipeResult<(keel_proto::etcdserverpb::ResponseHeader, bytes::Bytes, i64)>;
 
 struct ResignOnDrop {
     task: Option<tokio::task::JoinHandle<CampaignOutcome>>,

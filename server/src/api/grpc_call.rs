@@ -1,5 +1,5 @@
 //! The one middleware every gRPC call passes: metrics
-//! (`http/grpc_metrics.rs`), etcd's require-leader check
+//! (`grpc_metrics.rs`), etcd's require-leader check
 //! (`require_leader.rs`) and grpc-go's status for oversized requests
 //! (`errors.rs`). One layer rather than three: each axum middleware layer
 //! costs a service clone and a boxed future per call.
@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::http::grpc_metrics;
+use crate::api::grpc_metrics;
 use crate::server::Server;
 
 pub async fn grpc_call(State(server): State<Arc<Server>>, req: Request, next: Next) -> Response {

@@ -196,7 +196,7 @@ impl KvService {
     }
 
     pub async fn txn_inner(&self, t: TxnRequest, who: Option<&AuthInfo>) -> Result<TxnResponse> {
-        check_txn(&t, self.server.config.max_txn_ops as i64)?;
+        check_txn(&t, self.server.settings.max_txn_ops as i64)?;
         check_intervals(&t.success)?;
         check_intervals(&t.failure)?;
         if semantics::is_txn_readonly(&t) {

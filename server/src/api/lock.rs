@@ -1,5 +1,5 @@
 //! v3lockpb.Lock: etcd's distributed lock, served with the same key layout
-//! as clientv3/concurrency's Mutex (`concurrency.rs`). A caller that goes
+//! as clientv3/concurrency's Mutex (`recipes.rs`). A caller that goes
 //! away while waiting gets its waiter key deleted.
 
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use keel_proto::v3lockpb::lock_server::Lock;
 use keel_proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
 use tonic::{Request, Response, Status};
 
-use crate::concurrency::Recipes;
+use crate::api::recipes::Recipes;
 use crate::server::Server;
 
 pub struct LockService {
@@ -54,7 +54,7 @@ impl Lock for LockService {
 struct AbortGuard {
     task: Option<
         tokio::task::JoinHandle<
-            crate::concurrency::RecipeResult<(keel_proto::etcdserverpb::ResponseHeader, bytes::Bytes)>,
+            crate::api::recipes::RecipeResult<(keel_proto::etcdserverpb::ResponseHeader, bytes::Bytes)>,
         >,
     >,
     waiter: Arc<tokio::sync::Mutex<Option<bytes::Bytes>>>,

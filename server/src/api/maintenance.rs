@@ -55,7 +55,7 @@ impl Maintenance for MaintenanceService {
             s.log_store.last_index().map_err(Error::from)?.unwrap_or(0).max(s.state_machine.applied_index());
         Ok(Response::new(StatusResponse {
             header: Some(s.header(s.mvcc.current_rev())),
-            version: s.config.etcd_version.clone(),
+            version: s.settings.etcd_version.clone(),
             db_size: size.total_bytes as i64,
             leader: metrics.current_leader.unwrap_or(0),
             raft_index,
@@ -65,7 +65,7 @@ impl Maintenance for MaintenanceService {
             db_size_in_use: size.live_bytes as i64,
             is_learner,
             storage_version: String::new(),
-            db_size_quota: s.config.quota_backend_bytes as i64,
+            db_size_quota: s.settings.quota_backend_bytes as i64,
         }))
     }
 
@@ -129,7 +129,7 @@ impl Maintenance for MaintenanceService {
         super::credentials::require_admin(&self.server, &req).await?;
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let engine = self.server.engine.clone();
-        let path = self.server.config.data_dir.join(format!(
+        let path = self.server.settings.data_dir.join(format!(
             "backup-{}-{}.tmp",
             std::process::id(),
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)

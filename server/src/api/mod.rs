@@ -1,7 +1,7 @@
 //! The etcd v3 gRPC API: one file per service. Handlers validate requests
 //! as etcd's v3rpc layer does, then read local state or propose through
 //! Raft via [`crate::server::Server`]; `errors.rs` maps every failure to
-//! etcd's status code and message.
+//! etcd's status code and message; `peer.rs` is keel's own peer service.
 
 pub mod auth;
 pub mod cluster;
@@ -9,9 +9,13 @@ pub mod credentials;
 pub mod election;
 pub mod errors;
 pub mod grpc_call;
+pub mod grpc_metrics;
 pub mod kv;
 pub mod lease;
 pub mod lock;
 pub mod maintenance;
+pub mod peer;
+pub mod recipes;
 pub mod require_leader;
 pub mod watch;
+pub mod watch_session;

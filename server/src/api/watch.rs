@@ -1,5 +1,5 @@
 //! etcdserverpb.Watch: each bidirectional stream is a watch session
-//! (`watch/session.rs`) on this member's watch hub, so any member,
+//! (`watch_session.rs`) on this member's watch hub, so any member,
 //! follower or leader, serves watches from its own applied state.
 //!
 //! The service is written out here instead of taking the generated
@@ -18,9 +18,10 @@ use tonic::codegen::http;
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::watch_session as session;
 use crate::server::Server;
 use crate::watch::response::{WatchCodec, WatchOut};
-use crate::watch::{session, WatchHub};
+use crate::watch::WatchHub;
 
 const WATCH_METHOD: &str = "/etcdserverpb.Watch/Watch";
 

@@ -26,6 +26,12 @@ pub trait LeaseLookup {
     fn lease_exists(&self, id: i64) -> bool;
 }
 
+impl LeaseLookup for crate::lease::Lessor {
+    fn lease_exists(&self, id: i64) -> bool {
+        self.exists(id)
+    }
+}
+
 /// etcd's range_end convention: absent -> single key; "\0" -> every key
 /// from `key` (represented as an empty end).
 pub fn range_end(end: &[u8]) -> Option<&[u8]> {

@@ -28,7 +28,7 @@ use crate::cluster::MemberRegistry;
 use crate::error::Error;
 use crate::lease::Lessor;
 use crate::mvcc::{Committed, CompactionJob, MvccStore, WriteTxn};
-use crate::raft::{codec, LogId, StoredMembership};
+use crate::raft_types::{codec, LogId, StoredMembership};
 use crate::storage::keys::{META_APPLIED, META_MEMBERSHIP};
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
 

@@ -45,7 +45,7 @@ struct Gateway {
 }
 
 pub fn routes(server: Arc<Server>) -> Router {
-    let permits = (server.config.max_concurrent_streams as usize).min(Semaphore::MAX_PERMITS);
+    let permits = (server.settings.max_concurrent_streams as usize).min(Semaphore::MAX_PERMITS);
     let gw = Arc::new(Gateway {
         kv: api::kv::KvService::new(server.clone()),
         lease: api::lease::LeaseService::new(server.clone()),
@@ -247,15 +247,19 @@ async fn dispatch(
                 // open after the client's CloseSend).
                 let requests = futures::stream::iter(reqs.into_iter().map(Ok)).chain(futures::stream::pending());
                 let require_leader = headers.get("hasleader").is_some_and(|v| v.as_bytes() == b"true");
-                let options = crate::watch::session::StreamOptions {
+                let options = crate::api::watch_session::StreamOptions {
                     require_leader,
-                    credentials: crate::watch::session::Credentials {
+                    credentials: crate::api::watch_session::Credentials {
                         metadata: grpc_request((), &headers).metadata().clone(),
                         common_name: None,
                     },
                 };
-                let responses =
-                    crate::watch::session::start(gw.server.clone(), gw.server.hub.clone(), Box::pin(requests), options);
+                let responses = crate::api::watch_session::start(
+                    gw.server.clone(),
+                    gw.server.hub.clone(),
+                    Box::pin(requests),
+                    options,
+                );
                 stream_body(responses.map(|r| r.map(crate::watch::response::WatchOut::into_response)), permit)
             }
             Err(s) => error(&s),

@@ -3,7 +3,6 @@
 //! grpc-gateway JSON API under `/v3/` (`gateway.rs`).
 
 pub mod gateway;
-pub mod grpc_metrics;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,7 +30,7 @@ pub fn monitoring(server: Arc<Server>) -> Router {
 }
 
 async fn version(State(server): State<Arc<Server>>) -> Response {
-    let (etcd, cluster) = (&server.config.etcd_version, server.config.etcd_cluster_version());
+    let (etcd, cluster) = (&server.settings.etcd_version, server.settings.etcd_cluster_version());
     let body = format!(r#"{{"etcdserver":"{etcd}","etcdcluster":"{cluster}.0"}}"#);
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

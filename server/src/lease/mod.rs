@@ -10,9 +10,12 @@
 //! so every member deletes the same keys at the same revision) and
 //! periodic checkpoints. A new leader gives every lease its remaining
 //! TTL (checkpointed, or the full TTL) plus an election timeout, so a
-//! leader change never expires a lease early.
+//! leader change never expires a lease early. The leader's side of that
+//! (the expiry and checkpoint loops, keepalives) is `duties::lease`.
 
-pub mod duties;
+mod ids;
+
+pub use ids::LeaseIdGen;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -275,13 +278,6 @@ impl Lessor {
 
     pub fn count(&self) -> usize {
         self.lock().leases.len()
-    }
-}
-
-/// The lease check in KV writes.
-impl crate::apply::kv::LeaseLookup for Lessor {
-    fn lease_exists(&self, id: i64) -> bool {
-        self.exists(id)
     }
 }
 

@@ -10,14 +10,14 @@
 //! - `snapshot_file`: the on-disk snapshot format;
 //! - `read_index`: one leadership confirmation for many concurrent
 //!   linearizable reads;
-//! - `network` / `peer_service`: the gRPC peer transport (client / server).
+//! - `network`: the client side of the gRPC peer transport (the server
+//!   side is `api::peer`).
 
 pub mod ack_mark;
 pub mod batcher;
 pub mod journal;
 pub mod log_store;
 pub mod network;
-pub mod peer_service;
 pub mod read_index;
 pub mod snapshot_file;
 pub mod state_machine;
@@ -25,11 +25,7 @@ pub mod state_machine;
 #[cfg(test)]
 mod storage_suite;
 
-use std::fmt;
-
-use keel_proto::keelpb::{InternalRequest, InternalResponse};
 use prost::Message;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 openraft::declare_raft_types!(
     /// keel's openraft type configuration.
@@ -43,70 +39,11 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
-pub type NodeId = u64;
+pub use crate::raft_types::{codec, Command, CommandResult, LogId, MemberNode, Membership, NodeId, StoredMembership};
 pub type Raft = openraft::Raft<TypeConfig>;
-pub type LogId = openraft::LogId<NodeId>;
 pub type Entry = openraft::Entry<TypeConfig>;
-pub type StoredMembership = openraft::StoredMembership<NodeId, MemberNode>;
-pub type Membership = openraft::Membership<NodeId, MemberNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, MemberNode>;
 pub type RaftStorageError = openraft::StorageError<NodeId>;
-
-/// What Raft knows about a member: how to reach it. Name and client URLs
-/// are published separately through the state machine, as etcd does.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemberNode {
-    pub peer_urls: Vec<String>,
-}
-
-impl fmt::Display for MemberNode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.peer_urls.join(","))
-    }
-}
-
-/// The payload of a normal Raft log entry. Serialized as the protobuf
-/// encoding of [`InternalRequest`], so the log format is versioned by the
-/// .proto file rather than by Rust struct layout.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Command(pub InternalRequest);
-
-/// The result of applying a [`Command`].
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CommandResult(pub InternalResponse);
-
-fn serialize_message<M: Message, S: Serializer>(m: &M, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_bytes(&m.encode_to_vec())
-}
-
-fn deserialize_message<'de, M: Message + Default, D: Deserializer<'de>>(d: D) -> Result<M, D::Error> {
-    let bytes: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
-    M::decode(bytes.as_slice()).map_err(serde::de::Error::custom)
-}
-
-impl Serialize for Command {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        serialize_message(&self.0, s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Command {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        deserialize_message(d).map(Command)
-    }
-}
-
-impl Serialize for CommandResult {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        serialize_message(&self.0, s)
-    }
-}
-
-impl<'de> Deserialize<'de> for CommandResult {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        deserialize_message(d).map(CommandResult)
-    }
-}
 
 /// About how many bytes `entry` takes on the wire: its request's encoding
 /// (membership and blank entries count as small).
@@ -118,24 +55,12 @@ pub fn entry_size(entry: &Entry) -> usize {
     }
 }
 
-/// bincode with the settings every peer and every log record uses.
-pub mod codec {
-    use serde::{de::DeserializeOwned, Serialize};
-
-    pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::Error> {
-        bincode::serialize(value)
-    }
-
-    pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {
-        bincode::deserialize(bytes)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use keel_proto::etcdserverpb::PutRequest;
     use keel_proto::keelpb::internal_request::Request;
+    use keel_proto::keelpb::InternalRequest;
 
     #[test]
     fn command_round_trips_through_bincode() -> Result<(), bincode::Error> {

@@ -533,7 +533,7 @@ mod tests {
     use tonic::{Request, Response, Streaming};
 
     use super::*;
-    use crate::raft::peer_service::AppendReplies;
+    use crate::api::peer::AppendReplies;
     use crate::transport::{self, Http2Options, Security};
 
     /// A peer that answers append-entries with "stream:<request>" over the

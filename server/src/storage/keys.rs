@@ -63,6 +63,12 @@ pub const RAFT_VOTE: &[u8] = b"vote";
 pub const RAFT_COMMITTED: &[u8] = b"committed";
 /// raft_state: the last purged log id (bincode `LogId`).
 pub const RAFT_LAST_PURGED: &[u8] = b"last_purged";
+/// raft_state: this member's id and its cluster's id (bincode `(u64,
+/// u64)`; local facts, never replicated or overwritten by a snapshot).
+pub const LOCAL_IDENTITY: &[u8] = b"identity";
+/// raft_state: the membership to bootstrap with on first start, written by
+/// `keel snapshot restore` (bincode `Vec<(member id, peer URLs)>`).
+pub const BOOTSTRAP_MEMBERS: &[u8] = b"bootstrap_members";
 
 /// meta: the last applied log id (bincode `LogId`). Written in the same
 /// batch as the effects of that entry.

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use keel_proto::mvccpb::Event;
 use tokio::sync::watch;
 
+use super::catch_up::catch_up_loop;
 use super::hub::{Outgoing, StreamQueue, WatchHub, WatchSpec};
-use super::session::catch_up_loop;
 use crate::error::{Error, Result};
-use crate::server::Server;
+use crate::mvcc::MvccStore;
 
 pub struct InternalWatch {
     hub: Arc<WatchHub>,
@@ -22,13 +22,13 @@ pub struct InternalWatch {
 
 impl InternalWatch {
     /// Watches `spec` from revision `start_rev` (0: the next one).
-    pub fn start(server: &Arc<Server>, spec: WatchSpec, start_rev: i64) -> Result<Self> {
-        let hub = server.hub.clone();
+    pub fn start(hub: &Arc<WatchHub>, mvcc: &Arc<MvccStore>, spec: WatchSpec, start_rev: i64) -> Result<Self> {
+        let hub = hub.clone();
         let queue = hub.open_stream();
         let (stop, stop_rx) = watch::channel(false);
         let budget_freed = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(catch_up_loop(
-            server.clone(),
+            mvcc.clone(),
             hub.clone(),
             queue.id,
             queue.catch_up.clone(),

@@ -5,10 +5,13 @@
 //! - [`hub`]: the member-wide registry. The apply loop hands it each
 //!   committed revision; watchers that are caught up ("synced") get the
 //!   revision's events at once, through their stream's bounded queue.
-//! - [`session`]: one per gRPC Watch stream: handles create / cancel /
-//!   progress requests, turns queued events into responses (prev_kv,
-//!   fragments), and catches up watchers that are behind ("unsynced") from
-//!   MVCC history, in batches, only as fast as the client reads.
+//! - [`catch_up`]: catches up a stream's watchers that are behind
+//!   ("unsynced") from MVCC history, in batches, only as fast as the
+//!   client reads.
+//! - [`internal`]: watches inside the member (the lock and election
+//!   recipes). A gRPC Watch stream is `api::watch_session`: create /
+//!   cancel / progress requests, queued events turned into responses
+//!   (prev_kv, fragments).
 //! - [`response`]: responses as they leave the member; a revision going to
 //!   many watchers of a stream is encoded once, not once per watcher.
 //!
@@ -17,9 +20,9 @@
 //! happens under the hub lock at a revision boundary. That is what makes
 //! delivery gap-free and duplicate-free.
 
+pub mod catch_up;
 pub mod hub;
 pub mod internal;
 pub mod response;
-pub mod session;
 
 pub use hub::WatchHub;

@@ -1,5 +1,8 @@
-//! The server side of the peer transport: hands openraft messages to the
-//! local Raft and serves leader-bound requests from followers.
+//! keel's peer gRPC service (`keelpb.RaftPeer`), the server side of the
+//! peer transport (`raft::network` is the client side): hands openraft
+//! messages to the local Raft and serves leader-bound requests from
+//! followers (forwarded writes, read index, lease keepalives, membership
+//! changes).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,9 +21,9 @@ use keel_proto::keelpb::{
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::network::MEMBER_REMOVED;
-use super::{codec, NodeId, TypeConfig};
 use crate::error::Error;
+use crate::raft::network::MEMBER_REMOVED;
+use crate::raft::{codec, NodeId, TypeConfig};
 use crate::server::Server;
 
 pub struct PeerService {

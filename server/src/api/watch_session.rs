@@ -7,7 +7,7 @@
 //!   prev_kv, fragments; a revision for many watchers encoded once) and
 //!   hands them to gRPC, freeing queue budget;
 //! - the catch-up loop, which replays MVCC history to unsynced watchers in
-//!   batches of at most [`CATCH_UP_REVISIONS`] revisions, waiting whenever
+//!   batches of at most `watch::catch_up::CATCH_UP_REVISIONS` revisions, waiting whenever
 //!   the stream's queue is over budget, so a client that does not read
 //!   costs no memory beyond its budget and no CPU.
 //!
@@ -27,15 +27,12 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use super::hub::{
-    Outgoing, Recipient, StreamId, StreamQueue, WatchHub, WatchSpec, INVALID_WATCH_ID, STREAM_BUDGET_BYTES,
-};
-use super::response::{SharedResponse, WatchOut};
 use crate::error::Error;
 use crate::server::Server;
+use crate::watch::catch_up::catch_up_loop;
+use crate::watch::hub::{Outgoing, Recipient, StreamId, StreamQueue, WatchHub, WatchSpec, INVALID_WATCH_ID};
+use crate::watch::response::{SharedResponse, WatchOut};
 
-/// Revisions replayed per catch-up batch (etcd's watchBatchMaxRevs).
-pub const CATCH_UP_REVISIONS: i64 = 1000;
 /// Batches buffered between the sender and gRPC. A batch leaves the
 /// stream's byte budget when it enters this channel, and one can be as
 /// large as the budget (a revision for every watcher of the stream), so
@@ -71,7 +68,7 @@ where
 
     tokio::spawn(send_loop(server.clone(), queue, out_tx.clone(), budget_freed.clone(), stop_tx.clone()));
     tokio::spawn(catch_up_loop(
-        server.clone(),
+        server.mvcc.clone(),
         hub.clone(),
         stream_id,
         catch_up_wake,
@@ -99,7 +96,7 @@ pub struct StreamOptions {
 /// does, so a token that expired or an auth change is noticed.
 pub struct Credentials {
     pub metadata: tonic::metadata::MetadataMap,
-    pub common_name: Option<crate::api::credentials::ClientCommonName>,
+    pub common_name: Option<super::credentials::ClientCommonName>,
 }
 
 /// etcd's isWatchPermitted: read permission on the watched range. The
@@ -114,7 +111,7 @@ async fn watch_refusal(
     }
     // The range as the watch will use it (etcd: an empty key is "\0").
     let key: &[u8] = if create.key.is_empty() { b"\0" } else { &create.key };
-    let who = crate::api::credentials::from_parts(server, &credentials.metadata, credentials.common_name.as_ref())
+    let who = super::credentials::from_parts(server, &credentials.metadata, credentials.common_name.as_ref())
         .await
         .and_then(|who| server.auth.check_read(&who.unwrap_or_default(), key, &create.range_end));
     let e = match who {
@@ -122,7 +119,7 @@ async fn watch_refusal(
         Err(e @ (Error::InvalidAuthToken | Error::AuthOldRevision | Error::UserEmpty)) => e,
         Err(_) => Error::PermissionDenied,
     };
-    let (code, msg) = crate::api::errors::code_and_message(&e);
+    let (code, msg) = super::errors::code_and_message(&e);
     Some(format!("rpc error: code = {code:?} desc = {msg}"))
 }
 
@@ -158,9 +155,9 @@ async fn request_loop<S>(
     S: futures::Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
 {
     let mut progress =
-        tokio::time::interval(server.config.watch_progress_notify_interval.max(Duration::from_millis(10)));
+        tokio::time::interval(server.settings.watch_progress_notify_interval.max(Duration::from_millis(10)));
     progress.tick().await;
-    let mut leader_check = tokio::time::interval(server.config.election_timeout);
+    let mut leader_check = tokio::time::interval(server.settings.election_timeout);
     let mut leaderless_ticks = 0;
     loop {
         tokio::select! {
@@ -171,7 +168,7 @@ async fn request_loop<S>(
                     // stream with its status (unless the client is not
                     // reading: waiting for room would keep its watchers).
                     Some(Err(status)) => {
-                        let _ = out_tx.try_send(vec![Err(crate::api::errors::as_grpc_go(status))]);
+                        let _ = out_tx.try_send(vec![Err(super::errors::as_grpc_go(status))]);
                         return;
                     }
                     None => return,
@@ -237,7 +234,7 @@ async fn send_loop(
     budget_freed: Arc<tokio::sync::Notify>,
     stop: watch::Sender<bool>,
 ) {
-    let limit = server.config.max_request_bytes;
+    let limit = server.settings.max_request_bytes;
     while let Some(msg) = queue.rx.recv().await {
         let bytes = msg.bytes();
         let batch: Batch = match msg {
@@ -338,79 +335,6 @@ fn responses(
         pieces.push(cur);
         if last {
             return pieces;
-        }
-    }
-}
-
-pub(crate) async fn catch_up_loop(
-    server: Arc<Server>,
-    hub: Arc<WatchHub>,
-    stream_id: StreamId,
-    wake: Arc<tokio::sync::Notify>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
-    budget_freed: Arc<tokio::sync::Notify>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let behind = hub.unsynced(stream_id);
-        if behind.is_empty() {
-            tokio::select! {
-                _ = wake.notified() => continue,
-                _ = stop.changed() => return,
-            }
-        }
-        // Respect the stream's budget: a client that does not read is not
-        // fed from history either.
-        while queued.load(Ordering::Acquire) >= STREAM_BUDGET_BYTES {
-            tokio::select! {
-                _ = budget_freed.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = stop.changed() => return,
-            }
-        }
-        let compact_rev = server.mvcc.compact_rev();
-        let mut live = Vec::new();
-        for (id, spec, next_rev) in behind {
-            if next_rev < compact_rev {
-                hub.compacted(stream_id, id, compact_rev);
-            } else {
-                live.push((id, spec, next_rev));
-            }
-        }
-        let Some(from) = live.iter().map(|(_, _, r)| *r).min() else { continue };
-        let current = hub.rev();
-        let to = current.min(from + CATCH_UP_REVISIONS - 1);
-        let mvcc = server.mvcc.clone();
-        let history = tokio::task::spawn_blocking(move || mvcc.history(from, to)).await;
-        let events = match history {
-            Ok(Ok(events)) => events,
-            Ok(Err(Error::Compacted)) => continue,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "reading watch history failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            Err(_) => return,
-        };
-        for (id, spec, next_rev) in live {
-            if next_rev > to {
-                // Ahead of this batch (started later); the next pass serves it.
-                if next_rev > current {
-                    hub.deliver_history(stream_id, id, Vec::new(), next_rev);
-                }
-                continue;
-            }
-            let mine: Vec<Event> = events
-                .iter()
-                .filter(|e| {
-                    e.kv.as_ref().is_some_and(|kv| kv.mod_revision >= next_rev)
-                        && spec.matches(e.kv.as_ref().map_or(&[][..], |kv| kv.key.as_ref()))
-                        && !(e.r#type == EventType::Put as i32 && spec.no_put)
-                        && !(e.r#type == EventType::Delete as i32 && spec.no_delete)
-                })
-                .cloned()
-                .collect();
-            hub.deliver_history(stream_id, id, mine, to + 1);
         }
     }
 }

@@ -9,12 +9,21 @@ use std::time::{Duration, Instant};
 use keel_proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType, CompactionRequest};
 use keel_proto::keelpb::{internal_request, InternalRequest};
 
-use crate::config::{parse_go_duration, CompactionMode};
 use crate::error::{Error, Result};
+use crate::go_duration::parse_go_duration;
 use crate::server::Server;
 
 /// etcd's revision-mode compactor checks every five minutes.
 const REVISION_CHECK_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How `--auto-compaction-retention` is read (`--auto-compaction-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompactionMode {
+    /// A duration: keep that much history.
+    Periodic,
+    /// A number of revisions to keep.
+    Revision,
+}
 
 /// What auto compaction keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

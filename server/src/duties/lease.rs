@@ -2,7 +2,6 @@
 //! lessor), revoke expired leases through Raft, checkpoint remaining TTLs,
 //! and serve keepalives and TTL queries (forwarding from followers).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keel_proto::etcdserverpb::{
@@ -10,8 +9,8 @@ use keel_proto::etcdserverpb::{
 };
 use keel_proto::keelpb::{internal_request, internal_response::Response as Applied, InternalRequest, RequestHeader};
 
-use super::LeaseInfo;
 use crate::error::{Error, Result};
+use crate::lease::LeaseInfo;
 use crate::server::Server;
 
 /// Revocations proposed per expiry pass (etcd: leaseRevokeRate).
@@ -22,36 +21,11 @@ fn internal(r: internal_request::Request) -> InternalRequest {
     InternalRequest { header: None, request: Some(r) }
 }
 
-/// Generates lease ids unique across members: etcd's scheme of the low
-/// 16 bits of the member id, then a counter seeded from the clock.
-pub struct LeaseIdGen {
-    prefix: u64,
-    counter: AtomicU64,
-}
-
-impl LeaseIdGen {
-    pub fn new(member_id: u64) -> Self {
-        let millis =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        Self { prefix: (member_id & 0xffff) << 48, counter: AtomicU64::new(millis << 8) }
-    }
-
-    pub fn next(&self) -> i64 {
-        loop {
-            let suffix = self.counter.fetch_add(1, Ordering::Relaxed) & ((1 << 48) - 1);
-            let id = ((self.prefix | suffix) & (i64::MAX as u64)) as i64;
-            if id != 0 {
-                return id;
-            }
-        }
-    }
-}
-
 impl Server {
     /// The smallest TTL etcd grants: 1.5 election timeouts, in whole
     /// seconds, so a lease survives a leader election.
     pub fn min_lease_ttl(&self) -> i64 {
-        let min = self.config.election_timeout.as_secs_f64() * 1.5;
+        let min = self.settings.election_timeout.as_secs_f64() * 1.5;
         min.ceil() as i64
     }
 
@@ -60,7 +34,7 @@ impl Server {
         let mut metrics = self.raft.metrics();
         let mut expiry_tick = tokio::time::interval(Duration::from_millis(500));
         let mut checkpoint_tick =
-            tokio::time::interval(self.config.lease_checkpoint_interval.max(Duration::from_millis(100)));
+            tokio::time::interval(self.settings.lease_checkpoint_interval.max(Duration::from_millis(100)));
         checkpoint_tick.tick().await;
         let mut leading = false;
         loop {
@@ -85,7 +59,7 @@ impl Server {
             if now_leading != leading {
                 leading = now_leading;
                 if leading {
-                    self.leases.promote(self.config.election_timeout);
+                    self.leases.promote(self.settings.election_timeout);
                     tracing::info!(leases = self.leases.count(), "became leader; lease expiry clocks restarted");
                 } else {
                     self.leases.demote();

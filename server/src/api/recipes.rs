@@ -20,14 +20,14 @@ use keel_proto::etcdserverpb::{
 };
 use keel_proto::mvccpb::{event::EventType, KeyValue};
 
-use crate::api::kv::KvService;
+use super::kv::KvService;
+use super::watch_session::Credentials;
 use crate::auth::AuthInfo;
 use crate::error::Error;
 use crate::server::Server;
 use crate::storage::keys::prefix_end;
 use crate::watch::hub::WatchSpec;
 use crate::watch::internal::InternalWatch;
-use crate::watch::session::Credentials;
 
 /// Errors the Go recipes return as plain errors (gRPC code Unknown).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,10 +109,10 @@ impl Recipes {
     /// The recipes acting for the sender of `req` (whose credentials are
     /// checked here once, so a bad token fails the call at once).
     pub async fn for_request<T>(&self, req: &tonic::Request<T>) -> Result<Arc<Recipes>, tonic::Status> {
-        crate::api::credentials::auth_info(&self.server, req).await?;
+        super::credentials::auth_info(&self.server, req).await?;
         let credentials = Credentials {
             metadata: req.metadata().clone(),
-            common_name: req.extensions().get::<crate::api::credentials::ClientCommonName>().cloned(),
+            common_name: req.extensions().get::<super::credentials::ClientCommonName>().cloned(),
         };
         Ok(Arc::new(Recipes {
             server: self.server.clone(),
@@ -125,7 +125,7 @@ impl Recipes {
     async fn who(&self) -> Result<Option<AuthInfo>, Error> {
         match &self.credentials {
             None => Ok(None),
-            Some(c) => crate::api::credentials::from_parts(&self.server, &c.metadata, c.common_name.as_ref()).await,
+            Some(c) => super::credentials::from_parts(&self.server, &c.metadata, c.common_name.as_ref()).await,
         }
     }
 
@@ -139,7 +139,7 @@ impl Recipes {
     /// Waits until `key` is deleted, watching from revision `rev`.
     async fn wait_delete(&self, key: &[u8], rev: i64) -> RecipeResult<()> {
         let spec = WatchSpec::new(Bytes::copy_from_slice(key), None);
-        let mut w = InternalWatch::start(&self.server, spec, rev)?;
+        let mut w = InternalWatch::start(&self.server.hub, &self.server.mvcc, spec, rev)?;
         loop {
             let (_, events) = w.next().await.map_err(|_| RecipeError::LostWatcher)?;
             if events.iter().any(|e| e.r#type == EventType::Delete as i32) {
@@ -328,7 +328,7 @@ impl Recipes {
                     // Wait for the first put under the prefix.
                     let end = Bytes::from(prefix_end(&pfx).unwrap_or_else(|| vec![0]));
                     let spec = WatchSpec { no_delete: true, ..WatchSpec::new(Bytes::from(pfx.clone()), Some(end)) };
-                    let mut w = InternalWatch::start(&self.server, spec, header.revision)?;
+                    let mut w = InternalWatch::start(&self.server.hub, &self.server.mvcc, spec, header.revision)?;
                     let (_, events) = w.next().await?;
                     let Some(kv) = events.into_iter().find_map(|e| e.kv) else { continue };
                     header.revision = kv.mod_revision;
@@ -339,7 +339,7 @@ impl Recipes {
                 return Ok(());
             }
             let spec = WatchSpec::new(kv.key.clone(), None);
-            let mut w = InternalWatch::start(&self.server, spec, header.revision + 1)?;
+            let mut w = InternalWatch::start(&self.server.hub, &self.server.mvcc, spec, header.revision + 1)?;
             'leader: loop {
                 let (rev, events) = w.next().await?;
                 for ev in events {
