@@ -383,28 +383,17 @@ pub enum LogFormat {
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub name: String,
-    pub data_dir: PathBuf,
+    /// What the member core and the layers above it read.
+    pub settings: Settings,
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
-    pub heartbeat_interval: Duration,
-    pub election_timeout: Duration,
     pub listen_peer_urls: Vec<String>,
     pub listen_client_urls: Vec<String>,
     pub listen_metrics_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
-    pub advertise_client_urls: Vec<String>,
     /// (name, peer URLs) of the initial members.
     pub initial_cluster: Vec<(String, Vec<String>)>,
     pub initial_cluster_state: ClusterState,
-    pub initial_cluster_token: String,
-    pub strict_reconfig_check: bool,
-    pub quota_backend_bytes: u64,
-    pub max_txn_ops: usize,
-    pub max_request_bytes: usize,
-    pub max_concurrent_streams: u32,
-    /// The etcd server version reported to clients ("3.4.23").
-    pub etcd_version: String,
     pub grpc_keepalive_min_time: Duration,
     pub grpc_keepalive_interval: Duration,
     pub grpc_keepalive_timeout: Duration,
@@ -422,18 +411,12 @@ pub struct Config {
     pub log_level: String,
     pub log_format: LogFormat,
     pub log_outputs: Vec<String>,
-    pub watch_progress_notify_interval: Duration,
-    pub lease_checkpoint_interval: Duration,
     pub corrupt_check_interval: Duration,
     pub initial_corrupt_check: bool,
     pub unsafe_no_fsync: bool,
     /// `--auth-token` as given ("simple", or "jwt,...").
     pub auth_token: String,
     pub auth_token_ttl: Duration,
-    pub bcrypt_cost: u32,
-    /// The common name of a verified client certificate names the user
-    /// when a request carries no token (`--client-cert-auth`).
-    pub client_cert_auth: bool,
 }
 
 /// Why a configuration was refused; printed before exiting non-zero.
@@ -674,26 +657,32 @@ impl Flags {
             self.log_outputs.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
 
         Ok(Config {
-            name: self.name.clone(),
-            data_dir: PathBuf::from(data_dir),
+            settings: Settings {
+                name: self.name.clone(),
+                data_dir: PathBuf::from(data_dir),
+                heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
+                election_timeout: Duration::from_millis(self.election_timeout),
+                advertise_client_urls,
+                initial_cluster_token: self.initial_cluster_token.clone(),
+                strict_reconfig_check: self.strict_reconfig_check,
+                quota_backend_bytes: quota,
+                max_txn_ops: self.max_txn_ops as usize,
+                max_request_bytes: self.max_request_bytes as usize,
+                etcd_version: self.advertise_etcd_version.clone(),
+                max_concurrent_streams: self.max_concurrent_streams,
+                watch_progress_notify_interval: self.experimental_watch_progress_notify_interval,
+                lease_checkpoint_interval: self.experimental_lease_checkpoint_interval,
+                bcrypt_cost: self.bcrypt_cost,
+                client_cert_auth: self.client_cert_auth,
+            },
             snapshot_count: self.snapshot_count.max(1),
             snapshot_catchup_entries: self.experimental_snapshot_catchup_entries,
-            heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
-            election_timeout: Duration::from_millis(self.election_timeout),
             listen_peer_urls,
             listen_client_urls,
             listen_metrics_urls,
             initial_advertise_peer_urls,
-            advertise_client_urls,
             initial_cluster,
             initial_cluster_state,
-            initial_cluster_token: self.initial_cluster_token.clone(),
-            strict_reconfig_check: self.strict_reconfig_check,
-            quota_backend_bytes: quota,
-            max_txn_ops: self.max_txn_ops as usize,
-            max_request_bytes: self.max_request_bytes as usize,
-            etcd_version: self.advertise_etcd_version.clone(),
-            max_concurrent_streams: self.max_concurrent_streams,
             grpc_keepalive_min_time: self.grpc_keepalive_min_time,
             grpc_keepalive_interval: self.grpc_keepalive_interval,
             grpc_keepalive_timeout: self.grpc_keepalive_timeout,
@@ -706,40 +695,12 @@ impl Flags {
             log_level,
             log_format,
             log_outputs,
-            watch_progress_notify_interval: self.experimental_watch_progress_notify_interval,
-            lease_checkpoint_interval: self.experimental_lease_checkpoint_interval,
             corrupt_check_interval: self.experimental_corrupt_check_time,
             initial_corrupt_check: self.experimental_initial_corrupt_check,
             unsafe_no_fsync: self.unsafe_no_fsync,
             auth_token: self.auth_token.clone(),
             auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
-            bcrypt_cost: self.bcrypt_cost,
-            client_cert_auth: self.client_cert_auth,
         })
-    }
-}
-
-impl Config {
-    /// What the member core and the layers above it read.
-    pub fn settings(&self) -> Settings {
-        Settings {
-            name: self.name.clone(),
-            data_dir: self.data_dir.clone(),
-            heartbeat_interval: self.heartbeat_interval,
-            election_timeout: self.election_timeout,
-            advertise_client_urls: self.advertise_client_urls.clone(),
-            initial_cluster_token: self.initial_cluster_token.clone(),
-            strict_reconfig_check: self.strict_reconfig_check,
-            quota_backend_bytes: self.quota_backend_bytes,
-            max_txn_ops: self.max_txn_ops,
-            max_request_bytes: self.max_request_bytes,
-            max_concurrent_streams: self.max_concurrent_streams,
-            etcd_version: self.etcd_version.clone(),
-            watch_progress_notify_interval: self.watch_progress_notify_interval,
-            lease_checkpoint_interval: self.lease_checkpoint_interval,
-            bcrypt_cost: self.bcrypt_cost,
-            client_cert_auth: self.client_cert_auth,
-        }
     }
 }
 
@@ -756,13 +717,13 @@ mod tests {
     #[test]
     fn defaults_match_etcd() -> Result<(), String> {
         let c = parse(&[])?;
-        assert_eq!(c.name, "default");
-        assert_eq!(c.data_dir, PathBuf::from("default.etcd"));
+        assert_eq!(c.settings.name, "default");
+        assert_eq!(c.settings.data_dir, PathBuf::from("default.etcd"));
         assert_eq!(c.listen_client_urls, vec!["http://localhost:2379"]);
         assert_eq!(c.initial_cluster, vec![("default".to_string(), vec!["http://localhost:2380".to_string()])]);
-        assert_eq!(c.max_txn_ops, 128);
-        assert_eq!(c.max_request_bytes, 1_572_864);
-        assert_eq!(c.quota_backend_bytes, 2 << 30);
+        assert_eq!(c.settings.max_txn_ops, 128);
+        assert_eq!(c.settings.max_request_bytes, 1_572_864);
+        assert_eq!(c.settings.quota_backend_bytes, 2 << 30);
         assert_eq!(c.grpc_keepalive_interval, Duration::from_secs(7200));
         Ok(())
     }
@@ -777,9 +738,9 @@ mod tests {
             "--initial-cluster",
             "n1=http://localhost:2380",
         ])?;
-        assert_eq!(c.name, "n1");
-        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
-        assert!(!c.strict_reconfig_check);
+        assert_eq!(c.settings.name, "n1");
+        assert_eq!(c.settings.data_dir, PathBuf::from("/tmp/x"));
+        assert!(!c.settings.strict_reconfig_check);
         Ok(())
     }
 

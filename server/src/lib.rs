@@ -62,7 +62,7 @@
 //!     `keel convert-to-etcd` hands one back.
 //! - **Configuration**
 //!   - `config`: etcd's flags and `ETCD_*` variables, validated into a
-//!     `Config`; builds the `server::Settings` the layers below read.
+//!     `Config`, which holds the `server::Settings` the layers below read.
 //! - **Wiring**
 //!   - `node`: wires a member together and starts its listeners and duties.
 //!   - `cli`: offline subcommands (snapshot status/restore,

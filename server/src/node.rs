@@ -166,14 +166,14 @@ async fn identity(
         let (id, cid): (u64, u64) = codec::decode(&bytes)?;
         return Ok((id, cid, Bootstrap::Restart));
     }
-    let token = &config.initial_cluster_token;
+    let token = &config.settings.initial_cluster_token;
     if config.initial_cluster_state == ClusterState::Existing {
         let mut own_urls = config.initial_advertise_peer_urls.clone();
         own_urls.sort();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             for (name, urls) in &config.initial_cluster {
-                if *name == config.name {
+                if *name == config.settings.name {
                     continue;
                 }
                 for url in urls {
@@ -221,14 +221,14 @@ enum Bootstrap {
 }
 
 fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
-    let election = config.election_timeout.as_millis() as u64;
-    let heartbeat = config.heartbeat_interval.as_millis() as u64;
+    let election = config.settings.election_timeout.as_millis() as u64;
+    let heartbeat = config.settings.heartbeat_interval.as_millis() as u64;
     // openraft waits for its leader lease (= election_timeout_max) plus a
     // random election timeout in [min, max) before campaigning. With
     // [et/2, et) a follower campaigns 1.5-2 election timeouts after losing
     // its leader, close to etcd's randomized [et, 2et).
     let c = openraft::Config {
-        cluster_name: config.initial_cluster_token.clone(),
+        cluster_name: config.settings.initial_cluster_token.clone(),
         heartbeat_interval: heartbeat,
         election_timeout_min: (election / 2).max(heartbeat + 1),
         election_timeout_max: election.max(heartbeat + 2),
@@ -296,8 +296,8 @@ fn listeners(urls: &[String], tls: &Option<tokio_rustls::TlsAcceptor>) -> anyhow
 /// member has joined its cluster and serves clients.
 pub async fn start(config: Config) -> anyhow::Result<Node> {
     // An etcd member's data dir is taken over on the first start.
-    crate::etcd_data_dir::convert_if_etcd(&config.data_dir)?;
-    let member_dir = config.data_dir.join("member");
+    crate::etcd_data_dir::convert_if_etcd(&config.settings.data_dir)?;
+    let member_dir = config.settings.data_dir.join("member");
     let db_dir = member_dir.join("db");
     std::fs::create_dir_all(&db_dir).with_context(|| format!("cannot create data dir {}", db_dir.display()))?;
     let engine: SharedEngine = Arc::new(RocksEngine::open(&db_dir)?);
@@ -328,13 +328,13 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
         connect_timeout: Duration::from_secs(1),
         loopback_source: crate::transport::loopback_source(&config.listen_peer_urls),
     };
-    let peers = Arc::new(PeerClients::new(connector, max_peer_message(config.max_request_bytes)));
+    let peers = Arc::new(PeerClients::new(connector, max_peer_message(config.settings.max_request_bytes)));
     let (id, cid, bootstrap) = identity(&engine, &config, &peers).await?;
-    let settings = config.settings();
+    let settings = config.settings.clone();
     crate::metrics::init(id, &settings.etcd_version, &settings.etcd_cluster_version(), settings.quota_backend_bytes);
     tracing::info!(
-        name = %config.name,
-        data_dir = %config.data_dir.display(),
+        name = %config.settings.name,
+        data_dir = %config.settings.data_dir.display(),
         member_id = %format!("{id:x}"),
         cluster_id = %format!("{cid:x}"),
         keel_version = crate::version::KEEL_VERSION,
@@ -396,7 +396,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
             let mut nodes = BTreeMap::new();
             for (_, urls) in &config.initial_cluster {
                 nodes.insert(
-                    member_id(urls, &config.initial_cluster_token, None),
+                    member_id(urls, &config.settings.initial_cluster_token, None),
                     MemberNode { peer_urls: urls.clone() },
                 );
             }
@@ -432,7 +432,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let http2 = Http2Options {
-        max_concurrent_streams: config.max_concurrent_streams,
+        max_concurrent_streams: config.settings.max_concurrent_streams,
         keepalive_min_time: config.grpc_keepalive_min_time,
         keepalive_interval: config.grpc_keepalive_interval,
         keepalive_timeout: config.grpc_keepalive_timeout,
@@ -447,15 +447,15 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     let peer_tls = tls_acceptor(
         &config.peer_tls,
         config.peer_auto_tls,
-        &config.data_dir.join("fixtures").join("peer"),
+        &config.settings.data_dir.join("fixtures").join("peer"),
         &config.listen_peer_urls,
         &config.initial_advertise_peer_urls,
         &config.tls_policy,
     )?;
     let peer_router = tonic::service::Routes::new(
         RaftPeerServer::new(PeerService::new(server.clone()))
-            .max_decoding_message_size(max_peer_message(config.max_request_bytes))
-            .max_encoding_message_size(max_peer_message(config.max_request_bytes)),
+            .max_decoding_message_size(max_peer_message(config.settings.max_request_bytes))
+            .max_encoding_message_size(max_peer_message(config.settings.max_request_bytes)),
     )
     .prepare()
     .into_axum_router();
@@ -476,12 +476,12 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     let client_tls = tls_acceptor(
         &config.client_tls,
         config.client_auto_tls,
-        &config.data_dir.join("fixtures").join("client"),
+        &config.settings.data_dir.join("fixtures").join("client"),
         &config.listen_client_urls,
-        &config.advertise_client_urls,
+        &config.settings.advertise_client_urls,
         &config.tls_policy,
     )?;
-    let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let max_msg = config.settings.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let mut routes = tonic::service::Routes::new(
         KvServer::new(api::kv::KvService::new(server.clone()))
             .max_decoding_message_size(max_msg)

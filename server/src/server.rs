@@ -59,6 +59,46 @@ impl Settings {
     }
 }
 
+/// How often a request that found no leader, or a leader that could not
+/// answer, looks again. A sleep rather than a wait on Raft's metrics: they
+/// change many times a second, and a loop woken by each of them kept the
+/// runtime's threads busy while requests piled up, starving the very Raft
+/// messages that would elect a leader.
+const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Runs `attempt` until it answers something other than "not the leader"
+/// (`NotLeader`: no leader, or leadership moved) or "the leader is
+/// unreachable" (`Unhealthy`), pausing `pause` between attempts; past
+/// `deadline` those two become `Timeout`. `attempt` gets the time left.
+/// Every request that must reach the leader (forwarded writes, read
+/// index, lease keepalives and TTL queries) goes through this one loop.
+pub async fn retry_until_leader_answers<T, F, Fut>(deadline: Instant, pause: Duration, mut attempt: F) -> Result<T>
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    loop {
+        match attempt(deadline.saturating_duration_since(Instant::now())).await {
+            Err(Error::NotLeader) | Err(Error::Unhealthy) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::Timeout);
+                }
+                tokio::time::sleep_until(deadline.min(now + pause).into()).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The current leader as a request to it sees it.
+pub enum LeaderRef {
+    /// This member leads.
+    Local,
+    /// Another member leads, reached at this address.
+    Peer(NodeId, crate::raft::MemberNode),
+}
+
 pub struct Server {
     pub id: NodeId,
     pub cluster_id: u64,
@@ -198,44 +238,40 @@ impl Server {
         }
         self.check_quota(&req).await?;
         let deadline = Instant::now() + self.request_timeout();
-        let resp = loop {
-            let written = {
-                let _gate = self.transfer_gate.read().await;
-                tokio::time::timeout_at(deadline.into(), self.proposals.write(req.clone())).await
-            };
-            match written {
-                Err(_) => return Err(Error::Timeout),
-                Ok(Ok((resp, _))) => break resp,
-                Ok(Err(RaftError::Fatal(_))) => return Err(Error::Stopped),
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(fwd)))) => {
-                    let (Some(leader), Some(node)) = (fwd.leader_id, fwd.leader_node) else {
-                        // Election in progress: wait for a leader.
-                        self.wait_for_leader(deadline).await?;
-                        continue;
-                    };
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    match self.peers.forward(leader, &node, req.clone(), remaining).await {
-                        Ok((resp, index)) => {
-                            self.wait_applied(index, deadline).await?;
-                            break resp;
-                        }
-                        Err(Error::NotLeader) | Err(Error::Unhealthy) => {
-                            // Leadership moved or the leader is unreachable; retry
-                            // until the deadline.
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            if Instant::now() >= deadline {
-                                return Err(Error::Timeout);
-                            }
-                            continue;
-                        }
-                        Err(e) => return Err(e),
+        let resp = retry_until_leader_answers(deadline, LEADER_RETRY_PAUSE, |remaining| {
+            let req = req.clone();
+            async move {
+                // Without a leader, wait here rather than in Raft: every
+                // attempt that reached Raft would cost its core a message
+                // while it elects.
+                if self.leader().is_none() {
+                    return Err(Error::NotLeader);
+                }
+                let written = {
+                    let _gate = self.transfer_gate.read().await;
+                    tokio::time::timeout(remaining, self.proposals.write(req.clone())).await
+                };
+                match written {
+                    Err(_) => Err(Error::Timeout),
+                    Ok(Ok((resp, _))) => Ok(resp),
+                    Ok(Err(RaftError::Fatal(_))) => Err(Error::Stopped),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(fwd)))) => {
+                        // No leader named: an election is in progress.
+                        let (Some(leader), Some(node)) = (fwd.leader_id, fwd.leader_node) else {
+                            return Err(Error::NotLeader);
+                        };
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        let (resp, index) = self.peers.forward(leader, &node, req, remaining).await?;
+                        self.wait_applied(index, deadline).await?;
+                        Ok(resp)
+                    }
+                    Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                        Err(Error::Internal(e.to_string()))
                     }
                 }
-                Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                    return Err(Error::Internal(e.to_string()))
-                }
             }
-        };
+        })
+        .await?;
         match resp.response {
             Some(Response::Error(e)) => Err(Error::from_apply_code(e.kind, e.detail)),
             _ => Ok(resp),
@@ -256,23 +292,15 @@ impl Server {
         }
     }
 
-    async fn wait_for_leader(&self, deadline: Instant) -> Result<()> {
-        // The same notion of leadership as `leader()`: a leader that lost
-        // its quorum counts as none. Poll with a sleep rather than waiting
-        // on metrics changes: the metrics change many times a second, and
-        // a loop woken by each of them (or one that returned without
-        // waiting) kept the runtime's threads busy while requests piled
-        // up, starving the very Raft messages that would elect a leader.
-        loop {
-            if self.leader().is_some() {
-                return Ok(());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::Timeout);
-            }
-            tokio::time::sleep_until(deadline.min(now + Duration::from_millis(20)).into()).await;
+    /// The current leader, and how to reach it; `NotLeader` when there is
+    /// none (see [`Server::leader`]) or it is not in the membership.
+    pub fn leader_ref(&self) -> Result<LeaderRef> {
+        let leader = self.leader().ok_or(Error::NotLeader)?;
+        if leader == self.id {
+            return Ok(LeaderRef::Local);
         }
+        let node = self.raft.metrics().borrow().membership_config.membership().get_node(&leader).cloned();
+        node.map(|n| LeaderRef::Peer(leader, n)).ok_or(Error::NotLeader)
     }
 
     /// The index a linearizable read must wait for, decided by the leader
@@ -285,45 +313,64 @@ impl Server {
     /// Blocks until a read served from local state is linearizable.
     pub async fn linearizable_barrier(&self) -> Result<()> {
         let deadline = Instant::now() + self.request_timeout();
-        loop {
-            let leader = match self.leader() {
-                Some(l) => l,
-                None => {
-                    self.wait_for_leader(deadline).await?;
-                    continue;
-                }
-            };
-            let index = if leader == self.id {
-                match self.read_index_local().await {
-                    Ok(i) => i,
-                    Err(Error::NotLeader) => {
-                        if Instant::now() >= deadline {
-                            return Err(Error::Timeout);
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-            } else {
-                let node = self.raft.metrics().borrow().membership_config.membership().get_node(&leader).cloned();
-                let Some(node) = node else {
-                    self.wait_for_leader(deadline).await?;
-                    continue;
-                };
-                match self.read_index.from_leader(leader, node, deadline).await {
-                    Ok(i) => i,
-                    Err(Error::NotLeader) | Err(Error::Unhealthy) => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        if Instant::now() >= deadline {
-                            return Err(Error::Timeout);
-                        }
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            return self.wait_applied(index, deadline).await;
-        }
+        let index = retry_until_leader_answers(deadline, LEADER_RETRY_PAUSE, |_| async move {
+            match self.leader_ref()? {
+                LeaderRef::Local => self.read_index_local().await,
+                LeaderRef::Peer(leader, node) => self.read_index.from_leader(leader, node, deadline).await,
+            }
+        })
+        .await?;
+        self.wait_applied(index, deadline).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_leader_loop_retries_until_the_leader_answers() {
+        let attempts = AtomicUsize::new(0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let answer = retry_until_leader_answers(deadline, Duration::from_millis(1), |_| async {
+            match attempts.fetch_add(1, Ordering::SeqCst) {
+                0 => Err(Error::NotLeader),
+                1 => Err(Error::Unhealthy),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(answer.ok(), Some(2));
+        assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn the_leader_loop_returns_other_errors_at_once() {
+        let attempts = AtomicUsize::new(0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let answer: Result<()> = retry_until_leader_answers(deadline, Duration::from_millis(1), |_| async {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            Err(Error::LeaseNotFound)
+        })
+        .await;
+        assert!(matches!(answer, Err(Error::LeaseNotFound)));
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_leader_loop_times_out_at_the_deadline() {
+        let attempts = AtomicUsize::new(0);
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let answer: Result<()> = retry_until_leader_answers(deadline, Duration::from_millis(5), |remaining| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            assert!(remaining <= Duration::from_millis(50));
+            async { Err(Error::NotLeader) }
+        })
+        .await;
+        assert!(matches!(answer, Err(Error::Timeout)));
+        assert!(Instant::now() >= deadline);
+        assert!(attempts.load(Ordering::SeqCst) > 1, "it never retried");
     }
 }

@@ -11,11 +11,13 @@ use keel_proto::keelpb::{internal_request, internal_response::Response as Applie
 
 use crate::error::{Error, Result};
 use crate::lease::LeaseInfo;
-use crate::server::Server;
+use crate::server::{retry_until_leader_answers, LeaderRef, Server};
 
 /// Revocations proposed per expiry pass (etcd: leaseRevokeRate).
 const REVOKE_BATCH: usize = 1000;
 const CHECKPOINT_BATCH: usize = 1000;
+/// How often a keepalive or TTL query that found no leader looks again.
+const LEASE_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 fn internal(r: internal_request::Request) -> InternalRequest {
     InternalRequest { header: None, request: Some(r) }
@@ -113,29 +115,15 @@ impl Server {
     /// TTL, 0 when the lease does not exist or already expired.
     pub async fn lease_renew(&self, id: i64) -> Result<i64> {
         let deadline = Instant::now() + self.request_timeout();
-        loop {
-            let outcome = match self.leader() {
-                Some(l) if l == self.id => self.lease_renew_local(id).await,
-                Some(l) => {
-                    let node = self.raft.metrics().borrow().membership_config.membership().get_node(&l).cloned();
-                    match node {
-                        Some(node) => {
-                            let remaining = deadline.saturating_duration_since(Instant::now());
-                            self.peers.lease_keep_alive(l, &node, LeaseKeepAliveRequest { id }, remaining).await
-                        }
-                        None => Err(Error::NotLeader),
-                    }
+        retry_until_leader_answers(deadline, LEASE_RETRY_PAUSE, |remaining| async move {
+            match self.leader_ref()? {
+                LeaderRef::Local => self.lease_renew_local(id).await,
+                LeaderRef::Peer(leader, node) => {
+                    self.peers.lease_keep_alive(leader, &node, LeaseKeepAliveRequest { id }, remaining).await
                 }
-                None => Err(Error::NotLeader),
-            };
-            match outcome {
-                Err(Error::NotLeader) | Err(Error::Unhealthy) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(Error::NotLeader) | Err(Error::Unhealthy) => return Err(Error::Timeout),
-                other => return other,
             }
-        }
+        })
+        .await
     }
 
     /// The leader side of a renewal.
@@ -171,30 +159,18 @@ impl Server {
     /// LeaseTimeToLive, answered by the leader (which keeps expiry times).
     pub async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<Option<LeaseInfo>> {
         let deadline = Instant::now() + self.request_timeout();
-        loop {
-            let outcome = match self.leader() {
-                Some(l) if l == self.id && self.leases.is_primary() => Ok(self.leases.time_to_live(id, keys)),
-                Some(l) if l != self.id => {
-                    let node = self.raft.metrics().borrow().membership_config.membership().get_node(&l).cloned();
-                    match node {
-                        Some(node) => {
-                            let remaining = deadline.saturating_duration_since(Instant::now());
-                            self.peers
-                                .lease_time_to_live(l, &node, LeaseTimeToLiveRequest { id, keys }, remaining)
-                                .await
-                        }
-                        None => Err(Error::NotLeader),
-                    }
+        retry_until_leader_answers(deadline, LEASE_RETRY_PAUSE, |remaining| async move {
+            match self.leader_ref()? {
+                // A new leader answers once its lessor took over the expiry
+                // clocks.
+                LeaderRef::Local if self.leases.is_primary() => Ok(self.leases.time_to_live(id, keys)),
+                LeaderRef::Local => Err(Error::NotLeader),
+                LeaderRef::Peer(leader, node) => {
+                    let req = LeaseTimeToLiveRequest { id, keys };
+                    self.peers.lease_time_to_live(leader, &node, req, remaining).await
                 }
-                _ => Err(Error::NotLeader),
-            };
-            match outcome {
-                Err(Error::NotLeader) | Err(Error::Unhealthy) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(Error::NotLeader) | Err(Error::Unhealthy) => return Err(Error::Timeout),
-                other => return other,
             }
-        }
+        })
+        .await
     }
 }
