@@ -47,7 +47,8 @@
 //!     linearizable read barriers.
 //!   - `backup`: backups in etcd's bbolt format and keel's own.
 //! - **Duties** (work a member starts itself, most of it as leader)
-//!   - `duties`: lease expiry, checkpoints and keepalives; scheduled
+//!   - `duties`: lease expiry, checkpoints and keepalives (the lease
+//!     clocks reach Raft only through `server::RaftSeam`); scheduled
 //!     compaction and the corruption check.
 //!   - `membership`: membership changes through Raft and learner
 //!     promotion.

@@ -573,7 +573,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
         let s = server.clone();
         tasks.push(tokio::spawn(async move { s.check_quorum().await }));
         let s = server.clone();
-        tasks.push(tokio::spawn(async move { s.lease_duties().await }));
+        tasks.push(tokio::spawn(crate::duties::lease::run_lease_clocks(s)));
         let s = server.clone();
         tasks.push(tokio::spawn(async move { s.export_metrics().await }));
         if let Some(retention) = config.auto_compaction {

@@ -91,6 +91,48 @@ where
     }
 }
 
+/// What the leader-side duties (`duties/`) need from the member, and no
+/// more, so that they run against a fake in unit tests; [`Server`] is the
+/// real one. Invariants a duty relies on: `propose_as_leader` never
+/// forwards (a deposed leader's proposal fails with `NotLeader` or never
+/// commits, it is not applied by the next leader); `leader` names no
+/// leader while this member leads without a quorum.
+pub trait RaftSeam: Send + Sync + 'static {
+    /// This member's id.
+    fn member_id(&self) -> NodeId;
+    /// Whether Raft names this member leader (with or without a quorum).
+    fn raft_names_me_leader(&self) -> bool;
+    /// The member believed to lead ([`Server::leader`]).
+    fn leader(&self) -> Option<NodeId>;
+    /// Proposes `req` on this member as leader: the apply result and its
+    /// log index ([`Server::propose_local`]).
+    fn propose_as_leader(
+        &self,
+        req: InternalRequest,
+    ) -> impl std::future::Future<Output = Result<(InternalResponse, u64)>> + Send;
+}
+
+impl RaftSeam for Server {
+    fn member_id(&self) -> NodeId {
+        self.id
+    }
+
+    fn raft_names_me_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        Server::leader(self)
+    }
+
+    fn propose_as_leader(
+        &self,
+        req: InternalRequest,
+    ) -> impl std::future::Future<Output = Result<(InternalResponse, u64)>> + Send {
+        self.propose_local(req)
+    }
+}
+
 /// The current leader as a request to it sees it.
 pub enum LeaderRef {
     /// This member leads.

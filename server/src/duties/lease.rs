@@ -1,7 +1,9 @@
-//! The leader's lease work: follow leadership (promote/demote the
-//! lessor), revoke expired leases through Raft, checkpoint remaining TTLs,
-//! and serve keepalives and TTL queries (forwarding from followers).
+//! The leader's lease work: the lease clocks ([`LeaseClocks`], over the
+//! [`RaftSeam`]: follow leadership by promoting and demoting the lessor,
+//! revoke expired leases and checkpoint remaining TTLs through Raft), and
+//! keepalives and TTL queries (forwarded from followers).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_proto::etcdserverpb::{
@@ -10,8 +12,8 @@ use keel_proto::etcdserverpb::{
 use keel_proto::keelpb::{internal_request, internal_response::Response as Applied, InternalRequest, RequestHeader};
 
 use crate::error::{Error, Result};
-use crate::lease::LeaseInfo;
-use crate::server::{retry_until_leader_answers, LeaderRef, Server};
+use crate::lease::{LeaseInfo, Lessor};
+use crate::server::{retry_until_leader_answers, LeaderRef, RaftSeam, Server};
 
 /// Revocations proposed per expiry pass (etcd: leaseRevokeRate).
 const REVOKE_BATCH: usize = 1000;
@@ -23,66 +25,55 @@ fn internal(r: internal_request::Request) -> InternalRequest {
     InternalRequest { header: None, request: Some(r) }
 }
 
-impl Server {
-    /// The smallest TTL etcd grants: 1.5 election timeouts, in whole
-    /// seconds, so a lease survives a leader election.
-    pub fn min_lease_ttl(&self) -> i64 {
-        let min = self.settings.election_timeout.as_secs_f64() * 1.5;
-        min.ceil() as i64
+/// The leader's lease clocks. Only a member that Raft names leader times
+/// leases; it proposes the revocations and checkpoints its own clocks
+/// decide, on itself, never forwarded: a deposed leader (paused,
+/// partitioned) that still believes it leads must not have its stale
+/// expiries applied by its successor, which runs its own clocks (found by
+/// the Jepsen lease workload: a lease renewed on the new leader vanished
+/// anyway).
+pub struct LeaseClocks<R> {
+    raft: Arc<R>,
+    leases: Arc<Lessor>,
+    /// What a new leader adds to every lease, so that an election never
+    /// expires one early.
+    election_timeout: Duration,
+    leading: bool,
+}
+
+impl<R: RaftSeam> LeaseClocks<R> {
+    pub fn new(raft: Arc<R>, leases: Arc<Lessor>, election_timeout: Duration) -> Self {
+        Self { raft, leases, election_timeout, leading: false }
     }
 
-    /// Runs the leader's lease duties until the member stops.
-    pub async fn lease_duties(&self) {
-        let mut metrics = self.raft.metrics();
-        let mut expiry_tick = tokio::time::interval(Duration::from_millis(500));
-        let mut checkpoint_tick =
-            tokio::time::interval(self.settings.lease_checkpoint_interval.max(Duration::from_millis(100)));
-        checkpoint_tick.tick().await;
-        let mut leading = false;
-        loop {
-            tokio::select! {
-                changed = metrics.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                _ = expiry_tick.tick() => {
-                    if leading {
-                        self.revoke_expired().await;
-                    }
-                }
-                _ = checkpoint_tick.tick() => {
-                    if leading {
-                        self.checkpoint_leases().await;
-                    }
-                }
-            }
-            let now_leading = metrics.borrow().current_leader == Some(self.id);
-            if now_leading != leading {
-                leading = now_leading;
-                if leading {
-                    self.leases.promote(self.settings.election_timeout);
-                    tracing::info!(leases = self.leases.count(), "became leader; lease expiry clocks restarted");
-                } else {
-                    self.leases.demote();
-                }
+    /// Follows Raft's leadership: the lessor starts timing leases when this
+    /// member becomes leader (each gets its remaining TTL plus an election
+    /// timeout) and stops when it no longer is. Returns whether it leads.
+    pub fn follow_leadership(&mut self) -> bool {
+        let leading = self.raft.raft_names_me_leader();
+        if leading != self.leading {
+            self.leading = leading;
+            if leading {
+                self.leases.promote(self.election_timeout);
+                tracing::info!(leases = self.leases.count(), "became leader; lease expiry clocks restarted");
+            } else {
+                self.leases.demote();
             }
         }
+        leading
     }
 
-    /// Proposes revocations of the leases this leader's clocks expired.
-    /// Never forwarded: a deposed leader (paused, partitioned) that still
-    /// believes it leads must not have its stale expiries applied by its
-    /// successor, which runs its own clocks (found by the Jepsen lease
-    /// workload: a lease renewed on the new leader vanished anyway).
-    async fn revoke_expired(&self) {
-        if self.leader() != Some(self.id) {
+    /// Proposes revocations of the leases these clocks expired, oldest
+    /// first, until one fails (a leader that lost its quorum tries once per
+    /// pass, not once per lease).
+    pub async fn revoke_expired(&self) {
+        if !self.leading || self.raft.leader() != Some(self.raft.member_id()) {
             return;
         }
         for id in self.leases.expired(REVOKE_BATCH) {
             let mut req = internal(internal_request::Request::LeaseRevoke(LeaseRevokeRequest { id }));
             req.header = Some(RequestHeader { internal: true, ..Default::default() });
-            let outcome = self.propose_local(req).await.and_then(|(resp, _)| match resp.response {
+            let outcome = self.raft.propose_as_leader(req).await.and_then(|(resp, _)| match resp.response {
                 Some(Applied::Error(e)) => Err(Error::from_apply_code(e.kind, e.detail)),
                 _ => Ok(()),
             });
@@ -97,7 +88,12 @@ impl Server {
         }
     }
 
-    async fn checkpoint_leases(&self) {
+    /// Proposes the remaining TTLs that changed since the last checkpoint,
+    /// so a new leader does not restart them from the full TTL.
+    pub async fn checkpoint(&self) {
+        if !self.leading {
+            return;
+        }
         let checkpoints = self.leases.checkpoints(CHECKPOINT_BATCH);
         if checkpoints.is_empty() {
             return;
@@ -105,10 +101,42 @@ impl Server {
         let checkpoints =
             checkpoints.into_iter().map(|(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl }).collect();
         let req = internal(internal_request::Request::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints }));
-        // Like revocations, checkpoints come from this leader's clocks only.
-        if let Err(e) = self.propose_local(req).await.map(|_| ()) {
+        if let Err(e) = self.raft.propose_as_leader(req).await {
             tracing::warn!(error = %e, "lease checkpoint failed");
         }
+    }
+}
+
+/// Runs `server`'s lease clocks until the member stops: expiry every
+/// 500 ms, checkpoints every `--experimental-lease-checkpoint-interval`,
+/// and leadership followed at every change of Raft's state.
+pub async fn run_lease_clocks(server: Arc<Server>) {
+    let mut metrics = server.raft.metrics();
+    let mut expiry_tick = tokio::time::interval(Duration::from_millis(500));
+    let mut checkpoint_tick =
+        tokio::time::interval(server.settings.lease_checkpoint_interval.max(Duration::from_millis(100)));
+    checkpoint_tick.tick().await;
+    let mut clocks = LeaseClocks::new(server.clone(), server.leases.clone(), server.settings.election_timeout);
+    loop {
+        tokio::select! {
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = expiry_tick.tick() => clocks.revoke_expired().await,
+            _ = checkpoint_tick.tick() => clocks.checkpoint().await,
+        }
+        clocks.follow_leadership();
+    }
+}
+
+impl Server {
+    /// The smallest TTL etcd grants: 1.5 election timeouts, in whole
+    /// seconds, so a lease survives a leader election.
+    pub fn min_lease_ttl(&self) -> i64 {
+        let min = self.settings.election_timeout.as_secs_f64() * 1.5;
+        min.ceil() as i64
     }
 
     /// Renews a lease on the leader (forwarding if needed); returns its
@@ -172,5 +200,171 @@ impl Server {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    use keel_proto::keelpb::InternalResponse;
+
+    use super::*;
+    use crate::mvcc::MvccStore;
+    use crate::raft_types::NodeId;
+    use crate::storage::memory::MemoryEngine;
+    use crate::storage::{SharedEngine, WriteBatch};
+
+    const ME: NodeId = 1;
+
+    /// A member whose leadership the test sets, and which records what the
+    /// duties propose and answers with `failure` when one is set.
+    #[derive(Default)]
+    struct FakeRaft {
+        named_leader: AtomicBool,
+        has_quorum: AtomicBool,
+        failure: Mutex<Option<Error>>,
+        proposed: Mutex<Vec<internal_request::Request>>,
+    }
+
+    impl FakeRaft {
+        fn lead(&self, named: bool, quorum: bool) {
+            self.named_leader.store(named, Ordering::SeqCst);
+            self.has_quorum.store(quorum, Ordering::SeqCst);
+        }
+
+        fn proposed(&self) -> Vec<internal_request::Request> {
+            self.proposed.lock().map(|p| p.clone()).unwrap_or_default()
+        }
+
+        fn revoked(&self) -> Vec<i64> {
+            self.proposed()
+                .into_iter()
+                .filter_map(|r| match r {
+                    internal_request::Request::LeaseRevoke(r) => Some(r.id),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    impl RaftSeam for FakeRaft {
+        fn member_id(&self) -> NodeId {
+            ME
+        }
+
+        fn raft_names_me_leader(&self) -> bool {
+            self.named_leader.load(Ordering::SeqCst)
+        }
+
+        fn leader(&self) -> Option<NodeId> {
+            (self.raft_names_me_leader() && self.has_quorum.load(Ordering::SeqCst)).then_some(ME)
+        }
+
+        async fn propose_as_leader(&self, req: InternalRequest) -> Result<(InternalResponse, u64)> {
+            if let (Ok(mut p), Some(r)) = (self.proposed.lock(), req.request) {
+                p.push(r);
+            }
+            match self.failure.lock().ok().and_then(|f| f.clone()) {
+                Some(e) => Err(e),
+                None => Ok((InternalResponse::default(), 1)),
+            }
+        }
+    }
+
+    /// Leases 1 to `n`, each with a TTL of zero, so they are due as soon as
+    /// a leader times them (with no election extension).
+    fn clocks(n: i64) -> (Arc<FakeRaft>, Arc<Lessor>, LeaseClocks<FakeRaft>) {
+        let engine: SharedEngine = Arc::new(MemoryEngine::new());
+        let mvcc = MvccStore::open(engine.clone()).expect("mvcc");
+        let leases = Arc::new(Lessor::load(&engine, &mvcc).expect("lessor"));
+        let mut batch = WriteBatch::new();
+        for id in 1..=n {
+            leases.grant(id, 0, &mut batch).expect("grant");
+        }
+        let raft = Arc::new(FakeRaft::default());
+        let clocks = LeaseClocks::new(raft.clone(), leases.clone(), Duration::ZERO);
+        (raft, leases, clocks)
+    }
+
+    #[tokio::test]
+    async fn expired_leases_are_revoked_only_while_this_member_leads() {
+        let (raft, leases, mut clocks) = clocks(2);
+        assert!(!clocks.follow_leadership());
+        clocks.revoke_expired().await;
+        assert!(raft.proposed().is_empty(), "a follower proposed {:?}", raft.proposed());
+
+        raft.lead(true, true);
+        assert!(clocks.follow_leadership());
+        assert!(leases.is_primary(), "the new leader's lessor was not promoted");
+        clocks.revoke_expired().await;
+        assert_eq!(raft.revoked(), vec![1, 2]);
+
+        // Leadership moves away between two passes: the clocks stop, and
+        // nothing more is proposed.
+        raft.lead(false, false);
+        assert!(!clocks.follow_leadership());
+        assert!(!leases.is_primary(), "the old leader's lessor still times leases");
+        clocks.revoke_expired().await;
+        clocks.checkpoint().await;
+        assert_eq!(raft.revoked(), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_leader_without_quorum_proposes_nothing() {
+        let (raft, _leases, mut clocks) = clocks(3);
+        raft.lead(true, false);
+        clocks.follow_leadership();
+        clocks.revoke_expired().await;
+        assert!(raft.proposed().is_empty(), "proposed {:?} without a quorum", raft.proposed());
+    }
+
+    #[tokio::test]
+    async fn a_failed_revocation_ends_the_pass_and_the_next_pass_retries() {
+        let (raft, _leases, mut clocks) = clocks(3);
+        raft.lead(true, true);
+        clocks.follow_leadership();
+        if let Ok(mut f) = raft.failure.lock() {
+            *f = Some(Error::Timeout);
+        }
+        clocks.revoke_expired().await;
+        assert_eq!(raft.revoked(), vec![1], "one failed proposal per pass, not one per lease");
+        if let Ok(mut f) = raft.failure.lock() {
+            *f = None;
+        }
+        clocks.revoke_expired().await;
+        assert_eq!(raft.revoked(), vec![1, 1, 2, 3], "the next pass retries every expired lease");
+    }
+
+    #[tokio::test]
+    async fn only_a_leader_checkpoints_and_only_what_changed() {
+        let engine: SharedEngine = Arc::new(MemoryEngine::new());
+        let mvcc = MvccStore::open(engine.clone()).expect("mvcc");
+        let leases = Arc::new(Lessor::load(&engine, &mvcc).expect("lessor"));
+        leases.grant(7, 100, &mut WriteBatch::new()).expect("grant");
+        leases.checkpoint(&[(7, 50)], &mut WriteBatch::new());
+        let raft = Arc::new(FakeRaft::default());
+        let mut clocks = LeaseClocks::new(raft.clone(), leases.clone(), Duration::ZERO);
+        clocks.checkpoint().await;
+        assert!(raft.proposed().is_empty(), "a follower checkpointed");
+
+        // The new leader restarts the lease from its checkpoint (50 s
+        // left), which is what was recorded: nothing to checkpoint yet.
+        raft.lead(true, true);
+        clocks.follow_leadership();
+        clocks.checkpoint().await;
+        assert!(raft.proposed().is_empty(), "checkpointed an unchanged TTL: {:?}", raft.proposed());
+
+        // Once the recorded value differs from the clock, it is proposed.
+        leases.checkpoint(&[(7, 40)], &mut WriteBatch::new());
+        clocks.checkpoint().await;
+        let proposed = raft.proposed();
+        let [internal_request::Request::LeaseCheckpoint(cp)] = proposed.as_slice() else {
+            panic!("expected one checkpoint, got {proposed:?}");
+        };
+        assert_eq!(cp.checkpoints.len(), 1);
+        assert_eq!(cp.checkpoints[0].id, 7);
+        assert!((49..=50).contains(&cp.checkpoints[0].remaining_ttl), "{cp:?}");
     }
 }
