@@ -13,7 +13,7 @@ use keel_jepsen::cluster::{ClusterSpec, Db, Network};
 use keel_proto::etcdserverpb::kv_client::KvClient;
 use keel_proto::etcdserverpb::RangeRequest;
 use serde::Serialize;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::load::LoadConfig;
 use crate::workloads::{self, Keys, Target};
@@ -53,11 +53,15 @@ pub struct CatchUpReport {
     pub new_member_data_dir_mib: f64,
 }
 
-/// The number of keys `url` serves, read without a quorum (what the member
-/// itself holds).
-async fn count_keys(url: &str, serializable: bool) -> Result<i64> {
-    let channel = Endpoint::from_shared(url.to_string())?.connect_timeout(Duration::from_secs(1)).connect().await?;
-    let mut kv = KvClient::new(channel);
+/// A client of the member at `url`, connecting on first use (and again
+/// after a failure), so it can be made before the member listens.
+fn member_client(url: &str) -> Result<KvClient<Channel>> {
+    Ok(KvClient::new(Endpoint::from_shared(url.to_string())?.connect_timeout(Duration::from_secs(1)).connect_lazy()))
+}
+
+/// The number of keys the member behind `kv` serves; `serializable`: what
+/// the member itself holds, read without a quorum.
+async fn count_keys(kv: &mut KvClient<Channel>, serializable: bool) -> Result<i64> {
     let req = RangeRequest {
         key: vec![0u8].into(),
         range_end: vec![0u8].into(),
@@ -121,14 +125,14 @@ async fn measure(db: &mut Db, cfg: &CatchUpConfig) -> Result<CatchUpReport> {
         progress: cfg.progress,
     };
     let report = workloads::put(&target, &keys, &load).await?;
-    let expected = count_keys(&db.nodes[0].client_url, false).await?;
+    let expected = count_keys(&mut member_client(&db.nodes[0].client_url)?, false).await?;
     let data_dir_mib = db.nodes.iter().map(|n| mib(dir_size(&n.data_dir))).collect();
 
     let client = db.client(Duration::from_secs(10)).await?;
     let new = db.define_member()?;
     let started = Instant::now();
     db.join(new, &client, false).await?;
-    let url = db.nodes[new].client_url.clone();
+    let mut joined = member_client(&db.nodes[new].client_url)?;
     let mut served = 0;
     let mut serving_after = None;
     let mut last_note = Instant::now();
@@ -140,7 +144,7 @@ async fn measure(db: &mut Db, cfg: &CatchUpConfig) -> Result<CatchUpReport> {
         if !db.is_running(new) {
             bail!("the new member exited; its log is {}", db.nodes[new].log.display());
         }
-        if let Ok(n) = count_keys(&url, true).await {
+        if let Ok(n) = count_keys(&mut joined, true).await {
             served = n;
             if n >= expected {
                 serving_after = Some(started.elapsed().as_secs_f64());

@@ -183,6 +183,46 @@ fn free_port(ip: &str) -> Result<u16> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
+/// An address, a client URL and a peer URL on shared loopback.
+fn loopback_addresses() -> Result<(String, String, String)> {
+    let ip = "127.0.0.1".to_string();
+    let client = format!("http://{ip}:{}", free_port(&ip)?);
+    let peer = format!("http://{ip}:{}", free_port(&ip)?);
+    Ok((ip, client, peer))
+}
+
+/// Where a member is reached and listens.
+struct Addresses {
+    ns: Option<String>,
+    ip: String,
+    client_url: String,
+    peer_url: String,
+    listen_peer_url: String,
+}
+
+impl Node {
+    /// A member named `name`, not running, with its data dir and log under
+    /// `run_dir`.
+    fn new(run_dir: &Path, name: String, a: Addresses, initial_state: &'static str) -> Node {
+        Node {
+            data_dir: run_dir.join(format!("{name}.data")),
+            log: run_dir.join(format!("{name}.log")),
+            name,
+            ns: a.ns,
+            ip: a.ip,
+            client_url: a.client_url,
+            peer_url: a.peer_url,
+            listen_peer_url: a.listen_peer_url,
+            clock: None,
+            initial_cluster: String::new(),
+            initial_state,
+            child: None,
+            log_offset: 0,
+            paused: false,
+        }
+    }
+}
+
 impl Db {
     /// Creates the network and data directories and starts every member.
     pub async fn start(spec: ClusterSpec) -> Result<Db> {
@@ -208,27 +248,12 @@ impl Db {
                     (None, ip.clone(), client, format!("http://{ip}:{proxy}"), format!("http://{ip}:{listen}"))
                 }
                 Network::Loopback => {
-                    let ip = "127.0.0.1".to_string();
-                    let peer = format!("http://{ip}:{}", free_port(&ip)?);
-                    (None, ip.clone(), format!("http://{ip}:{}", free_port(&ip)?), peer.clone(), peer)
+                    let (ip, client, peer) = loopback_addresses()?;
+                    (None, ip, client, peer.clone(), peer)
                 }
             };
-            nodes.push(Node {
-                data_dir: spec.run_dir.join(format!("{name}.data")),
-                log: spec.run_dir.join(format!("{name}.log")),
-                name,
-                ns,
-                ip,
-                client_url,
-                peer_url,
-                listen_peer_url,
-                clock: None,
-                initial_cluster: String::new(),
-                initial_state: "new",
-                child: None,
-                log_offset: 0,
-                paused: false,
-            });
+            let addresses = Addresses { ns, ip, client_url, peer_url, listen_peer_url };
+            nodes.push(Node::new(&spec.run_dir, name, addresses, "new"));
         }
         let initial: Vec<String> = nodes.iter().map(|n| format!("{}={}", n.name, n.peer_url)).collect();
         for n in &mut nodes {
@@ -516,25 +541,9 @@ impl Db {
             bail!("members can only be defined on a loopback cluster");
         }
         let i = self.nodes.len();
-        let name = format!("n{}", i + 1);
-        let ip = "127.0.0.1".to_string();
-        let peer = format!("http://{ip}:{}", free_port(&ip)?);
-        self.nodes.push(Node {
-            data_dir: self.spec.run_dir.join(format!("{name}.data")),
-            log: self.spec.run_dir.join(format!("{name}.log")),
-            name,
-            ns: None,
-            client_url: format!("http://{ip}:{}", free_port(&ip)?),
-            ip,
-            peer_url: peer.clone(),
-            listen_peer_url: peer,
-            clock: None,
-            initial_cluster: String::new(),
-            initial_state: "existing",
-            child: None,
-            log_offset: 0,
-            paused: false,
-        });
+        let (ip, client_url, peer) = loopback_addresses()?;
+        let addresses = Addresses { ns: None, ip, client_url, peer_url: peer.clone(), listen_peer_url: peer };
+        self.nodes.push(Node::new(&self.spec.run_dir, format!("n{}", i + 1), addresses, "existing"));
         Ok(i)
     }
 

@@ -12,12 +12,12 @@ use clap::{ArgAction, Parser};
 
 use crate::cluster::{parse_url, parse_urls};
 use crate::duties::maintenance::CompactionMode;
-pub use crate::go_duration::parse_go_duration;
+use crate::go_duration::parse_go_duration;
 use crate::server::Settings;
 use crate::transport::tls_policy::AllowedClient;
 use crate::transport::{TlsFiles, TlsPolicy};
 
-pub use crate::version::{ETCD_API_VERSION, KEEL_VERSION};
+use crate::version::ETCD_API_VERSION;
 
 /// Default backend quota (etcd: 2 GiB).
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;

@@ -2,7 +2,8 @@
 //! until SIGINT/SIGTERM.
 
 use clap::Parser;
-use keel_server::config::{normalize_args, Flags, ETCD_API_VERSION, KEEL_VERSION};
+use keel_server::config::{normalize_args, Flags};
+use keel_server::version::{ETCD_API_VERSION, KEEL_VERSION};
 
 /// jemalloc rather than glibc's malloc: watch fan-out and request handling
 /// allocate on many threads at once, and glibc's arena locks showed up as

@@ -328,9 +328,10 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
         connect_timeout: Duration::from_secs(1),
         loopback_source: crate::transport::loopback_source(&config.listen_peer_urls),
     };
-    let peers = Arc::new(PeerClients::new(connector, max_peer_message(config.settings.max_request_bytes)));
+    let peer_message_limit = max_peer_message(config.settings.max_request_bytes);
+    let peers = Arc::new(PeerClients::new(connector, peer_message_limit));
     let (id, cid, bootstrap) = identity(&engine, &config, &peers).await?;
-    let settings = config.settings.clone();
+    let settings = &config.settings;
     crate::metrics::init(id, &settings.etcd_version, &settings.etcd_cluster_version(), settings.quota_backend_bytes);
     tracing::info!(
         name = %config.settings.name,
@@ -410,7 +411,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     let server = Arc::new(Server {
         id,
         cluster_id: cid,
-        settings: settings.clone(),
+        settings: config.settings.clone(),
         raft: raft.clone(),
         proposals: Batcher::start(raft.clone()),
         read_index: ReadIndex::start(raft.clone(), peers.clone()),
@@ -454,8 +455,8 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     )?;
     let peer_router = tonic::service::Routes::new(
         RaftPeerServer::new(PeerService::new(server.clone()))
-            .max_decoding_message_size(max_peer_message(config.settings.max_request_bytes))
-            .max_encoding_message_size(max_peer_message(config.settings.max_request_bytes)),
+            .max_decoding_message_size(peer_message_limit)
+            .max_encoding_message_size(peer_message_limit),
     )
     .prepare()
     .into_axum_router();
