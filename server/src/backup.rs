@@ -201,9 +201,9 @@ pub fn status(path: &Path) -> io::Result<Status> {
         let (mut hash, mut revision, mut total_keys) = (0u32, 0i64, 0u64);
         crate::bbolt::read(&body(path)?, &mut |bucket, pair| {
             match pair {
-                None => hash = crate::etcd_format::crc32c(hash, bucket),
+                None => hash = crc32c::crc32c_append(hash, bucket),
                 Some((k, v)) => {
-                    hash = crate::etcd_format::crc32c(crate::etcd_format::crc32c(hash, k), v);
+                    hash = crc32c::crc32c_append(crc32c::crc32c_append(hash, k), v);
                     total_keys += 1;
                     if bucket == b"key" && k.len() >= 8 {
                         revision = i64::from_be_bytes(k[..8].try_into().unwrap_or_default());

@@ -4,9 +4,9 @@
 //! Why: a write crosses processes four times (client -> leader ->
 //! follower -> leader -> client) and each crossing wakes a sleeping
 //! thread. When that thread's CPU is idle, a virtual machine has halted
-//! it, and the wake costs an exit to the hypervisor and back: 50 us on
-//! average on the 2-vCPU benchmark machine (`perf sched latency`), more
-//! than the work done at most hops. Go's scheduler, and so etcd, spins
+//! it, and the wake costs an exit to the hypervisor and back, more than
+//! the work done at most hops (measured in docs/BENCHMARKS.md, "Figures
+//! behind design choices"). Go's scheduler, and so etcd, spins
 //! briefly before parking for the same reason.
 //!
 //! How: after a wake of the worker that brought data, a task yields in a
@@ -17,9 +17,9 @@
 //! round, once the tasks that were ready have run, the task also yields
 //! the CPU to the kernel (`sched_yield`), so any other runnable thread on
 //! it, a peer on the same machine included, goes next: without that, the
-//! polling starved the other members on 2 cores and writes got 20-40%
-//! slower; with it, 1-client writes on a 3-member cluster went from
-//! 1,978 / 1,955 to 2,524 / 2,622 per second (docs/BENCHMARKS.md).
+//! polling starved the other members on 2 cores and writes got slower;
+//! with it, single-client writes on a 3-member cluster got faster
+//! (docs/BENCHMARKS.md).
 //!
 //! Only with one worker, by default: with several, a worker that is
 //! polling rarely gets the I/O driver (a parked worker holds it), so the

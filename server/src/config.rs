@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 
+use crate::auth::tokens::TokenSpec;
 use crate::cluster::{parse_url, parse_urls};
-use crate::duties::maintenance::CompactionMode;
+use crate::duties::compaction::CompactionMode;
 use crate::go_duration::parse_go_duration;
 use crate::server::Settings;
 use crate::transport::tls_policy::AllowedClient;
@@ -398,7 +399,7 @@ pub struct Config {
     pub grpc_keepalive_interval: Duration,
     pub grpc_keepalive_timeout: Duration,
     /// None: auto compaction off.
-    pub auto_compaction: Option<crate::duties::maintenance::Retention>,
+    pub auto_compaction: Option<crate::duties::compaction::Retention>,
     pub peer_auto_tls: bool,
     pub client_auto_tls: bool,
     /// Client-port certificates from files (--cert-file ...).
@@ -414,9 +415,9 @@ pub struct Config {
     pub corrupt_check_interval: Duration,
     pub initial_corrupt_check: bool,
     pub unsafe_no_fsync: bool,
-    /// `--auth-token` as given ("simple", or "jwt,...").
-    pub auth_token: String,
-    pub auth_token_ttl: Duration,
+    /// `--auth-token` (and `--auth-token-ttl` for simple tokens), with
+    /// JWT keys loaded.
+    pub auth_tokens: TokenSpec,
 }
 
 /// Why a configuration was refused; printed before exiting non-zero.
@@ -479,10 +480,117 @@ pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, Vec<String>)>, Stri
     Ok(members)
 }
 
+/// What the TLS flags of both sides come to.
+struct TlsConfig {
+    policy: TlsPolicy,
+    client: Option<TlsFiles>,
+    peer: Option<TlsFiles>,
+}
+
+/// The URLs a member listens on and advertises.
+struct Urls {
+    listen_peer: Vec<String>,
+    listen_client: Vec<String>,
+    advertise_client: Vec<String>,
+    initial_advertise_peer: Vec<String>,
+    listen_metrics: Vec<String>,
+}
+
 impl Flags {
     /// Checks every flag and builds the configuration, or explains what is
     /// wrong.
     pub fn validate(&self) -> Result<Config, ConfigError> {
+        self.refuse_unsupported()?;
+        let tls = self.tls()?;
+        self.check_raft_timing()?;
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err(reject(format!("--bcrypt-cost {} out of range [4, 31]", self.bcrypt_cost)));
+        }
+        let auth_tokens = TokenSpec::from_flag(&self.auth_token, Duration::from_secs(self.auth_token_ttl))
+            .map_err(|e| reject(format!("--auth-token {}: {e}", self.auth_token)))?;
+        if self.max_request_bytes == 0 {
+            return Err(reject("--max-request-bytes must be > 0"));
+        }
+        let initial_cluster_state = match self.initial_cluster_state.as_str() {
+            "new" => ClusterState::New,
+            "existing" => ClusterState::Existing,
+            other => return Err(reject(format!("--initial-cluster-state {other:?}: must be 'new' or 'existing'"))),
+        };
+        let auto_compaction_mode = match self.auto_compaction_mode.as_str() {
+            "periodic" => CompactionMode::Periodic,
+            "revision" => CompactionMode::Revision,
+            other => return Err(reject(format!("--auto-compaction-mode {other:?}: must be 'periodic' or 'revision'"))),
+        };
+        let auto_compaction =
+            crate::duties::compaction::parse_retention(auto_compaction_mode, &self.auto_compaction_retention)
+                .map_err(|e| reject(format!("--auto-compaction-retention: {e}")))?;
+        let (log_level, log_format) = self.logging()?;
+        if !matches!(self.tls_min_version.as_str(), "TLS1.2" | "TLS1.3") {
+            return Err(reject(format!("--tls-min-version {:?}: must be TLS1.2 or TLS1.3", self.tls_min_version)));
+        }
+        if !matches!(self.metrics.as_str(), "basic" | "extensive") {
+            return Err(reject(format!("--metrics {:?}: must be 'basic' or 'extensive'", self.metrics)));
+        }
+        let urls = self.urls(&tls)?;
+        let initial_cluster = self.initial_cluster(&urls.initial_advertise_peer)?;
+        let data_dir = if self.data_dir.is_empty() { format!("{}.etcd", self.name) } else { self.data_dir.clone() };
+        let quota = match self.quota_backend_bytes {
+            q if q < 0 => return Err(reject("--quota-backend-bytes must not be negative")),
+            0 => DEFAULT_QUOTA_BYTES,
+            q => q as u64,
+        };
+        let log_outputs: Vec<String> =
+            self.log_outputs.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+
+        Ok(Config {
+            settings: Settings {
+                name: self.name.clone(),
+                data_dir: PathBuf::from(data_dir),
+                heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
+                election_timeout: Duration::from_millis(self.election_timeout),
+                advertise_client_urls: urls.advertise_client,
+                initial_cluster_token: self.initial_cluster_token.clone(),
+                strict_reconfig_check: self.strict_reconfig_check,
+                quota_backend_bytes: quota,
+                max_txn_ops: self.max_txn_ops as usize,
+                max_request_bytes: self.max_request_bytes as usize,
+                etcd_version: self.advertise_etcd_version.clone(),
+                max_concurrent_streams: self.max_concurrent_streams,
+                watch_progress_notify_interval: self.experimental_watch_progress_notify_interval,
+                lease_checkpoint_interval: self.experimental_lease_checkpoint_interval,
+                bcrypt_cost: self.bcrypt_cost,
+                client_cert_auth: self.client_cert_auth,
+            },
+            snapshot_count: self.snapshot_count.max(1),
+            snapshot_catchup_entries: self.experimental_snapshot_catchup_entries,
+            listen_peer_urls: urls.listen_peer,
+            listen_client_urls: urls.listen_client,
+            listen_metrics_urls: urls.listen_metrics,
+            initial_advertise_peer_urls: urls.initial_advertise_peer,
+            initial_cluster,
+            initial_cluster_state,
+            grpc_keepalive_min_time: self.grpc_keepalive_min_time,
+            grpc_keepalive_interval: self.grpc_keepalive_interval,
+            grpc_keepalive_timeout: self.grpc_keepalive_timeout,
+            auto_compaction,
+            peer_auto_tls: self.peer_auto_tls,
+            client_auto_tls: self.auto_tls,
+            client_tls: tls.client,
+            peer_tls: tls.peer,
+            tls_policy: tls.policy,
+            log_level,
+            log_format,
+            log_outputs,
+            corrupt_check_interval: self.experimental_corrupt_check_time,
+            initial_corrupt_check: self.experimental_initial_corrupt_check,
+            unsafe_no_fsync: self.unsafe_no_fsync,
+            auth_tokens,
+        })
+    }
+
+    /// etcd features keel does not have: refused by name rather than
+    /// ignored.
+    fn refuse_unsupported(&self) -> Result<(), ConfigError> {
         if !self.config_file.is_empty() {
             return Err(reject("--config-file is not supported by keel; pass flags or ETCD_* environment variables"));
         }
@@ -503,6 +611,10 @@ impl Flags {
         if self.enable_pprof {
             return Err(reject("--enable-pprof is not supported by keel"));
         }
+        Ok(())
+    }
+
+    fn tls(&self) -> Result<TlsConfig, ConfigError> {
         let allowed_client = match (self.peer_cert_allowed_cn.as_str(), self.peer_cert_allowed_hostname.as_str()) {
             ("", "") => None,
             (cn, "") => Some(AllowedClient::CommonName(cn.to_string())),
@@ -531,6 +643,11 @@ impl Flags {
         if self.peer_client_cert_auth && self.peer_trusted_ca_file.is_empty() {
             return Err(reject("--peer-client-cert-auth needs --peer-trusted-ca-file to verify peer certificates"));
         }
+        Ok(TlsConfig { policy, client: client_tls, peer: peer_tls })
+    }
+
+    /// etcd's rules for the heartbeat and election timeout.
+    fn check_raft_timing(&self) -> Result<(), ConfigError> {
         if self.heartbeat_interval == 0 {
             return Err(reject("--heartbeat-interval must be > 0"));
         }
@@ -546,31 +663,11 @@ impl Flags {
                 self.election_timeout
             )));
         }
-        if !(4..=31).contains(&self.bcrypt_cost) {
-            return Err(reject(format!("--bcrypt-cost {} out of range [4, 31]", self.bcrypt_cost)));
-        }
-        if let Err(e) = crate::auth::tokens::TokenProvider::from_flag(
-            &self.auth_token,
-            std::time::Duration::from_secs(self.auth_token_ttl),
-        ) {
-            return Err(reject(format!("--auth-token {}: {e}", self.auth_token)));
-        }
-        if self.max_request_bytes == 0 {
-            return Err(reject("--max-request-bytes must be > 0"));
-        }
-        let initial_cluster_state = match self.initial_cluster_state.as_str() {
-            "new" => ClusterState::New,
-            "existing" => ClusterState::Existing,
-            other => return Err(reject(format!("--initial-cluster-state {other:?}: must be 'new' or 'existing'"))),
-        };
-        let auto_compaction_mode = match self.auto_compaction_mode.as_str() {
-            "periodic" => CompactionMode::Periodic,
-            "revision" => CompactionMode::Revision,
-            other => return Err(reject(format!("--auto-compaction-mode {other:?}: must be 'periodic' or 'revision'"))),
-        };
-        let auto_compaction =
-            crate::duties::maintenance::parse_retention(auto_compaction_mode, &self.auto_compaction_retention)
-                .map_err(|e| reject(format!("--auto-compaction-retention: {e}")))?;
+        Ok(())
+    }
+
+    /// The log level and format.
+    fn logging(&self) -> Result<(String, LogFormat), ConfigError> {
         let log_level = match self.log_level.as_str() {
             "debug" | "info" | "warn" | "error" => self.log_level.clone(),
             "panic" | "fatal" => "error".to_string(),
@@ -587,13 +684,10 @@ impl Flags {
         if !matches!(self.logger.as_str(), "zap" | "capnslog") {
             return Err(reject(format!("--logger {:?}: must be 'zap' or 'capnslog'", self.logger)));
         }
-        if !matches!(self.tls_min_version.as_str(), "TLS1.2" | "TLS1.3") {
-            return Err(reject(format!("--tls-min-version {:?}: must be TLS1.2 or TLS1.3", self.tls_min_version)));
-        }
-        if !matches!(self.metrics.as_str(), "basic" | "extensive") {
-            return Err(reject(format!("--metrics {:?}: must be 'basic' or 'extensive'", self.metrics)));
-        }
+        Ok((log_level, log_format))
+    }
 
+    fn urls(&self, tls: &TlsConfig) -> Result<Urls, ConfigError> {
         let listen_peer_urls = urls("listen-peer-urls", &self.listen_peer_urls)?;
         let listen_client_urls = urls("listen-client-urls", &self.listen_client_urls)?;
         let advertise_client_urls = urls("advertise-client-urls", &self.advertise_client_urls)?;
@@ -604,15 +698,30 @@ impl Flags {
             urls("listen-metrics-urls", &self.listen_metrics_urls)?
         };
         let secure = |u: &String| u.starts_with("https://") || u.starts_with("unixs://");
-        if listen_client_urls.iter().any(secure) && !self.auto_tls && client_tls.is_none() {
+        if listen_client_urls.iter().any(secure) && !self.auto_tls && tls.client.is_none() {
             return Err(reject("https client URLs need TLS certificates: --cert-file and --key-file, or --auto-tls"));
         }
-        if listen_peer_urls.iter().any(secure) && !self.peer_auto_tls && peer_tls.is_none() {
+        if listen_peer_urls.iter().any(secure) && !self.peer_auto_tls && tls.peer.is_none() {
             return Err(reject(
                 "https peer URLs need TLS certificates: --peer-cert-file and --peer-key-file, or --peer-auto-tls",
             ));
         }
 
+        Ok(Urls {
+            listen_peer: listen_peer_urls,
+            listen_client: listen_client_urls,
+            advertise_client: advertise_client_urls,
+            initial_advertise_peer: initial_advertise_peer_urls,
+            listen_metrics: listen_metrics_urls,
+        })
+    }
+
+    /// `--initial-cluster` (by default, this member alone), which must
+    /// name this member with its advertised peer URLs.
+    fn initial_cluster(
+        &self,
+        initial_advertise_peer_urls: &[String],
+    ) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
         let initial_cluster_str = if self.initial_cluster.is_empty() {
             format!("{}={}", self.name, initial_advertise_peer_urls.join(&format!(",{}=", self.name)))
         } else {
@@ -629,7 +738,7 @@ impl Flags {
             }
             Some((_, urls)) => {
                 let mut a = urls.clone();
-                let mut b = initial_advertise_peer_urls.clone();
+                let mut b = initial_advertise_peer_urls.to_vec();
                 a.sort();
                 b.sort();
                 if a != b {
@@ -647,60 +756,7 @@ impl Flags {
             }
         }
 
-        let data_dir = if self.data_dir.is_empty() { format!("{}.etcd", self.name) } else { self.data_dir.clone() };
-        let quota = match self.quota_backend_bytes {
-            q if q < 0 => return Err(reject("--quota-backend-bytes must not be negative")),
-            0 => DEFAULT_QUOTA_BYTES,
-            q => q as u64,
-        };
-        let log_outputs: Vec<String> =
-            self.log_outputs.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-
-        Ok(Config {
-            settings: Settings {
-                name: self.name.clone(),
-                data_dir: PathBuf::from(data_dir),
-                heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
-                election_timeout: Duration::from_millis(self.election_timeout),
-                advertise_client_urls,
-                initial_cluster_token: self.initial_cluster_token.clone(),
-                strict_reconfig_check: self.strict_reconfig_check,
-                quota_backend_bytes: quota,
-                max_txn_ops: self.max_txn_ops as usize,
-                max_request_bytes: self.max_request_bytes as usize,
-                etcd_version: self.advertise_etcd_version.clone(),
-                max_concurrent_streams: self.max_concurrent_streams,
-                watch_progress_notify_interval: self.experimental_watch_progress_notify_interval,
-                lease_checkpoint_interval: self.experimental_lease_checkpoint_interval,
-                bcrypt_cost: self.bcrypt_cost,
-                client_cert_auth: self.client_cert_auth,
-            },
-            snapshot_count: self.snapshot_count.max(1),
-            snapshot_catchup_entries: self.experimental_snapshot_catchup_entries,
-            listen_peer_urls,
-            listen_client_urls,
-            listen_metrics_urls,
-            initial_advertise_peer_urls,
-            initial_cluster,
-            initial_cluster_state,
-            grpc_keepalive_min_time: self.grpc_keepalive_min_time,
-            grpc_keepalive_interval: self.grpc_keepalive_interval,
-            grpc_keepalive_timeout: self.grpc_keepalive_timeout,
-            auto_compaction,
-            peer_auto_tls: self.peer_auto_tls,
-            client_auto_tls: self.auto_tls,
-            client_tls,
-            peer_tls,
-            tls_policy: policy,
-            log_level,
-            log_format,
-            log_outputs,
-            corrupt_check_interval: self.experimental_corrupt_check_time,
-            initial_corrupt_check: self.experimental_initial_corrupt_check,
-            unsafe_no_fsync: self.unsafe_no_fsync,
-            auth_token: self.auth_token.clone(),
-            auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
-        })
+        Ok(initial_cluster)
     }
 }
 

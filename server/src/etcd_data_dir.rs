@@ -208,6 +208,77 @@ fn snapshot_membership(snap_dir: &Path) -> anyhow::Result<(u64, BTreeMap<u64, Ve
     Ok((index, members))
 }
 
+/// What a conversion takes from an etcd member, read before anything is
+/// changed: bbolt's lock on its database (held until the swap), its
+/// identity, its records in keel's tables, and its membership.
+struct EtcdSource {
+    db_lock: std::fs::File,
+    identity: WalIdentity,
+    records: Vec<crate::etcd_format::Record>,
+    members: BTreeMap<u64, Vec<String>>,
+}
+
+/// Reads an etcd member dir (`member`, whose backend is `etcd_db`) for
+/// [`convert_if_etcd`]; refuses one a running etcd holds, or whose WAL
+/// committed writes its database does not reflect.
+fn read_etcd_member(member: &Path, etcd_db: &Path) -> anyhow::Result<EtcdSource> {
+    // A running etcd holds bbolt's lock on its database for as long as it
+    // runs (a member stopping may still be handing over leadership).
+    let db_lock = std::fs::File::open(etcd_db).with_context(|| format!("cannot open {}", etcd_db.display()))?;
+    match db_lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("{} is locked: is etcd still running on it?", etcd_db.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(anyhow::Error::from(e).context(format!("cannot lock {}", etcd_db.display())))
+        }
+    }
+    let identity = read_wal(&member.join("wal"))?;
+    let db = std::fs::read(etcd_db).with_context(|| format!("cannot read {}", etcd_db.display()))?;
+    // Read everything before changing anything, in one pass: the records
+    // and etcd's consistent index (the last log index the database
+    // reflects).
+    let mut records = Vec::new();
+    let mut applied = 0u64;
+    crate::bbolt::read(&db, &mut |bucket, pair| {
+        if let Some((k, v)) = pair {
+            if let (b"meta", b"consistent_index") = (bucket, k) {
+                applied = v.try_into().map(u64::from_be_bytes).unwrap_or(0);
+            }
+            if let Some(r) = crate::etcd_format::to_keel(bucket, k, v)? {
+                records.push(r);
+            }
+        }
+        Ok(())
+    })?;
+    // The conversion starts from the database: committed requests it does
+    // not reflect yet (etcd crashed instead of stopping) would be lost.
+    if identity.last_committed_write > applied {
+        bail!(
+            "its WAL holds committed writes up to index {} that its database (consistent index {applied}) does not reflect yet (etcd stopped before applying them): start etcd on it and stop it cleanly, or restore a snapshot",
+            identity.last_committed_write
+        );
+    }
+
+    // Membership as etcd 3.4 rebuilds it: the newest snapshot file's v2
+    // store, then the WAL's committed changes after it (the backend's
+    // `members` bucket is not reliable: etcd 3.4's `snapshot restore`
+    // leaves the source cluster's members in it).
+    let (snap_index, mut members) = snapshot_membership(&member.join("snap"))?;
+    for (_, id, urls) in identity.changes.iter().filter(|(index, _, _)| *index > snap_index) {
+        match urls {
+            Some(urls) => members.insert(*id, urls.clone()),
+            None => members.remove(id),
+        };
+    }
+    if members.is_empty() {
+        bail!("neither its WAL nor its database records any cluster member");
+    }
+
+    Ok(EtcdSource { db_lock, identity, records, members })
+}
+
 /// Converts an etcd data dir in place; `Ok(false)` when `data_dir` is
 /// not one (a keel data dir, or a new one).
 pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
@@ -233,62 +304,7 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
             data_dir.display()
         ))
     };
-    // A running etcd holds bbolt's lock on its database for as long as it
-    // runs (a member stopping may still be handing over leadership).
-    let db_lock =
-        std::fs::File::open(&etcd_db).with_context(|| format!("cannot open {}", etcd_db.display())).map_err(refuse)?;
-    match db_lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(refuse(anyhow::anyhow!("{} is locked: is etcd still running on it?", etcd_db.display())))
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(refuse(anyhow::Error::from(e).context(format!("cannot lock {}", etcd_db.display()))))
-        }
-    }
-    let identity = read_wal(&member.join("wal")).map_err(refuse)?;
-    let db = std::fs::read(&etcd_db).with_context(|| format!("cannot read {}", etcd_db.display())).map_err(refuse)?;
-    // Read everything before changing anything, in one pass: the records
-    // and etcd's consistent index (the last log index the database
-    // reflects).
-    let mut records = Vec::new();
-    let mut applied = 0u64;
-    crate::bbolt::read(&db, &mut |bucket, pair| {
-        if let Some((k, v)) = pair {
-            if let (b"meta", b"consistent_index") = (bucket, k) {
-                applied = v.try_into().map(u64::from_be_bytes).unwrap_or(0);
-            }
-            if let Some(r) = crate::etcd_format::to_keel(bucket, k, v)? {
-                records.push(r);
-            }
-        }
-        Ok(())
-    })
-    .map_err(|e| refuse(e.into()))?;
-    // The conversion starts from the database: committed requests it does
-    // not reflect yet (etcd crashed instead of stopping) would be lost.
-    if identity.last_committed_write > applied {
-        return Err(refuse(anyhow::anyhow!(
-            "its WAL holds committed writes up to index {} that its database (consistent index {applied}) does not reflect yet (etcd stopped before applying them): start etcd on it and stop it cleanly, or restore a snapshot",
-            identity.last_committed_write
-        )));
-    }
-
-    // Membership as etcd 3.4 rebuilds it: the newest snapshot file's v2
-    // store, then the WAL's committed changes after it (the backend's
-    // `members` bucket is not reliable: etcd 3.4's `snapshot restore`
-    // leaves the source cluster's members in it).
-    let (snap_index, mut members) = snapshot_membership(&member.join("snap")).map_err(refuse)?;
-    for (_, id, urls) in identity.changes.iter().filter(|(index, _, _)| *index > snap_index) {
-        match urls {
-            Some(urls) => members.insert(*id, urls.clone()),
-            None => members.remove(id),
-        };
-    }
-    if members.is_empty() {
-        return Err(refuse(anyhow::anyhow!("neither its WAL nor its database records any cluster member")));
-    }
-
+    let EtcdSource { db_lock, identity, records, members } = read_etcd_member(&member, &etcd_db).map_err(refuse)?;
     if original.exists() {
         bail!(
             "{} exists: a previous conversion was interrupted; move it back to {} to retry",
@@ -421,10 +437,6 @@ fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// it once idle); trailing blank entries (a new leader's no-op) change no
 /// state and are taken as applied.
 pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
-    use crate::raft::{codec, LogId, NodeId, StoredMembership};
-    use crate::storage::keys::{decode_u64, log_key, META_APPLIED, META_MEMBERSHIP, RAFT_VOTE};
-    use crate::storage::Table;
-
     let member = data_dir.join("member");
     let original = data_dir.join("member.keel-original");
     let staging = data_dir.join("member.etcd-staging");
@@ -448,6 +460,38 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
     // a member that would refuse to start (lost acknowledged entries) is
     // not converted either.
     crate::raft::log_store::LogStore::open_checked(engine.clone(), &member.join("journal"), &member.join("raft.ack"))?;
+    let source = read_keel_member(&engine)?;
+    write_etcd_member(&staging, engine, &source)?;
+    std::fs::rename(&member, &original).with_context(|| format!("cannot move {} aside", member.display()))?;
+    if let Err(e) = std::fs::rename(&staging, &member) {
+        let _ = std::fs::rename(&original, &member);
+        return Err(
+            anyhow::Error::from(e).context("cannot move the etcd member dir in place; the keel one was put back")
+        );
+    }
+    crate::raft::state_machine::fsync_dir(data_dir)?;
+    let KeelSource { member_id, cluster_id, position, members, .. } = source;
+    Ok(Exported { member_id, cluster_id, index: position.index, term: position.leader_id.term, members: members.len() })
+}
+
+/// What a conversion takes from a stopped keel member.
+struct KeelSource {
+    member_id: u64,
+    cluster_id: u64,
+    /// The log position etcd starts from.
+    position: crate::raft::LogId,
+    vote: Option<openraft::Vote<crate::raft::NodeId>>,
+    members: Vec<EtcdMember>,
+    removed: Vec<u64>,
+}
+
+/// Reads a keel member for [`convert_to_etcd`]; refuses one whose log
+/// holds entries it has not applied.
+fn read_keel_member(engine: &crate::storage::SharedEngine) -> anyhow::Result<KeelSource> {
+    use crate::raft::{codec, LogId, NodeId, StoredMembership};
+    use crate::storage::keys::{decode_u64, log_key, META_APPLIED, META_MEMBERSHIP, RAFT_VOTE};
+    use crate::storage::Table;
+
     let get = |table, key: &[u8]| engine.get(table, key).map_err(|e| anyhow::anyhow!("reading the data dir: {e}"));
 
     let (member_id, cluster_id): (u64, u64) = match get(Table::RaftState, crate::storage::keys::LOCAL_IDENTITY)? {
@@ -488,7 +532,7 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
         None => bail!("the data dir records no membership"),
     };
     let membership = stored.membership();
-    let registry = crate::cluster::MemberRegistry::load(&engine)?;
+    let registry = crate::cluster::MemberRegistry::load(engine)?;
     let members: Vec<EtcdMember> = registry
         .members(membership)
         .into_iter()
@@ -502,6 +546,15 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
         .collect();
     let removed = registry.removed_ids();
 
+    Ok(KeelSource { member_id, cluster_id, position, vote, members, removed })
+}
+
+/// Writes the etcd member (backend, snapshot file, WAL) into `staging`,
+/// every file and directory synced; closes `engine` once the backend is
+/// written.
+fn write_etcd_member(staging: &Path, engine: crate::storage::SharedEngine, source: &KeelSource) -> anyhow::Result<()> {
+    let KeelSource { member_id, cluster_id, position, vote, members, removed } = source;
+    let (member_id, cluster_id) = (*member_id, *cluster_id);
     let records = crate::etcd_format::MemberRecords {
         members: members
             .iter()
@@ -512,7 +565,7 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
     // Everything is written beside the keel member first; two renames
     // then swap it in.
     if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
+        std::fs::remove_dir_all(staging)?;
     }
     std::fs::create_dir_all(staging.join("snap"))?;
     std::fs::create_dir_all(staging.join("wal"))?;
@@ -535,7 +588,7 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
         (v.iter().map(|m| m.id).collect(), l.iter().map(|m| m.id).collect())
     };
     let snapshot = crate::etcd_wal::RaftSnapshot {
-        data: serde_json::to_vec(&v2_store(&members, &removed))?,
+        data: serde_json::to_vec(&v2_store(members, removed))?,
         metadata: Some(crate::etcd_wal::SnapshotMetadata {
             conf_state: Some(crate::etcd_wal::ConfState { voters, learners }),
             index,
@@ -554,18 +607,10 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
         &crate::etcd_wal::encode_snap_file(&snapshot),
     )?;
     write_synced(&staging.join("wal").join(crate::etcd_wal::wal_file_name(0, 0)), &wal)?;
-    for dir in [staging.join("snap"), staging.join("wal"), staging.clone()] {
+    for dir in [staging.join("snap"), staging.join("wal"), staging.to_path_buf()] {
         crate::raft::state_machine::fsync_dir(&dir)?;
     }
-    std::fs::rename(&member, &original).with_context(|| format!("cannot move {} aside", member.display()))?;
-    if let Err(e) = std::fs::rename(&staging, &member) {
-        let _ = std::fs::rename(&original, &member);
-        return Err(
-            anyhow::Error::from(e).context("cannot move the etcd member dir in place; the keel one was put back")
-        );
-    }
-    crate::raft::state_machine::fsync_dir(data_dir)?;
-    Ok(Exported { member_id, cluster_id, index, term, members: members.len() })
+    Ok(())
 }
 
 #[cfg(test)]

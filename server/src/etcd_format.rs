@@ -19,7 +19,8 @@ use prost::Message;
 
 use crate::mvcc::Revision;
 use crate::storage::keys::{
-    META_APPLIED, META_AUTH_ENABLED, META_AUTH_REVISION, META_COMPACT_FINISHED, META_COMPACT_SCHEDULED,
+    AUTH_ROLE_PREFIX, AUTH_USER_PREFIX, META_APPLIED, META_AUTH_ENABLED, META_AUTH_REVISION, META_COMPACT_FINISHED,
+    META_COMPACT_SCHEDULED,
 };
 use crate::storage::{Engine, StorageError, Table};
 
@@ -34,8 +35,6 @@ struct EtcdLease {
     remaining_ttl: i64,
 }
 
-const AUTH_USER_PREFIX: &[u8] = b"u/";
-const AUTH_ROLE_PREFIX: &[u8] = b"r/";
 const CLUSTER_VERSION: &[u8] = b"3.4.0";
 
 /// etcd's revToBytes: main, '_', sub.
@@ -204,18 +203,6 @@ pub fn to_keel(bucket: &[u8], k: &[u8], v: &[u8]) -> io::Result<Option<Record>> 
     })
 }
 
-/// etcd's CRC-32C (Castagnoli), which `etcdctl snapshot status` reports.
-pub fn crc32c(crc: u32, bytes: &[u8]) -> u32 {
-    let mut c = !crc;
-    for b in bytes {
-        c ^= u32::from(*b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
-        }
-    }
-    !c
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -223,12 +210,6 @@ mod tests {
     use super::*;
     use crate::storage::memory::MemoryEngine;
     use crate::storage::{SharedEngine, WriteBatch};
-
-    #[test]
-    fn crc32c_matches_the_standard_check_value() {
-        assert_eq!(crc32c(0, b"123456789"), 0xE306_9283);
-        assert_eq!(crc32c(crc32c(0, b"1234"), b"56789"), 0xE306_9283);
-    }
 
     #[test]
     fn keel_tables_survive_the_etcd_layout() -> anyhow::Result<()> {

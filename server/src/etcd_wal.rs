@@ -17,7 +17,7 @@
 use anyhow::{bail, Context};
 use prost::Message;
 
-use crate::etcd_format::crc32c;
+use crc32c::crc32c_append as crc32c;
 
 pub const METADATA_RECORD: i64 = 1;
 pub const ENTRY_RECORD: i64 = 2;

@@ -21,6 +21,9 @@
 //!   - `version`, `go_duration`, `busy_poll`: version numbers, Go's
 //!     duration syntax, and the runtime's workers polling briefly before
 //!     they sleep.
+//!   - `scratch`: the one directory for files in progress (backups being
+//!     streamed, snapshots being built or received), swept at start-up.
+//!   - `tasks`: every task of a member, stopped and awaited at shutdown.
 //! - **State** (what applying an entry changes)
 //!   - `mvcc`: revisions, the in-memory key index and the multi-version
 //!     store with etcd's semantics.
@@ -44,14 +47,15 @@
 //! - **Member core**
 //!   - `server`: the member's state and the two things every request needs
 //!     from Raft: propose (forwarded to the leader when needed) and
-//!     linearizable read barriers.
+//!     linearizable read barriers; `RaftSeam`/`MembershipSeam`, the narrow
+//!     view of Raft the duties get.
 //!   - `backup`: backups in etcd's bbolt format and keel's own.
 //! - **Duties** (work a member starts itself, most of it as leader)
-//!   - `duties`: lease expiry, checkpoints and keepalives (the lease
-//!     clocks reach Raft only through `server::RaftSeam`); scheduled
-//!     compaction and the corruption check.
-//!   - `membership`: membership changes through Raft and learner
-//!     promotion.
+//!   - `duties`: lease expiry, checkpoints and keepalives; scheduled
+//!     compaction; the corruption check; learner promotion. Each reaches
+//!     Raft only through the seams and is unit-tested against a fake.
+//!   - `membership`: etcd's Cluster-service changes through Raft,
+//!     MoveLeader, and CheckQuorum.
 //! - **Services**
 //!   - `api`: the etcd gRPC services, one file each, and keel's peer
 //!     service (`peer.rs`); `errors.rs` maps errors to etcd's codes and
@@ -113,8 +117,10 @@ pub mod mvcc;
 pub mod node;
 pub mod raft;
 pub mod raft_types;
+pub mod scratch;
 pub mod server;
 pub mod storage;
+pub mod tasks;
 pub mod transport;
 pub mod version;
 pub mod watch;

@@ -3,7 +3,7 @@
 //!
 //! - MemberAdd records the member, then adds it to Raft as a learner. A
 //!   member added as a voter is promoted to a Raft voter automatically once
-//!   it has caught up ([`Server::promote_caught_up`]); until then etcd's API
+//!   it has caught up (`duties::promotion`); until then etcd's API
 //!   already shows it as a voter. (etcd counts a new voter toward quorum at
 //!   once, which stalls a one-member cluster until the new member starts;
 //!   openraft's joint consensus cannot commit that, and a voter that cannot
@@ -20,13 +20,12 @@ use keel_proto::etcdserverpb::Member;
 use keel_proto::keelpb::{
     cluster_change_request::Change, internal_request, ClusterChangeRequest, InternalRequest, MemberAttributes,
 };
-use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 
 use crate::cluster::{member_id, parse_url};
 use crate::error::{Error, Result};
 use crate::raft::{MemberNode, NodeId};
-use crate::server::Server;
+use crate::server::{client_write_error, retry_until_leader_answers, LeaderRef, MembershipSeam, Server};
 
 /// How many election timeouts a leader without a quorum stays silent
 /// (`check_quorum`): the longest a follower waits to campaign, 4, plus one.
@@ -34,28 +33,12 @@ const STEP_DOWN_PAUSE: u32 = 5;
 
 /// etcd allows one learner at a time.
 const MAX_LEARNERS: usize = 1;
-/// A learner is ready for promotion at 90% of the leader's log (etcd).
-const READY_PERCENT: f64 = 0.9;
-
-fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>) -> Error {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Error::NotLeader,
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::LearnerNotFound(_))) => {
-            Error::MemberNotFound
-        }
-        RaftError::APIError(e) => Error::Internal(e.to_string()),
-        RaftError::Fatal(_) => Error::Stopped,
-    }
-}
+/// How often a request that found no leader looks again.
+const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 impl Server {
     fn membership(&self) -> crate::raft::Membership {
         self.raft.metrics().borrow().membership_config.membership().clone()
-    }
-
-    /// Members the Raft membership counts as voters.
-    fn raft_voters(&self) -> BTreeSet<NodeId> {
-        self.membership().voter_ids().collect()
     }
 
     /// Voters as etcd counts them (including members added as voters that
@@ -79,46 +62,20 @@ impl Server {
     /// Returns the added member (for MemberAdd).
     pub async fn cluster_change(&self, req: ClusterChangeRequest) -> Result<Option<Member>> {
         let deadline = Instant::now() + self.request_timeout();
-        loop {
-            let leader = match self.leader() {
-                Some(l) => l,
-                None => {
-                    if Instant::now() >= deadline {
-                        return Err(Error::Timeout);
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let outcome = if leader == self.id {
-                self.cluster_change_local(req.clone()).await
-            } else {
-                let node = self.membership().get_node(&leader).cloned();
-                let Some(node) = node else {
-                    // The leader removed itself; wait for the election.
-                    if Instant::now() >= deadline {
-                        return Err(Error::Timeout);
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                match self.peers.cluster_change(leader, &node, req.clone(), remaining).await {
-                    Ok((member, index)) => {
+        retry_until_leader_answers(deadline, LEADER_RETRY_PAUSE, |remaining| {
+            let req = req.clone();
+            async move {
+                match self.leader_ref()? {
+                    LeaderRef::Local => self.cluster_change_local(req).await.map(|(member, _)| member),
+                    LeaderRef::Peer(leader, node) => {
+                        let (member, index) = self.peers.cluster_change(leader, &node, req, remaining).await?;
                         self.wait_applied(index, deadline).await?;
-                        Ok((member, index))
+                        Ok(member)
                     }
-                    Err(e) => Err(e),
                 }
-            };
-            match outcome {
-                Ok((member, _)) => return Ok(member),
-                Err(Error::NotLeader) | Err(Error::Unhealthy) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e),
             }
-        }
+        })
+        .await
     }
 
     /// The leader side of [`Server::cluster_change`]: returns the added
@@ -229,14 +186,6 @@ impl Server {
         Ok(written.log_id.index)
     }
 
-    /// Whether a learner's log is close enough to the leader's.
-    fn learner_ready(&self, id: NodeId) -> bool {
-        let metrics = self.raft.metrics().borrow().clone();
-        let leader_last = metrics.last_log_index.unwrap_or(0);
-        let matched = metrics.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map_or(0, |l| l.index);
-        matched as f64 >= leader_last as f64 * READY_PERCENT
-    }
-
     async fn member_promote(&self, id: NodeId) -> Result<u64> {
         let m = self.membership();
         if m.get_node(&id).is_none() {
@@ -245,7 +194,7 @@ impl Server {
         if !self.members.is_learner(id, &m) {
             return Err(Error::MemberNotLearner);
         }
-        if !self.learner_ready(id) {
+        if !self.raft_members().caught_up(id) {
             return Err(Error::LearnerNotReady);
         }
         let record = self.members.get(id).unwrap_or(MemberAttributes { member_id: id, ..Default::default() });
@@ -258,36 +207,6 @@ impl Server {
             .map_err(client_write_error)?;
         tracing::info!(member_id = %format!("{id:x}"), "promoted learner to voter");
         Ok(written.log_id.index)
-    }
-
-    /// On the leader: makes Raft voters of members added as voters once
-    /// they have caught up. Runs until the member stops.
-    pub async fn promote_caught_up(&self) {
-        let mut ticker = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            ticker.tick().await;
-            if self.leader() != Some(self.id) {
-                continue;
-            }
-            let m = self.membership();
-            let voters = self.raft_voters();
-            let pending: Vec<NodeId> = m
-                .nodes()
-                .map(|(id, _)| *id)
-                .filter(|id| {
-                    !voters.contains(id) && !self.members.is_learner(*id, &m) && self.members.get(*id).is_some()
-                })
-                .collect();
-            for id in pending {
-                if !self.learner_ready(id) {
-                    continue;
-                }
-                match self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await {
-                    Ok(_) => tracing::info!(member_id = %format!("{id:x}"), "new member caught up; it now votes"),
-                    Err(e) => tracing::debug!(member_id = %format!("{id:x}"), error = %e, "promotion not done yet"),
-                }
-            }
-        }
     }
 
     /// etcd's CheckQuorum. An openraft 0.9 leader cut off from a quorum

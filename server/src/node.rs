@@ -16,14 +16,11 @@ use keel_proto::etcdserverpb::{
 use keel_proto::keelpb::{internal_request, raft_peer_server::RaftPeerServer, InternalRequest, MemberAttributes};
 use keel_proto::v3electionpb::election_server::ElectionServer;
 use keel_proto::v3lockpb::lock_server::LockServer;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::alarm::AlarmStore;
 use crate::api;
 use crate::api::peer::PeerService;
 use crate::apply::{Applier, Compactor, Stores};
-use crate::auth::tokens::TokenProvider;
 use crate::auth::AuthStore;
 use crate::cluster::{cluster_id, member_id, MemberRegistry};
 use crate::config::{ClusterState, Config};
@@ -36,21 +33,29 @@ use crate::raft::network::{max_peer_message, NetworkFactory, PeerClients};
 use crate::raft::read_index::ReadIndex;
 use crate::raft::state_machine::{Reloadable, StateMachine};
 use crate::raft::{codec, MemberNode, Raft};
+use crate::scratch::ScratchDir;
 use crate::server::Server;
 use crate::storage::keys::{BOOTSTRAP_MEMBERS, LOCAL_IDENTITY};
 use crate::storage::rocks::RocksEngine;
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
-use crate::transport::{self, Http2Options, PeerConnector, Security, TlsFiles};
+use crate::tasks::MemberTasks;
+use crate::transport::{self, Http2Options, PeerConnector, Security, ServerTls};
 use crate::watch::WatchHub;
 
 /// gRPC message overhead etcd allows above --max-request-bytes.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
+/// How long shutdown waits for the member's tasks: listeners stop at
+/// once, connections get a second to close gracefully, duties stop at
+/// their next await point.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// A running member.
 pub struct Node {
     pub server: Arc<Server>,
-    shutdown_tx: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Every task the member started: listeners, their connections, the
+    /// duties.
+    tasks: MemberTasks,
     /// Addresses the client listeners actually bound (port 0 resolved).
     pub client_addrs: Vec<std::net::SocketAddr>,
     pub peer_addrs: Vec<std::net::SocketAddr>,
@@ -242,16 +247,33 @@ fn raft_config(config: &Config) -> anyhow::Result<openraft::Config> {
     Ok(c.validate()?)
 }
 
+/// Which listeners a TLS setting is for.
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Peer,
+}
+
 /// The TLS acceptor for one side: certificate files if given, else a
-/// self-signed certificate under `fixtures` when auto TLS is on.
-fn tls_acceptor(
-    files: &Option<TlsFiles>,
-    auto: bool,
-    fixtures: &std::path::Path,
-    listen: &[String],
-    advertise: &[String],
-    policy: &transport::TlsPolicy,
-) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+/// self-signed certificate under `<data-dir>/fixtures/<side>` when auto
+/// TLS is on, naming the hosts the side listens on and advertises.
+fn tls_acceptor(config: &Config, side: Side) -> anyhow::Result<Option<ServerTls>> {
+    let (files, auto, fixtures, listen, advertise) = match side {
+        Side::Client => (
+            &config.client_tls,
+            config.client_auto_tls,
+            "client",
+            &config.listen_client_urls,
+            &config.settings.advertise_client_urls,
+        ),
+        Side::Peer => (
+            &config.peer_tls,
+            config.peer_auto_tls,
+            "peer",
+            &config.listen_peer_urls,
+            &config.initial_advertise_peer_urls,
+        ),
+    };
     if let Some(files) = files {
         return Ok(Some(transport::server_tls(files)?));
     }
@@ -261,12 +283,13 @@ fn tls_acceptor(
     let mut hosts: Vec<String> = listen.iter().chain(advertise).filter_map(|u| host_of(u)).collect();
     hosts.sort();
     hosts.dedup();
-    Ok(Some(transport::server_tls(&transport::self_signed(fixtures, &hosts, policy)?)?))
+    let dir = config.settings.data_dir.join("fixtures").join(fixtures);
+    Ok(Some(transport::server_tls(&transport::self_signed(&dir, &hosts, &config.tls_policy)?)?))
 }
 
 /// One listener per address: `http://` and `https://` URLs naming the same
 /// address share a port, as etcd allows.
-fn listeners(urls: &[String], tls: &Option<tokio_rustls::TlsAcceptor>) -> anyhow::Result<Vec<(String, Security)>> {
+fn listeners(urls: &[String], tls: &Option<ServerTls>) -> anyhow::Result<Vec<(String, Security)>> {
     let mut by_address: Vec<(transport::Address, String, bool, bool)> = Vec::new();
     for url in urls {
         let (secure, address) = transport::parse_address(url)?;
@@ -316,52 +339,42 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     }
 }
 
-/// The rest of [`start`], on the opened engine.
-async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::Path) -> anyhow::Result<Node> {
-    let peer_tls_client = match (&config.peer_tls, config.peer_auto_tls) {
-        (Some(files), _) => Some(transport::peer_client_tls(Some(files), &config.tls_policy)?),
-        (None, true) => Some(transport::peer_client_tls(None, &config.tls_policy)?),
-        (None, false) => None,
-    };
-    let connector = PeerConnector {
-        tls: peer_tls_client,
-        connect_timeout: Duration::from_secs(1),
-        loopback_source: crate::transport::loopback_source(&config.listen_peer_urls),
-    };
-    let peer_message_limit = max_peer_message(config.settings.max_request_bytes);
-    let peers = Arc::new(PeerClients::new(connector, peer_message_limit));
-    let (id, cid, bootstrap) = identity(&engine, &config, &peers).await?;
-    let settings = &config.settings;
-    crate::metrics::init(id, &settings.etcd_version, &settings.etcd_cluster_version(), settings.quota_backend_bytes);
-    tracing::info!(
-        name = %config.settings.name,
-        data_dir = %config.settings.data_dir.display(),
-        member_id = %format!("{id:x}"),
-        cluster_id = %format!("{cid:x}"),
-        keel_version = crate::version::KEEL_VERSION,
-        "starting keel member"
-    );
+/// The member's state: what applying entries changes, and the Raft
+/// storage over it.
+struct MemberState {
+    mvcc: Arc<MvccStore>,
+    members: Arc<MemberRegistry>,
+    hub: Arc<WatchHub>,
+    leases: Arc<Lessor>,
+    alarms: Arc<AlarmStore>,
+    auth: Arc<AuthStore>,
+    state_machine: StateMachine,
+    log_store: LogStore,
+}
 
+/// Loads the in-memory state from the engine and opens the state machine
+/// and log store.
+fn open_state(
+    config: &Config,
+    engine: &SharedEngine,
+    member_dir: &std::path::Path,
+    scratch: &ScratchDir,
+) -> anyhow::Result<MemberState> {
     let mvcc = Arc::new(MvccStore::open(engine.clone())?);
-    let members = Arc::new(MemberRegistry::load(&engine)?);
+    let members = Arc::new(MemberRegistry::load(engine)?);
     let compactor: Arc<dyn Compactor> = Arc::new(CompactionThread::start(mvcc.clone())?);
     let hub = Arc::new(WatchHub::new(mvcc.current_rev()));
-    let leases = Arc::new(Lessor::load(&engine, &mvcc)?);
-    let alarms = Arc::new(AlarmStore::load(&engine)?);
-    let tokens = TokenProvider::from_flag(&config.auth_token, config.auth_token_ttl)?;
-    let auth = Arc::new(AuthStore::load(&engine, tokens)?);
-    let applier = Applier::new(
-        engine.clone(),
-        Stores {
-            mvcc: mvcc.clone(),
-            members: members.clone(),
-            leases: leases.clone(),
-            alarms: alarms.clone(),
-            auth: auth.clone(),
-        },
-        hub.clone(),
-        compactor,
-    );
+    let leases = Arc::new(Lessor::load(engine, &mvcc)?);
+    let alarms = Arc::new(AlarmStore::load(engine)?);
+    let auth = Arc::new(AuthStore::load(engine, config.auth_tokens.provider())?);
+    let stores = Stores {
+        mvcc: mvcc.clone(),
+        members: members.clone(),
+        leases: leases.clone(),
+        alarms: alarms.clone(),
+        auth: auth.clone(),
+    };
+    let applier = Applier::new(engine.clone(), stores, hub.clone(), compactor);
     let reloader = Arc::new(Reloader {
         engine: engine.clone(),
         mvcc: mvcc.clone(),
@@ -371,15 +384,29 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
         alarms: alarms.clone(),
         auth: auth.clone(),
     });
-    let state_machine = StateMachine::open(engine.clone(), applier, member_dir.join("snap"), reloader)?;
+    let state_machine =
+        StateMachine::open(engine.clone(), applier, member_dir.join("snap"), scratch.clone(), reloader)?;
     let log_store = LogStore::open_checked(engine.clone(), &member_dir.join("journal"), &member_dir.join("raft.ack"))?;
+    Ok(MemberState { mvcc, members, hub, leases, alarms, auth, state_machine, log_store })
+}
 
+/// Starts Raft, and on a first start bootstraps the cluster (a new one,
+/// or one restored from a snapshot) and records the member's identity.
+async fn start_raft(
+    config: &Config,
+    (id, cid, bootstrap): (u64, u64, Bootstrap),
+    engine: &SharedEngine,
+    peers: &Arc<PeerClients>,
+    state: &MemberState,
+    tasks: &MemberTasks,
+) -> anyhow::Result<Raft> {
     let network = NetworkFactory { clients: peers.clone() };
-    let raft = Raft::new(id, Arc::new(raft_config(&config)?), network, log_store.clone(), state_machine.clone())
-        .await
-        .map_err(|e| anyhow!("cannot start raft: {e}"))?;
+    let raft =
+        Raft::new(id, Arc::new(raft_config(config)?), network, state.log_store.clone(), state.state_machine.clone())
+            .await
+            .map_err(|e| anyhow!("cannot start raft: {e}"))?;
     // Ends with Raft (its metrics channel closes).
-    tokio::spawn(tell_log_store_the_role(raft.metrics(), log_store.clone()));
+    tasks.spawn(tell_log_store_the_role(raft.metrics(), state.log_store.clone()));
 
     // A restored member bootstraps the membership given to the restore.
     if bootstrap == Bootstrap::Restart && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {
@@ -389,7 +416,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
                 members.into_iter().map(|(id, urls)| (id, MemberNode { peer_urls: urls })).collect();
             raft.initialize(nodes).await.map_err(|e| anyhow!("cannot bootstrap the restored cluster: {e}"))?;
             tracing::info!("bootstrapped a cluster restored from a snapshot");
-            tokio::spawn(snapshot_restored_state(raft.clone()));
+            tasks.spawn_until_stopped(snapshot_restored_state(raft.clone()));
         }
     }
     if bootstrap != Bootstrap::Restart {
@@ -407,81 +434,60 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
         b.put(Table::RaftState, LOCAL_IDENTITY, codec::encode(&(id, cid))?);
         engine.write(b, true)?;
     }
+    Ok(raft)
+}
 
-    let server = Arc::new(Server {
-        id,
-        cluster_id: cid,
-        settings: config.settings.clone(),
-        raft: raft.clone(),
-        proposals: Batcher::start(raft.clone()),
-        read_index: ReadIndex::start(raft.clone(), peers.clone()),
-        engine: engine.clone(),
-        mvcc,
-        state_machine,
-        log_store,
-        members,
-        leases,
-        alarms,
-        auth,
-        hub: hub.clone(),
-        db_size: std::sync::atomic::AtomicU64::new(0),
-        lease_ids: LeaseIdGen::new(id),
-        peers,
-        transfer_gate: tokio::sync::RwLock::new(()),
-    });
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
-    let http2 = Http2Options {
+/// The HTTP/2 settings of client listeners (etcd's flags), and of peer
+/// listeners: peers keep long-lived append-entries streams open (and ping
+/// over them every 10 s), which a small stream limit or a long minimum
+/// ping interval would starve or cut off.
+fn http2_options(config: &Config) -> (Http2Options, Http2Options) {
+    let client = Http2Options {
         max_concurrent_streams: config.settings.max_concurrent_streams,
         keepalive_min_time: config.grpc_keepalive_min_time,
         keepalive_interval: config.grpc_keepalive_interval,
         keepalive_timeout: config.grpc_keepalive_timeout,
+        authority_shim: true,
     };
-    // etcd's stream limit and keepalive policy are for clients. Peers keep
-    // long-lived append-entries streams open (and ping over them every 10
-    // s), which a small limit or a long minimum ping interval would starve
-    // or cut off.
-    let peer_http2 = Http2Options { max_concurrent_streams: u32::MAX, keepalive_min_time: Duration::ZERO, ..http2 };
+    let peer = Http2Options {
+        max_concurrent_streams: u32::MAX,
+        keepalive_min_time: Duration::ZERO,
+        authority_shim: false,
+        ..client
+    };
+    (client, peer)
+}
 
-    // Peers first: the rest of the cluster needs us to elect a leader.
-    let peer_tls = tls_acceptor(
-        &config.peer_tls,
-        config.peer_auto_tls,
-        &config.settings.data_dir.join("fixtures").join("peer"),
-        &config.listen_peer_urls,
-        &config.initial_advertise_peer_urls,
-        &config.tls_policy,
-    )?;
-    let peer_router = tonic::service::Routes::new(
+/// Serves keel's peer service on every peer URL; returns the bound
+/// addresses.
+async fn serve_peers(
+    config: &Config,
+    server: &Arc<Server>,
+    peer_message_limit: usize,
+    tasks: &MemberTasks,
+) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    let peer_tls = tls_acceptor(config, Side::Peer)?;
+    let router = tonic::service::Routes::new(
         RaftPeerServer::new(PeerService::new(server.clone()))
             .max_decoding_message_size(peer_message_limit)
             .max_encoding_message_size(peer_message_limit),
     )
     .prepare()
     .into_axum_router();
-    let mut peer_addrs = Vec::new();
+    let (_, http2) = http2_options(config);
+    let mut addrs = Vec::new();
     for (url, security) in listeners(&config.listen_peer_urls, &peer_tls)? {
         let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on peer URL {url}"))?;
-        peer_addrs.extend(listener.local_addr());
+        addrs.extend(listener.local_addr());
         tracing::info!(address = %url, "listening for peers");
-        tasks.push(tokio::spawn(transport::serve(
-            listener,
-            security,
-            peer_router.clone(),
-            peer_http2,
-            shutdown_rx.clone(),
-        )));
+        tasks.spawn(transport::serve(listener, security, router.clone(), http2, tasks.clone()));
     }
+    Ok(addrs)
+}
 
-    let client_tls = tls_acceptor(
-        &config.client_tls,
-        config.client_auto_tls,
-        &config.settings.data_dir.join("fixtures").join("client"),
-        &config.listen_client_urls,
-        &config.settings.advertise_client_urls,
-        &config.tls_policy,
-    )?;
+/// Every gRPC service etcd serves, behind the middleware every call
+/// passes first, plus /health, /metrics, /version and the JSON gateway.
+fn client_router(config: &Config, server: &Arc<Server>, tasks: &MemberTasks) -> axum::Router {
     let max_msg = config.settings.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let mut routes = tonic::service::Routes::new(
         KvServer::new(api::kv::KvService::new(server.clone()))
@@ -489,7 +495,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
             .max_encoding_message_size(usize::MAX),
     );
     routes = routes
-        .add_service(api::watch::WatchServer::new(server.clone(), hub.clone(), max_msg))
+        .add_service(api::watch::WatchServer::new(server.clone(), server.hub.clone(), max_msg))
         .add_service(LeaseServer::new(api::lease::LeaseService::new(server.clone())).max_decoding_message_size(max_msg))
         .add_service(
             ClusterServer::new(api::cluster::ClusterService::new(server.clone())).max_decoding_message_size(max_msg),
@@ -506,57 +512,137 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     // The standard gRPC health service: SERVING while a leader is known.
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     routes = routes.add_service(health_service);
-    {
-        let s = server.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(Duration::from_secs(1));
-            let mut last = None;
-            loop {
-                ticker.tick().await;
-                let serving = s.leader().is_some();
-                if last != Some(serving) {
-                    let status = if serving {
-                        tonic_health::ServingStatus::Serving
-                    } else {
-                        tonic_health::ServingStatus::NotServing
-                    };
-                    health_reporter.set_service_status("", status).await;
-                    last = Some(serving);
-                }
-            }
-        }));
-    }
+    tasks.spawn_until_stopped(report_grpc_health(server.clone(), health_reporter));
     let grpc = routes
         .prepare()
         .into_axum_router()
         .layer(axum::middleware::from_fn_with_state(server.clone(), api::grpc_call::grpc_call));
-    let client_router =
-        crate::http::monitoring(server.clone()).merge(crate::http::gateway::routes(server.clone())).merge(grpc);
-    let mut client_addrs = Vec::new();
+    crate::http::monitoring(server.clone()).merge(crate::http::gateway::routes(server.clone())).merge(grpc)
+}
+
+/// Keeps the gRPC health service's status in step with the leader.
+async fn report_grpc_health(server: Arc<Server>, reporter: tonic_health::server::HealthReporter) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut last = None;
+    loop {
+        ticker.tick().await;
+        let serving = server.leader().is_some();
+        if last != Some(serving) {
+            let status =
+                if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+            reporter.set_service_status("", status).await;
+            last = Some(serving);
+        }
+    }
+}
+
+/// Serves clients on every client URL, and /metrics and /health on every
+/// metrics URL; returns the bound client addresses.
+async fn serve_clients(
+    config: &Config,
+    server: &Arc<Server>,
+    tasks: &MemberTasks,
+) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    let client_tls = tls_acceptor(config, Side::Client)?;
+    let (http2, _) = http2_options(config);
+    let router = client_router(config, server, tasks);
+    let mut addrs = Vec::new();
     for (url, security) in listeners(&config.listen_client_urls, &client_tls)? {
         let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on client URL {url}"))?;
-        client_addrs.extend(listener.local_addr());
-        tasks.push(tokio::spawn(transport::serve(
-            listener,
-            security,
-            client_router.clone(),
-            http2,
-            shutdown_rx.clone(),
-        )));
+        addrs.extend(listener.local_addr());
+        tasks.spawn(transport::serve(listener, security, router.clone(), http2, tasks.clone()));
     }
-
     for url in &config.listen_metrics_urls {
         let listener = transport::bind(url).await.with_context(|| format!("cannot listen on metrics URL {url}"))?;
         let secure = url.starts_with("https") || url.starts_with("unixs");
         let security = match (secure, &client_tls) {
-            (true, Some(a)) => Security::Tls(a.clone()),
+            (true, Some(tls)) => Security::Tls(tls.clone()),
             (true, None) => return Err(anyhow!("{url}: https metrics URLs need client TLS")),
             (false, _) => Security::Plain,
         };
         tracing::info!(address = %url, "serving metrics and health");
         let router = crate::http::monitoring(server.clone());
-        tasks.push(tokio::spawn(transport::serve(listener, security, router, http2, shutdown_rx.clone())));
+        tasks.spawn(transport::serve(listener, security, router, http2, tasks.clone()));
     }
+    Ok(addrs)
+}
+
+/// Starts the work the member does on its own; it runs until shutdown.
+fn start_duties(config: &Config, server: &Arc<Server>, tasks: &MemberTasks) {
+    use crate::duties::{compaction, corruption, lease, promotion};
+    tasks.spawn_until_stopped(promotion::run_learner_promotion(server.clone(), server.members.clone()));
+    let s = server.clone();
+    tasks.spawn_until_stopped(async move { s.check_quorum().await });
+    tasks.spawn_until_stopped(lease::run_lease_clocks(server.clone()));
+    let s = server.clone();
+    tasks.spawn_until_stopped(async move { s.export_metrics().await });
+    if let Some(retention) = config.auto_compaction {
+        tasks.spawn_until_stopped(compaction::run_auto_compaction(server.clone(), server.mvcc.clone(), retention));
+    }
+    if !config.corrupt_check_interval.is_zero() {
+        let every = config.corrupt_check_interval;
+        tasks.spawn_until_stopped(corruption::run_corruption_check(server.clone(), server.mvcc.clone(), every));
+    }
+}
+
+/// The rest of [`start`], on the opened engine.
+async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::Path) -> anyhow::Result<Node> {
+    let peer_tls_client = match (&config.peer_tls, config.peer_auto_tls) {
+        (Some(files), _) => Some(transport::peer_client_tls(Some(files), &config.tls_policy)?),
+        (None, true) => Some(transport::peer_client_tls(None, &config.tls_policy)?),
+        (None, false) => None,
+    };
+    let connector = PeerConnector {
+        tls: peer_tls_client,
+        connect_timeout: Duration::from_secs(1),
+        loopback_source: crate::transport::loopback_source(&config.listen_peer_urls),
+    };
+    let peer_message_limit = max_peer_message(config.settings.max_request_bytes);
+    let peers = Arc::new(PeerClients::new(connector, peer_message_limit));
+    let identity = identity(&engine, &config, &peers).await?;
+    let (id, cid, _) = identity;
+    let settings = &config.settings;
+    crate::metrics::init(id, &settings.etcd_version, &settings.etcd_cluster_version(), settings.quota_backend_bytes);
+    tracing::info!(
+        name = %settings.name,
+        data_dir = %settings.data_dir.display(),
+        member_id = %format!("{id:x}"),
+        cluster_id = %format!("{cid:x}"),
+        keel_version = crate::version::KEEL_VERSION,
+        "starting keel member"
+    );
+
+    let tasks = MemberTasks::new();
+    let scratch = ScratchDir::open_swept(&member_dir.join("tmp"))?;
+    let state = open_state(&config, &engine, member_dir, &scratch)?;
+    let raft = start_raft(&config, identity, &engine, &peers, &state, &tasks).await?;
+    let MemberState { mvcc, members, hub, leases, alarms, auth, state_machine, log_store } = state;
+    let server = Arc::new(Server {
+        id,
+        cluster_id: cid,
+        settings: config.settings.clone(),
+        raft: raft.clone(),
+        proposals: Batcher::start(raft.clone()),
+        read_index: ReadIndex::start(raft.clone(), peers.clone()),
+        engine: engine.clone(),
+        mvcc,
+        state_machine,
+        log_store,
+        members,
+        leases,
+        alarms,
+        auth,
+        hub,
+        db_size: std::sync::atomic::AtomicU64::new(0),
+        lease_ids: LeaseIdGen::new(id),
+        peers,
+        transfer_gate: tokio::sync::RwLock::new(()),
+        scratch,
+    });
+
+    // Peers first: the rest of the cluster needs us to elect a leader.
+    let peer_addrs = serve_peers(&config, &server, peer_message_limit, &tasks).await?;
+    let client_addrs = serve_clients(&config, &server, &tasks).await?;
 
     // A sole voter need not wait for an election timeout.
     let sole_voter = {
@@ -567,30 +653,12 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     if sole_voter {
         let _ = raft.trigger().elect().await;
     }
-
-    {
-        let s = server.clone();
-        tasks.push(tokio::spawn(async move { s.promote_caught_up().await }));
-        let s = server.clone();
-        tasks.push(tokio::spawn(async move { s.check_quorum().await }));
-        let s = server.clone();
-        tasks.push(tokio::spawn(crate::duties::lease::run_lease_clocks(s)));
-        let s = server.clone();
-        tasks.push(tokio::spawn(async move { s.export_metrics().await }));
-        if let Some(retention) = config.auto_compaction {
-            let s = server.clone();
-            tasks.push(tokio::spawn(async move { s.auto_compact(retention).await }));
-        }
-        if !config.corrupt_check_interval.is_zero() {
-            let s = server.clone();
-            let every = config.corrupt_check_interval;
-            tasks.push(tokio::spawn(async move { s.periodic_corrupt_check(every).await }));
-        }
-    }
+    start_duties(&config, &server, &tasks);
 
     publish(&server).await?;
     if config.initial_corrupt_check {
-        let bad = server.corrupt_check().await?;
+        let check = crate::duties::corruption::CorruptionCheck::new(server.clone(), server.mvcc.clone());
+        let bad = check.mismatched_members().await?;
         if !bad.is_empty() {
             let ids: Vec<String> = bad.iter().map(|id| format!("{id:x}")).collect();
             return Err(anyhow!("initial corruption check failed: data differs from members {}", ids.join(", ")));
@@ -602,7 +670,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     for url in &config.listen_client_urls {
         tracing::info!(address = %url, "ready to serve client requests");
     }
-    Ok(Node { server, shutdown_tx, tasks, client_addrs, peer_addrs })
+    Ok(Node { server, tasks, client_addrs, peer_addrs })
 }
 
 /// Announces this member's name and client URLs through Raft (etcd's
@@ -644,14 +712,12 @@ async fn publish(server: &Arc<Server>) -> anyhow::Result<()> {
 }
 
 impl Node {
-    /// Stops serving, shuts Raft down and makes every write durable.
+    /// Stops serving and the duties, shuts Raft down and makes every
+    /// write durable.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        let _ = self.shutdown_tx.send(true);
-        // Servers stop accepting at once and close connections gracefully;
-        // background loops are simply cancelled.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        for t in self.tasks {
-            t.abort();
+        let left = self.tasks.stop(SHUTDOWN_GRACE).await;
+        if left > 0 {
+            tracing::warn!(tasks = left, "tasks still running after {SHUTDOWN_GRACE:?}; stopping anyway");
         }
         self.server.raft.shutdown().await.map_err(|e| anyhow!("raft shutdown: {e}"))?;
         self.server.engine.close()?;

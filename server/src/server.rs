@@ -3,12 +3,13 @@
 //! write (forwarded to the leader when this member is not it) and waiting
 //! for a linearizable read point.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_proto::etcdserverpb::ResponseHeader;
 use keel_proto::keelpb::{internal_response::Response, InternalRequest, InternalResponse};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use prost::Message;
 
 use crate::alarm::AlarmStore;
@@ -23,7 +24,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::PeerClients;
 use crate::raft::read_index::ReadIndex;
 use crate::raft::state_machine::StateMachine;
-use crate::raft::{NodeId, Raft};
+use crate::raft::{MemberNode, Membership, NodeId, Raft};
 use crate::storage::SharedEngine;
 use crate::watch::WatchHub;
 
@@ -91,12 +92,13 @@ where
     }
 }
 
-/// What the leader-side duties (`duties/`) need from the member, and no
-/// more, so that they run against a fake in unit tests; [`Server`] is the
-/// real one. Invariants a duty relies on: `propose_as_leader` never
-/// forwards (a deposed leader's proposal fails with `NotLeader` or never
-/// commits, it is not applied by the next leader); `leader` names no
-/// leader while this member leads without a quorum.
+/// What the member's own work (`duties/`, `membership`) needs from Raft,
+/// and no more, so that it runs against a fake in unit tests; [`Server`]
+/// is the real one. Invariants a duty relies on: `propose_as_leader`
+/// never forwards (a deposed leader's proposal fails with `NotLeader` or
+/// never commits, it is not applied by the next leader); `leader` names
+/// no leader while this member leads without a quorum; `propose` returns
+/// only after the entry applied on this member.
 pub trait RaftSeam: Send + Sync + 'static {
     /// This member's id.
     fn member_id(&self) -> NodeId;
@@ -104,12 +106,62 @@ pub trait RaftSeam: Send + Sync + 'static {
     fn raft_names_me_leader(&self) -> bool;
     /// The member believed to lead ([`Server::leader`]).
     fn leader(&self) -> Option<NodeId>;
+    /// Replicates `req` from this member, forwarded to the leader when
+    /// another member leads ([`Server::propose`]); an apply error comes
+    /// back as the error.
+    fn propose(&self, req: InternalRequest) -> impl std::future::Future<Output = Result<InternalResponse>> + Send;
     /// Proposes `req` on this member as leader: the apply result and its
     /// log index ([`Server::propose_local`]).
     fn propose_as_leader(
         &self,
         req: InternalRequest,
     ) -> impl std::future::Future<Output = Result<(InternalResponse, u64)>> + Send;
+    /// The index a linearizable read must wait for ([`Server::read_index`]).
+    fn read_index(&self) -> impl std::future::Future<Output = Result<u64>> + Send;
+    /// Waits until this member applied `index`.
+    fn wait_applied(&self, index: u64, deadline: Instant) -> impl std::future::Future<Output = Result<()>> + Send;
+}
+
+/// A learner counts as caught up at 90% of the leader's log (etcd).
+const CAUGHT_UP_PERCENT: f64 = 0.9;
+
+/// The Raft membership as the leader sees it, with how far each member's
+/// log matches the leader's.
+#[derive(Debug, Clone)]
+pub struct RaftMembers {
+    pub membership: Membership,
+    pub last_log_index: u64,
+    /// The leader's view of each member's last matching log index (empty
+    /// on a follower).
+    pub matched: BTreeMap<NodeId, u64>,
+}
+
+impl RaftMembers {
+    /// Whether `id`'s log is close enough to the leader's to vote.
+    pub fn caught_up(&self, id: NodeId) -> bool {
+        let matched = self.matched.get(&id).copied().unwrap_or(0);
+        matched as f64 >= self.last_log_index as f64 * CAUGHT_UP_PERCENT
+    }
+
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        self.membership.voter_ids().any(|v| v == id)
+    }
+}
+
+/// What the membership duties (learner promotion, the corruption check)
+/// need beyond [`RaftSeam`]: the membership, the one change they make,
+/// and a peer's hash of its key space.
+pub trait MembershipSeam: RaftSeam {
+    fn raft_members(&self) -> RaftMembers;
+    /// Makes a learner of the Raft membership a voter.
+    fn make_voter(&self, id: NodeId) -> impl std::future::Future<Output = Result<()>> + Send;
+    /// A peer's HashKV at `revision`: its hash and compacted revision.
+    fn peer_hash_kv(
+        &self,
+        id: NodeId,
+        node: &MemberNode,
+        revision: i64,
+    ) -> impl std::future::Future<Output = Result<(u32, i64)>> + Send;
 }
 
 impl RaftSeam for Server {
@@ -125,11 +177,65 @@ impl RaftSeam for Server {
         Server::leader(self)
     }
 
+    fn propose(&self, req: InternalRequest) -> impl std::future::Future<Output = Result<InternalResponse>> + Send {
+        Server::propose(self, req)
+    }
+
     fn propose_as_leader(
         &self,
         req: InternalRequest,
     ) -> impl std::future::Future<Output = Result<(InternalResponse, u64)>> + Send {
         self.propose_local(req)
+    }
+
+    fn read_index(&self) -> impl std::future::Future<Output = Result<u64>> + Send {
+        Server::read_index(self)
+    }
+
+    fn wait_applied(&self, index: u64, deadline: Instant) -> impl std::future::Future<Output = Result<()>> + Send {
+        Server::wait_applied(self, index, deadline)
+    }
+}
+
+impl MembershipSeam for Server {
+    fn raft_members(&self) -> RaftMembers {
+        let metrics = self.raft.metrics().borrow().clone();
+        let matched =
+            metrics.replication.iter().flatten().map(|(id, log_id)| (*id, log_id.map_or(0, |l| l.index))).collect();
+        RaftMembers {
+            membership: metrics.membership_config.membership().clone(),
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            matched,
+        }
+    }
+
+    async fn make_voter(&self, id: NodeId) -> Result<()> {
+        let change = openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([id]));
+        self.raft.change_membership(change, false).await.map(|_| ()).map_err(client_write_error)
+    }
+
+    fn peer_hash_kv(
+        &self,
+        id: NodeId,
+        node: &MemberNode,
+        revision: i64,
+    ) -> impl std::future::Future<Output = Result<(u32, i64)>> + Send {
+        self.peers.hash_kv(id, node, revision, PEER_HASH_TIMEOUT)
+    }
+}
+
+/// How long the corruption check waits for a peer's hash.
+const PEER_HASH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The error of a failed Raft write or membership change.
+pub fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>) -> Error {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Error::NotLeader,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::LearnerNotFound(_))) => {
+            Error::MemberNotFound
+        }
+        RaftError::APIError(e) => Error::Internal(e.to_string()),
+        RaftError::Fatal(_) => Error::Stopped,
     }
 }
 
@@ -167,6 +273,8 @@ pub struct Server {
     /// Held for writing while leadership moves to another member: new
     /// proposals and read-index requests on this member wait meanwhile.
     pub transfer_gate: tokio::sync::RwLock<()>,
+    /// Where files in progress (backups being streamed) are written.
+    pub scratch: crate::scratch::ScratchDir,
 }
 
 impl Server {
@@ -177,6 +285,11 @@ impl Server {
 
     pub fn term(&self) -> u64 {
         self.raft.metrics().borrow().current_term
+    }
+
+    /// The index of the last entry in this member's log.
+    pub fn last_log_index(&self) -> u64 {
+        self.raft.metrics().borrow().last_log_index.unwrap_or(0)
     }
 
     /// The member this one believes leads. A leader that has not heard
@@ -352,16 +465,27 @@ impl Server {
         self.read_index.get().await
     }
 
-    /// Blocks until a read served from local state is linearizable.
-    pub async fn linearizable_barrier(&self) -> Result<()> {
+    /// The index a linearizable read must wait for, from the leader
+    /// (asked by a follower).
+    pub async fn read_index(&self) -> Result<u64> {
         let deadline = Instant::now() + self.request_timeout();
-        let index = retry_until_leader_answers(deadline, LEADER_RETRY_PAUSE, |_| async move {
+        self.read_index_by(deadline).await
+    }
+
+    async fn read_index_by(&self, deadline: Instant) -> Result<u64> {
+        retry_until_leader_answers(deadline, LEADER_RETRY_PAUSE, |_| async move {
             match self.leader_ref()? {
                 LeaderRef::Local => self.read_index_local().await,
                 LeaderRef::Peer(leader, node) => self.read_index.from_leader(leader, node, deadline).await,
             }
         })
-        .await?;
+        .await
+    }
+
+    /// Blocks until a read served from local state is linearizable.
+    pub async fn linearizable_barrier(&self) -> Result<()> {
+        let deadline = Instant::now() + self.request_timeout();
+        let index = self.read_index_by(deadline).await?;
         self.wait_applied(index, deadline).await
     }
 }

@@ -48,6 +48,13 @@ async fn token_info(server: &Server, token: &str) -> Result<AuthInfo> {
         TokenProvider::Simple(simple) => {
             let index = simple_token_index(token).ok_or(Error::InvalidAuthToken)?;
             if server.state_machine.applied_index() < index {
+                // Beyond this member's log: ask the leader how far the
+                // cluster has committed. A token from past that (forged,
+                // or from another cluster) is refused at once rather than
+                // waited for.
+                if index > server.last_log_index() && index > server.read_index().await? {
+                    return Err(Error::InvalidAuthToken);
+                }
                 server
                     .wait_applied(index, Instant::now() + TOKEN_APPLY_WAIT)
                     .await

@@ -122,19 +122,15 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = SnapshotStream;
 
-    /// Streams a point-in-time backup of this member (keel's format with a
-    /// SHA-256 trailer), written to a temporary file first so the total
-    /// size is known, as etcd reports remaining_bytes.
+    /// Streams a point-in-time backup of this member (an etcd bbolt file
+    /// with etcd's SHA-256 trailer), written to the scratch directory first
+    /// so the total size is known, as etcd reports remaining_bytes.
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         super::credentials::require_admin(&self.server, &req).await?;
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let engine = self.server.engine.clone();
-        let path = self.server.settings.data_dir.join(format!(
-            "backup-{}-{}.tmp",
-            std::process::id(),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let write_path = path.clone();
+        // Removed when the stream ends, however it ends.
+        let backup = crate::scratch::ScratchFile::new(self.server.scratch.file("backup"));
+        let write_path = backup.path().to_path_buf();
         let size = tokio::task::spawn_blocking(move || {
             crate::backup::write_backup(engine.as_ref(), &crate::backup::EtcdFormat, &write_path)
         })
@@ -146,7 +142,7 @@ impl Maintenance for MaintenanceService {
         tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
             let mut sent = 0u64;
-            let mut file = match tokio::fs::File::open(&path).await {
+            let mut file = match tokio::fs::File::open(backup.path()).await {
                 Ok(f) => f,
                 Err(e) => {
                     let _ = tx.send(Err(Status::internal(e.to_string()))).await;
@@ -174,7 +170,7 @@ impl Maintenance for MaintenanceService {
                     }
                 }
             }
-            let _ = tokio::fs::remove_file(&path).await;
+            drop(backup);
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }

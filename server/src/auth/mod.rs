@@ -10,6 +10,7 @@
 //! before N. Passwords are bcrypt hashes made by the API layer before
 //! proposing: the plain password never reaches the log.
 
+mod changes;
 mod es512;
 pub mod perms;
 pub mod tokens;
@@ -17,13 +18,13 @@ pub mod tokens;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
-use keel_proto::authpb::{Permission, Role, User, UserAddOptions};
+use keel_proto::authpb::{Permission, Role, User};
 use keel_proto::etcdserverpb::{request_op, AuthenticateResponse, TxnRequest};
 use keel_proto::keelpb::{internal_request::Request, internal_response::Response, Empty, RequestHeader};
 use prost::Message;
 
 use crate::error::Error;
-use crate::storage::keys::{prefix_end, META_AUTH_ENABLED, META_AUTH_REVISION};
+use crate::storage::keys::{prefix_end, AUTH_ROLE_PREFIX, AUTH_USER_PREFIX, META_AUTH_ENABLED, META_AUTH_REVISION};
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
 use perms::UserPerms;
 use tokens::TokenProvider;
@@ -31,15 +32,12 @@ use tokens::TokenProvider;
 pub const ROOT_USER: &str = "root";
 pub const ROOT_ROLE: &str = "root";
 
-const USER_PREFIX: &[u8] = b"u/";
-const ROLE_PREFIX: &[u8] = b"r/";
-
 fn user_key(name: &str) -> Vec<u8> {
-    [USER_PREFIX, name.as_bytes()].concat()
+    [AUTH_USER_PREFIX, name.as_bytes()].concat()
 }
 
 fn role_key(name: &str) -> Vec<u8> {
-    [ROLE_PREFIX, name.as_bytes()].concat()
+    [AUTH_ROLE_PREFIX, name.as_bytes()].concat()
 }
 
 /// Who sent a request, and the auth revision their credentials were
@@ -126,6 +124,16 @@ impl AuthState {
     }
 }
 
+/// What an auth request did to the stored state.
+enum Change {
+    /// Nothing (a request that is already satisfied).
+    None,
+    /// The state changed, but not the auth revision (enabling auth).
+    Unversioned,
+    /// The state changed and the auth revision moves.
+    Versioned,
+}
+
 /// What applying an auth request does besides writing records.
 enum TokenEffect {
     None,
@@ -188,7 +196,7 @@ impl AuthStore {
             ..Default::default()
         };
         let mut failure = None;
-        for (prefix, is_user) in [(USER_PREFIX, true), (ROLE_PREFIX, false)] {
+        for (prefix, is_user) in [(AUTH_USER_PREFIX, true), (AUTH_ROLE_PREFIX, false)] {
             let end = prefix_end(prefix).unwrap_or_default();
             engine.scan(Table::Auth, prefix, Some(&end), &mut |k, v| {
                 let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
@@ -347,195 +355,26 @@ impl AuthStore {
         batch: &mut WriteBatch,
     ) -> Result<(Response, AuthUpdate), Error> {
         let current = self.snapshot();
-        if !matches!(req, Request::Authenticate(_)) {
-            current.check_admin(who)?;
+        if let Request::Authenticate(a) = req {
+            // Authenticating changes nothing stored.
+            let (token, effect) = current.authenticate(a, index)?;
+            let response = Response::Authenticate(AuthenticateResponse { header: None, token });
+            return Ok((response, AuthUpdate { state: None, effect }));
         }
+        current.check_admin(who)?;
         let mut s = (*current).clone();
-        let empty = || Response::Empty(Empty {});
-        let mut effect = TokenEffect::None;
-        let response = match req {
-            Request::AuthEnable(_) => {
-                if s.enabled {
-                    tracing::info!("authentication is already enabled; ignored auth enable request");
-                    return Ok((empty(), AuthUpdate { state: None, effect }));
-                }
-                if !s.users.contains_key(ROOT_USER) {
-                    return Err(Error::RootUserNotExist);
-                }
-                if !s.has_root_role(ROOT_USER) {
-                    return Err(Error::RootRoleNotExist);
-                }
-                s.enabled = true;
-                batch.put(Table::Meta, META_AUTH_ENABLED, vec![1]);
-                tracing::info!("enabled authentication");
-                // etcd does not bump the revision on enable.
-                return Ok((empty(), AuthUpdate { state: Some(s), effect }));
+        let (change, effect) = s.change(req, batch)?;
+        let state = match change {
+            Change::None => None,
+            Change::Unversioned => Some(s),
+            Change::Versioned => {
+                s.revision += 1;
+                batch.put(Table::Meta, META_AUTH_REVISION, s.revision.to_be_bytes().to_vec());
+                s.refresh_perms();
+                Some(s)
             }
-            Request::AuthDisable(_) => {
-                if !s.enabled {
-                    return Ok((empty(), AuthUpdate { state: None, effect }));
-                }
-                s.enabled = false;
-                batch.put(Table::Meta, META_AUTH_ENABLED, vec![0]);
-                effect = TokenEffect::ClearAll;
-                tracing::info!("disabled authentication");
-                empty()
-            }
-            Request::Authenticate(a) => {
-                if !s.enabled {
-                    return Err(Error::AuthNotEnabled);
-                }
-                let user = s.users.get(&a.name).ok_or(Error::AuthFailed)?;
-                if user.options.as_ref().is_some_and(|o| o.no_password) {
-                    return Err(Error::AuthFailed);
-                }
-                let token =
-                    if a.simple_token.is_empty() { String::new() } else { format!("{}.{index}", a.simple_token) };
-                if !token.is_empty() {
-                    effect = TokenEffect::Assign { token: token.clone(), username: a.name.clone() };
-                }
-                // Authenticating changes nothing stored.
-                return Ok((
-                    Response::Authenticate(AuthenticateResponse { header: None, token }),
-                    AuthUpdate { state: None, effect },
-                ));
-            }
-            Request::AuthUserAdd(r) => {
-                if r.name.is_empty() {
-                    return Err(Error::UserEmpty);
-                }
-                if s.users.contains_key(&r.name) {
-                    return Err(Error::UserAlreadyExists);
-                }
-                let no_password = r.options.as_ref().is_some_and(|o| o.no_password);
-                let user = User {
-                    name: r.name.clone().into_bytes().into(),
-                    password: if no_password {
-                        Default::default()
-                    } else {
-                        r.hashed_password.clone().into_bytes().into()
-                    },
-                    roles: Vec::new(),
-                    options: Some(r.options.unwrap_or(UserAddOptions { no_password: false })),
-                };
-                batch.put(Table::Auth, user_key(&r.name), user.encode_to_vec());
-                s.users.insert(r.name.clone(), user);
-                tracing::info!(user_name = %r.name, "added a user");
-                empty()
-            }
-            Request::AuthUserDelete(r) => {
-                if s.enabled && r.name == ROOT_USER {
-                    return Err(Error::InvalidAuthMgmt);
-                }
-                if s.users.remove(&r.name).is_none() {
-                    return Err(Error::UserNotFound);
-                }
-                batch.delete(Table::Auth, user_key(&r.name));
-                effect = TokenEffect::InvalidateUser(r.name.clone());
-                tracing::info!(user_name = %r.name, "deleted a user");
-                empty()
-            }
-            Request::AuthUserChangePassword(r) => {
-                let user = s.users.get_mut(&r.name).ok_or(Error::UserNotFound)?;
-                user.password = r.hashed_password.clone().into_bytes().into();
-                batch.put(Table::Auth, user_key(&r.name), user.encode_to_vec());
-                effect = TokenEffect::InvalidateUser(r.name.clone());
-                tracing::info!(user_name = %r.name, "changed a password of a user");
-                empty()
-            }
-            Request::AuthUserGrantRole(r) => {
-                if r.role != ROOT_ROLE && !s.roles.contains_key(&r.role) {
-                    let _ = s.users.get(&r.user).ok_or(Error::UserNotFound)?;
-                    return Err(Error::RoleNotFound);
-                }
-                let user = s.users.get_mut(&r.user).ok_or(Error::UserNotFound)?;
-                match user.roles.binary_search(&r.role) {
-                    Ok(_) => {
-                        tracing::warn!(user_name = %r.user, role = %r.role, "ignored grant of a role the user already has");
-                        return Ok((empty(), AuthUpdate { state: None, effect }));
-                    }
-                    Err(at) => user.roles.insert(at, r.role.clone()),
-                }
-                batch.put(Table::Auth, user_key(&r.user), user.encode_to_vec());
-                tracing::info!(user_name = %r.user, role = %r.role, "granted a role to a user");
-                empty()
-            }
-            Request::AuthUserRevokeRole(r) => {
-                if s.enabled && r.name == ROOT_USER && r.role == ROOT_ROLE {
-                    return Err(Error::InvalidAuthMgmt);
-                }
-                let user = s.users.get_mut(&r.name).ok_or(Error::UserNotFound)?;
-                let before = user.roles.len();
-                user.roles.retain(|role| role != &r.role);
-                if user.roles.len() == before {
-                    return Err(Error::RoleNotGranted);
-                }
-                batch.put(Table::Auth, user_key(&r.name), user.encode_to_vec());
-                tracing::info!(user_name = %r.name, role = %r.role, "revoked a role from a user");
-                empty()
-            }
-            Request::AuthRoleAdd(r) => {
-                if r.name.is_empty() {
-                    return Err(Error::RoleEmpty);
-                }
-                if s.roles.contains_key(&r.name) {
-                    return Err(Error::RoleAlreadyExists);
-                }
-                let role = Role { name: r.name.clone().into_bytes().into(), key_permission: Vec::new() };
-                batch.put(Table::Auth, role_key(&r.name), role.encode_to_vec());
-                s.roles.insert(r.name.clone(), role);
-                tracing::info!(role = %r.name, "created a role");
-                empty()
-            }
-            Request::AuthRoleDelete(r) => {
-                if s.enabled && r.role == ROOT_ROLE {
-                    return Err(Error::InvalidAuthMgmt);
-                }
-                if s.roles.remove(&r.role).is_none() {
-                    return Err(Error::RoleNotFound);
-                }
-                batch.delete(Table::Auth, role_key(&r.role));
-                for (name, user) in s.users.iter_mut() {
-                    let before = user.roles.len();
-                    user.roles.retain(|role| role != &r.role);
-                    if user.roles.len() != before {
-                        batch.put(Table::Auth, user_key(name), user.encode_to_vec());
-                    }
-                }
-                tracing::info!(role = %r.role, "deleted a role");
-                empty()
-            }
-            Request::AuthRoleGrantPermission(r) => {
-                let role = s.roles.get_mut(&r.name).ok_or(Error::RoleNotFound)?;
-                let perm = r.perm.clone().unwrap_or_default();
-                match role.key_permission.iter_mut().find(|p| p.key == perm.key && p.range_end == perm.range_end) {
-                    Some(existing) => existing.perm_type = perm.perm_type,
-                    None => {
-                        role.key_permission.push(perm);
-                        role.key_permission.sort_by(|a, b| a.key.cmp(&b.key));
-                    }
-                }
-                batch.put(Table::Auth, role_key(&r.name), role.encode_to_vec());
-                tracing::info!(role = %r.name, "granted or updated a permission of a role");
-                empty()
-            }
-            Request::AuthRoleRevokePermission(r) => {
-                let role = s.roles.get_mut(&r.role).ok_or(Error::RoleNotFound)?;
-                let before = role.key_permission.len();
-                role.key_permission.retain(|p| p.key != r.key || p.range_end != r.range_end);
-                if role.key_permission.len() == before {
-                    return Err(Error::PermissionNotGranted);
-                }
-                batch.put(Table::Auth, role_key(&r.role), role.encode_to_vec());
-                tracing::info!(role = %r.role, "revoked a permission of a role");
-                empty()
-            }
-            _ => return Err(Error::Unimplemented("this request in the auth store")),
         };
-        s.revision += 1;
-        batch.put(Table::Meta, META_AUTH_REVISION, s.revision.to_be_bytes().to_vec());
-        s.refresh_perms();
-        Ok((response, AuthUpdate { state: Some(s), effect }))
+        Ok((Response::Empty(Empty {}), AuthUpdate { state, effect }))
     }
 
     /// Makes an applied change visible (after its batch is written).

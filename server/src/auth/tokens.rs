@@ -13,7 +13,7 @@
 //! without shared state.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -49,13 +49,34 @@ pub enum TokenConfigError {
 
 pub enum TokenProvider {
     Simple(SimpleTokens),
-    Jwt(Box<JwtTokens>),
+    Jwt(Arc<JwtTokens>),
 }
 
-impl TokenProvider {
+/// `--auth-token` parsed, with JWT keys already read and checked: the
+/// configuration holds it, and each member start makes its
+/// [`TokenProvider`] from it without touching the key files again.
+#[derive(Clone)]
+pub enum TokenSpec {
+    Simple {
+        ttl: Duration,
+    },
+    /// Keys are immutable once loaded, so starts share them.
+    Jwt(Arc<JwtTokens>),
+}
+
+impl std::fmt::Debug for TokenSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSpec::Simple { ttl } => f.debug_struct("Simple").field("ttl", ttl).finish(),
+            TokenSpec::Jwt(jwt) => f.debug_struct("Jwt").field("ttl", &jwt.ttl).finish_non_exhaustive(),
+        }
+    }
+}
+
+impl TokenSpec {
     /// Parses `--auth-token` as etcd does: a type, then `name=value`
-    /// options separated by commas.
-    pub fn from_flag(flag: &str, simple_ttl: Duration) -> Result<TokenProvider, TokenConfigError> {
+    /// options separated by commas; reads the JWT key files.
+    pub fn from_flag(flag: &str, simple_ttl: Duration) -> Result<TokenSpec, TokenConfigError> {
         let mut parts = flag.split(',');
         let kind = parts.next().unwrap_or_default();
         let mut opts: HashMap<&str, &str> = HashMap::new();
@@ -68,10 +89,25 @@ impl TokenProvider {
             }
         }
         match kind {
-            "simple" => Ok(TokenProvider::Simple(SimpleTokens::new(simple_ttl))),
-            "jwt" => Ok(TokenProvider::Jwt(Box::new(JwtTokens::new(&opts)?))),
+            "simple" => Ok(TokenSpec::Simple { ttl: simple_ttl }),
+            "jwt" => Ok(TokenSpec::Jwt(Arc::new(JwtTokens::new(&opts)?))),
             other => Err(TokenConfigError::UnknownType(other.to_string())),
         }
+    }
+
+    /// A fresh provider: simple tokens start empty, as after a restart.
+    pub fn provider(&self) -> TokenProvider {
+        match self {
+            TokenSpec::Simple { ttl } => TokenProvider::Simple(SimpleTokens::new(*ttl)),
+            TokenSpec::Jwt(jwt) => TokenProvider::Jwt(jwt.clone()),
+        }
+    }
+}
+
+impl TokenProvider {
+    /// [`TokenSpec::from_flag`], then its provider.
+    pub fn from_flag(flag: &str, simple_ttl: Duration) -> Result<TokenProvider, TokenConfigError> {
+        TokenSpec::from_flag(flag, simple_ttl).map(|spec| spec.provider())
     }
 
     pub fn simple_tokens(&self) -> Option<&SimpleTokens> {

@@ -205,72 +205,24 @@ impl Server {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
-
-    use keel_proto::keelpb::InternalResponse;
-
     use super::*;
+    use crate::duties::fake_raft::{FakeRaft, Path};
     use crate::mvcc::MvccStore;
-    use crate::raft_types::NodeId;
     use crate::storage::memory::MemoryEngine;
     use crate::storage::{SharedEngine, WriteBatch};
 
-    const ME: NodeId = 1;
-
-    /// A member whose leadership the test sets, and which records what the
-    /// duties propose and answers with `failure` when one is set.
-    #[derive(Default)]
-    struct FakeRaft {
-        named_leader: AtomicBool,
-        has_quorum: AtomicBool,
-        failure: Mutex<Option<Error>>,
-        proposed: Mutex<Vec<internal_request::Request>>,
-    }
-
-    impl FakeRaft {
-        fn lead(&self, named: bool, quorum: bool) {
-            self.named_leader.store(named, Ordering::SeqCst);
-            self.has_quorum.store(quorum, Ordering::SeqCst);
-        }
-
-        fn proposed(&self) -> Vec<internal_request::Request> {
-            self.proposed.lock().map(|p| p.clone()).unwrap_or_default()
-        }
-
-        fn revoked(&self) -> Vec<i64> {
-            self.proposed()
-                .into_iter()
-                .filter_map(|r| match r {
-                    internal_request::Request::LeaseRevoke(r) => Some(r.id),
-                    _ => None,
-                })
-                .collect()
-        }
-    }
-
-    impl RaftSeam for FakeRaft {
-        fn member_id(&self) -> NodeId {
-            ME
-        }
-
-        fn raft_names_me_leader(&self) -> bool {
-            self.named_leader.load(Ordering::SeqCst)
-        }
-
-        fn leader(&self) -> Option<NodeId> {
-            (self.raft_names_me_leader() && self.has_quorum.load(Ordering::SeqCst)).then_some(ME)
-        }
-
-        async fn propose_as_leader(&self, req: InternalRequest) -> Result<(InternalResponse, u64)> {
-            if let (Ok(mut p), Some(r)) = (self.proposed.lock(), req.request) {
-                p.push(r);
-            }
-            match self.failure.lock().ok().and_then(|f| f.clone()) {
-                Some(e) => Err(e),
-                None => Ok((InternalResponse::default(), 1)),
-            }
-        }
+    /// The leases revoked, each proposed on this member, never forwarded.
+    fn revoked(raft: &FakeRaft) -> Vec<i64> {
+        raft.proposed()
+            .into_iter()
+            .filter_map(|(path, r)| match r {
+                internal_request::Request::LeaseRevoke(r) => {
+                    assert_eq!(path, Path::AsLeader, "a revocation was forwarded");
+                    Some(r.id)
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Leases 1 to `n`, each with a TTL of zero, so they are due as soon as
@@ -299,7 +251,7 @@ mod tests {
         assert!(clocks.follow_leadership());
         assert!(leases.is_primary(), "the new leader's lessor was not promoted");
         clocks.revoke_expired().await;
-        assert_eq!(raft.revoked(), vec![1, 2]);
+        assert_eq!(revoked(&raft), vec![1, 2]);
 
         // Leadership moves away between two passes: the clocks stop, and
         // nothing more is proposed.
@@ -308,7 +260,7 @@ mod tests {
         assert!(!leases.is_primary(), "the old leader's lessor still times leases");
         clocks.revoke_expired().await;
         clocks.checkpoint().await;
-        assert_eq!(raft.revoked(), vec![1, 2]);
+        assert_eq!(revoked(&raft), vec![1, 2]);
     }
 
     #[tokio::test]
@@ -325,16 +277,12 @@ mod tests {
         let (raft, _leases, mut clocks) = clocks(3);
         raft.lead(true, true);
         clocks.follow_leadership();
-        if let Ok(mut f) = raft.failure.lock() {
-            *f = Some(Error::Timeout);
-        }
+        raft.fail_with(Some(Error::Timeout));
         clocks.revoke_expired().await;
-        assert_eq!(raft.revoked(), vec![1], "one failed proposal per pass, not one per lease");
-        if let Ok(mut f) = raft.failure.lock() {
-            *f = None;
-        }
+        assert_eq!(revoked(&raft), vec![1], "one failed proposal per pass, not one per lease");
+        raft.fail_with(None);
         clocks.revoke_expired().await;
-        assert_eq!(raft.revoked(), vec![1, 1, 2, 3], "the next pass retries every expired lease");
+        assert_eq!(revoked(&raft), vec![1, 1, 2, 3], "the next pass retries every expired lease");
     }
 
     #[tokio::test]
@@ -360,7 +308,7 @@ mod tests {
         leases.checkpoint(&[(7, 40)], &mut WriteBatch::new());
         clocks.checkpoint().await;
         let proposed = raft.proposed();
-        let [internal_request::Request::LeaseCheckpoint(cp)] = proposed.as_slice() else {
+        let [(Path::AsLeader, internal_request::Request::LeaseCheckpoint(cp))] = proposed.as_slice() else {
             panic!("expected one checkpoint, got {proposed:?}");
         };
         assert_eq!(cp.checkpoints.len(), 1);

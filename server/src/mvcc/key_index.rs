@@ -215,9 +215,10 @@ impl KeyIndex {
 /// The whole key index: user key -> [`KeyIndex`], ordered by key.
 ///
 /// Values are boxed: std's B-tree leaves nodes about half full when keys
-/// arrive in order, and a node slot holding the 80-byte `KeyIndex` itself
-/// cost about 215 bytes per key with 1M keys; a slot holding a pointer
-/// costs about 140 (measured), a quarter less RSS for a large store.
+/// arrive in order, so every empty slot of an inline 80-byte `KeyIndex`
+/// is wasted memory; an empty pointer slot wastes a tenth of that (the
+/// RSS per key is in docs/BENCHMARKS.md, "Figures behind design
+/// choices").
 #[derive(Debug, Default)]
 pub struct TreeIndex {
     keys: BTreeMap<Box<[u8]>, Box<KeyIndex>>,

@@ -6,8 +6,8 @@
 //! with FALLOC_FL_KEEP_SIZE, which leaves the size to change). A journal
 //! segment is allocated at its full size up front, so an append writes
 //! inside the file and `fdatasync` waits once, as etcd's preallocated WAL
-//! segments do. On a 2-core VM: 129 us per 300-byte append + fdatasync on
-//! a growing file, 90-95 us inside a preallocated one.
+//! segments do (the difference per append is in docs/BENCHMARKS.md,
+//! "Figures behind design choices").
 //!
 //! The entries still go to the engine's `raft_log` table, unsynced and in
 //! the same order; that table is what Raft reads. The journal only has to

@@ -10,8 +10,8 @@
 //! Raft (keel's openraft patch) replicates while that runs. A follower's
 //! Raft waits for every flush before answering, so there `append` fsyncs
 //! on the calling task and completes the callback itself: two thread
-//! hand-offs (to the syncer and back, ~60 us each on a busy 2-core machine)
-//! fewer on every write's critical path. That holds one runtime worker for
+//! hand-offs (to the syncer and back) fewer on every write's critical
+//! path. That holds one runtime worker for
 //! the fsync, while Raft's task, the only one that could use the answer,
 //! waits for it anyway. Votes are written to the engine synchronously.
 //!

@@ -634,8 +634,8 @@ mod tests {
     }
 
     /// Serves `peer` on a loopback port through keel's own server; returns
-    /// the peer's node and the shutdown switch (keep it alive).
-    async fn serve(peer: Arc<FakePeer>) -> (MemberNode, tokio::sync::watch::Sender<bool>) {
+    /// the peer's node and its tasks (stopped when the test ends).
+    async fn serve(peer: Arc<FakePeer>) -> (MemberNode, crate::tasks::MemberTasks) {
         let listener = transport::bind("http://127.0.0.1:0").await.expect("bind a loopback port");
         let addr = listener.local_addr().expect("a TCP listener has an address");
         let router = tonic::service::Routes::new(RaftPeerServer::new(FakeService(peer))).prepare().into_axum_router();
@@ -644,10 +644,11 @@ mod tests {
             keepalive_min_time: Duration::ZERO,
             keepalive_interval: Duration::ZERO,
             keepalive_timeout: Duration::from_secs(20),
+            authority_shim: false,
         };
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(transport::serve(listener, Security::Plain, router, opts, stopped));
-        (MemberNode { peer_urls: vec![format!("http://{addr}")] }, stop)
+        let tasks = crate::tasks::MemberTasks::new();
+        tasks.spawn(transport::serve(listener, Security::Plain, router, opts, tasks.clone()));
+        (MemberNode { peer_urls: vec![format!("http://{addr}")] }, tasks)
     }
 
     fn clients() -> PeerClients {

@@ -3,7 +3,8 @@
 //! installs snapshots received from the leader.
 //!
 //! Snapshot files live in `<data-dir>/member/snap/`: `current.snap` is the
-//! latest snapshot, written to a temporary file and renamed into place.
+//! latest snapshot, built or received in the member's scratch directory
+//! and renamed into place.
 //! A file is `meta length u32 | bincode(SnapshotMeta) | keel snapshot
 //! stream` (see `snapshot_file`).
 //!
@@ -24,6 +25,7 @@ use openraft::{EntryPayload, OptionalSend, RaftLogId, Snapshot, StorageIOError};
 use super::snapshot_file::{SnapshotReader, SnapshotWriter};
 use super::{codec, CommandResult, Entry, LogId, RaftStorageError, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::apply::Applier;
+use crate::scratch::{ScratchDir, ScratchFile};
 use crate::storage::keys::{META_APPLIED, META_MEMBERSHIP};
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
 
@@ -39,6 +41,9 @@ pub struct StateMachineCore {
     engine: SharedEngine,
     applier: Applier,
     snap_dir: PathBuf,
+    /// Where snapshots are built and received before they are renamed
+    /// into `snap_dir`.
+    scratch: ScratchDir,
     reload: Arc<dyn Reloadable>,
     /// Applied index, readable without the engine (status, read waits).
     applied_index: AtomicU64,
@@ -81,6 +86,7 @@ impl StateMachine {
         engine: SharedEngine,
         applier: Applier,
         snap_dir: PathBuf,
+        scratch: ScratchDir,
         reload: Arc<dyn Reloadable>,
     ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(&snap_dir).map_err(|e| StorageError::Io(e.to_string()))?;
@@ -90,6 +96,7 @@ impl StateMachine {
             engine,
             applier,
             snap_dir,
+            scratch,
             reload,
             applied_index: AtomicU64::new(applied.map_or(0, |l| l.index)),
             applied_tx,
@@ -136,11 +143,12 @@ impl StateMachineCore {
     fn build(&self) -> Result<(SnapshotMeta, PathBuf), StorageError> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let io = |e: std::io::Error| StorageError::Io(e.to_string());
-        let body_path = self.snap_dir.join(format!("build-{}.body", std::process::id()));
+        let body = ScratchFile::new(self.scratch.file("snapshot-body"));
+        let body_path = body.path();
         let mut applied: Option<LogId> = None;
         let mut membership = StoredMembership::default();
         {
-            let file = std::fs::File::create(&body_path).map_err(io)?;
+            let file = std::fs::File::create(body_path).map_err(io)?;
             let mut w = SnapshotWriter::new(BufWriter::new(file)).map_err(io)?;
             self.engine.scan_consistent(&Table::STATE_MACHINE, &mut |table, k, v| {
                 if table == Table::Meta && k == META_APPLIED {
@@ -162,18 +170,18 @@ impl StateMachineCore {
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        let tmp = self.snap_dir.join(format!("build-{}.snap", std::process::id()));
+        let built = ScratchFile::new(self.scratch.file("snapshot"));
         {
             let meta_bytes = codec::encode(&meta).map_err(|e| StorageError::Io(e.to_string()))?;
-            let mut out = BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+            let mut out = BufWriter::new(std::fs::File::create(built.path()).map_err(io)?);
             out.write_all(&(meta_bytes.len() as u32).to_le_bytes()).map_err(io)?;
             out.write_all(&meta_bytes).map_err(io)?;
-            std::io::copy(&mut std::fs::File::open(&body_path).map_err(io)?, &mut out).map_err(io)?;
+            std::io::copy(&mut std::fs::File::open(body_path).map_err(io)?, &mut out).map_err(io)?;
             out.into_inner().map_err(|e| StorageError::Io(e.to_string()))?.sync_all().map_err(io)?;
         }
-        let _ = std::fs::remove_file(&body_path);
+        drop(body);
         let current = self.snap_dir.join(CURRENT);
-        std::fs::rename(&tmp, &current).map_err(io)?;
+        built.persist(&current).map_err(io)?;
         fsync_dir(&self.snap_dir).map_err(io)?;
         Ok((meta, current))
     }
@@ -283,8 +291,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, RaftStorageError> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let path = self.core.snap_dir.join(format!("recv-{}.tmp", SEQ.fetch_add(1, Ordering::Relaxed)));
+        // Left in the scratch directory if the transfer is abandoned; the
+        // next start sweeps it.
+        let path = self.core.scratch.file("snapshot-received");
         Ok(Box::new(SnapshotFile::create(path).await.map_err(snap_err)?))
     }
 

@@ -55,8 +55,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         let auth = Arc::new(crate::auth::AuthStore::load(&engine, tokens).map_err(storage_err)?);
         let stores = crate::apply::Stores { mvcc: mvcc.clone(), members, leases, alarms, auth };
         let applier = Applier::new(engine.clone(), stores, Arc::new(Nothing), Arc::new(Nothing));
-        let sm = StateMachine::open(engine.clone(), applier, dir.path().join("snap"), Arc::new(ReloadMvcc(mvcc)))
-            .map_err(storage_err)?;
+        let scratch = crate::scratch::ScratchDir::open_swept(&dir.path().join("tmp")).map_err(storage_err)?;
+        let sm =
+            StateMachine::open(engine.clone(), applier, dir.path().join("snap"), scratch, Arc::new(ReloadMvcc(mvcc)))
+                .map_err(storage_err)?;
         let log = LogStore::open(engine, &dir.path().join("journal")).map_err(storage_err)?;
         log.set_leading(self.leading);
         Ok((dir, log, sm))

@@ -95,6 +95,12 @@ pub const META_AUTH_ENABLED: &[u8] = b"auth_enabled";
 pub const META_AUTH_REVISION: &[u8] = b"auth_revision";
 /// meta: the lease checkpointing schema marker etc. live under this prefix.
 pub const META_LEASE_PREFIX: &[u8] = b"lease/";
+/// auth: a user record (`authpb.User`) is `u/` + user name; etcd's
+/// `authUsers` bucket holds the same records under the bare name.
+pub const AUTH_USER_PREFIX: &[u8] = b"u/";
+/// auth: a role record (`authpb.Role`) is `r/` + role name (etcd's
+/// `authRoles` bucket).
+pub const AUTH_ROLE_PREFIX: &[u8] = b"r/";
 
 /// raft_log key for a log index.
 pub fn log_key(index: u64) -> [u8; 8] {

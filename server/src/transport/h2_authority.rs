@@ -13,10 +13,11 @@
 //!
 //! Only the first header block of a connection is decoded when its
 //! authority is fine: it is then forwarded as the client encoded it, so
-//! the server's decoder mirrors the client's encoder, and every later block
-//! passes through untouched. Clients fix the authority per connection
+//! the server's decoder mirrors the client's encoder, and from then on
+//! the socket is read straight into hyper's buffer, without a copy (the
+//! shim only follows frame headers in place, for the ping policy below). Clients fix the authority per connection
 //! (grpc-go per ClientConn, tonic per channel), and decoding every block
-//! cost about a fifth of a member's CPU under load (the HPACK crate builds
+//! cost a large share of a member's CPU under load (the HPACK crate builds
 //! a Huffman table for every string it decodes). A connection whose first
 //! block needs the repair keeps decoding and re-encoding every block.
 //!
@@ -75,8 +76,73 @@ enum HeaderBlocks {
 enum Mode {
     /// Still reading the first bytes to tell HTTP/2 from HTTP/1.
     Sniffing,
+    /// HTTP/2 frames are parsed, header blocks decoded.
     H2,
+    /// HTTP/2 whose header blocks pass untouched: bytes go straight to
+    /// hyper, and frame headers are followed in place for the ping policy.
+    Scanning,
+    /// Bytes go straight to hyper (HTTP/1, or nothing left to police).
     Passthrough,
+}
+
+/// Follows the frame boundaries of an HTTP/2 byte stream seen in pieces.
+#[derive(Default)]
+struct FrameTracker {
+    header: [u8; FRAME_HEADER_LEN],
+    header_len: usize,
+    /// Payload bytes of the current frame still to pass.
+    skip: usize,
+}
+
+impl FrameTracker {
+    /// Calls `on_frame(type, flags)` for each frame header completed in
+    /// `bytes`.
+    fn scan(&mut self, mut bytes: &[u8], mut on_frame: impl FnMut(u8, u8) -> io::Result<()>) -> io::Result<()> {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let k = self.skip.min(bytes.len());
+                self.skip -= k;
+                bytes = &bytes[k..];
+                continue;
+            }
+            let k = (FRAME_HEADER_LEN - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + k].copy_from_slice(&bytes[..k]);
+            self.header_len += k;
+            bytes = &bytes[k..];
+            if self.header_len == FRAME_HEADER_LEN {
+                let h = self.header;
+                self.skip = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                self.header_len = 0;
+                on_frame(h[3], h[4])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// grpc-go's server ping policy (see the module doc).
+struct PingPolicy {
+    /// `--grpc-keepalive-min-time`; zero disables the check.
+    min_interval: std::time::Duration,
+    last: Option<std::time::Instant>,
+    strikes: u8,
+}
+
+impl PingPolicy {
+    fn on_frame(&mut self, ty: u8, flags: u8) -> io::Result<()> {
+        if ty != TYPE_PING || flags & FLAG_ACK != 0 || self.min_interval.is_zero() {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|last| now.duration_since(last) < self.min_interval) {
+            self.strikes += 1;
+            if self.strikes > MAX_PING_STRIKES {
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "too_many_pings"));
+            }
+        }
+        self.last = Some(now);
+        Ok(())
+    }
 }
 
 /// A partially received header block.
@@ -99,15 +165,11 @@ pub struct AuthorityFix<S> {
     header_blocks: HeaderBlocks,
     pending: Option<PendingHeaders>,
     eof: bool,
-    /// `--grpc-keepalive-min-time`; zero disables the check.
-    min_ping_interval: std::time::Duration,
-    last_ping: Option<std::time::Instant>,
-    ping_strikes: u8,
-    /// Frame header bytes of the server's output seen so far.
-    out_header: [u8; FRAME_HEADER_LEN],
-    out_header_len: usize,
-    /// Payload bytes of the current outbound frame still to pass.
-    out_skip: usize,
+    pings: PingPolicy,
+    /// Frames the client sends, once they are no longer parsed.
+    inbound: FrameTracker,
+    /// Frames the server writes (its HEADERS and DATA clear ping strikes).
+    outbound: FrameTracker,
 }
 
 impl<S> AuthorityFix<S> {
@@ -122,57 +184,32 @@ impl<S> AuthorityFix<S> {
             header_blocks: HeaderBlocks::FirstUndecided,
             pending: None,
             eof: false,
-            min_ping_interval,
-            last_ping: None,
-            ping_strikes: 0,
-            out_header: [0; FRAME_HEADER_LEN],
-            out_header_len: 0,
-            out_skip: 0,
+            pings: PingPolicy { min_interval: min_ping_interval, last: None, strikes: 0 },
+            inbound: FrameTracker::default(),
+            outbound: FrameTracker::default(),
         }
     }
 
     /// Follows the frames in bytes the server wrote; its HEADERS and DATA
     /// clear the ping strikes.
-    fn scan_outbound(&mut self, mut bytes: &[u8]) {
-        if !matches!(self.mode, Mode::H2) {
+    fn scan_outbound(&mut self, bytes: &[u8]) {
+        if !matches!(self.mode, Mode::H2 | Mode::Scanning) {
             return;
         }
-        while !bytes.is_empty() {
-            if self.out_skip > 0 {
-                let k = self.out_skip.min(bytes.len());
-                self.out_skip -= k;
-                bytes = &bytes[k..];
-                continue;
+        let pings = &mut self.pings;
+        let _ = self.outbound.scan(bytes, |ty, _| {
+            if ty == TYPE_HEADERS || ty == TYPE_DATA {
+                pings.strikes = 0;
             }
-            let k = (FRAME_HEADER_LEN - self.out_header_len).min(bytes.len());
-            self.out_header[self.out_header_len..self.out_header_len + k].copy_from_slice(&bytes[..k]);
-            self.out_header_len += k;
-            bytes = &bytes[k..];
-            if self.out_header_len == FRAME_HEADER_LEN {
-                let h = self.out_header;
-                self.out_skip = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
-                self.out_header_len = 0;
-                if h[3] == TYPE_HEADERS || h[3] == TYPE_DATA {
-                    self.ping_strikes = 0;
-                }
-            }
-        }
+            Ok(())
+        });
     }
 
-    /// grpc-go's ping policy (see the module doc).
-    fn on_ping(&mut self) -> io::Result<()> {
-        if self.min_ping_interval.is_zero() {
-            return Ok(());
-        }
-        let now = std::time::Instant::now();
-        if self.last_ping.is_some_and(|last| now.duration_since(last) < self.min_ping_interval) {
-            self.ping_strikes += 1;
-            if self.ping_strikes > MAX_PING_STRIKES {
-                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "too_many_pings"));
-            }
-        }
-        self.last_ping = Some(now);
-        Ok(())
+    /// Follows the frames in bytes the client sent that are no longer
+    /// parsed, for the ping policy.
+    fn scan_inbound(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let pings = &mut self.pings;
+        self.inbound.scan(bytes, |ty, flags| pings.on_frame(ty, flags))
     }
 }
 
@@ -221,7 +258,20 @@ impl<S> AuthorityFix<S> {
                     self.output.extend_from_slice(&all);
                     return Ok(());
                 }
+                Mode::Scanning => {
+                    // What was read before the switch, once.
+                    let all = self.input.split();
+                    self.scan_inbound(&all)?;
+                    self.output.extend_from_slice(&all);
+                    return Ok(());
+                }
                 Mode::H2 => {
+                    if self.header_blocks == HeaderBlocks::Untouched && self.pending.is_none() {
+                        // Judged: from here on, bytes pass without a copy
+                        // (the input left starts at a frame boundary).
+                        self.mode = if self.pings.min_interval.is_zero() { Mode::Passthrough } else { Mode::Scanning };
+                        continue;
+                    }
                     if self.input.len() < FRAME_HEADER_LEN {
                         return Ok(());
                     }
@@ -238,13 +288,10 @@ impl<S> AuthorityFix<S> {
                     let payload = self.input.split_to(len);
                     let (ty, flags) = (header[3], header[4]);
                     let stream_id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
-                    if ty == TYPE_PING && flags & FLAG_ACK == 0 {
-                        self.on_ping()?;
-                    }
-                    let untouched = self.header_blocks == HeaderBlocks::Untouched;
+                    self.pings.on_frame(ty, flags)?;
                     match ty {
-                        TYPE_HEADERS if !untouched => self.on_headers(flags, stream_id, &payload)?,
-                        TYPE_CONTINUATION if !untouched => self.on_continuation(flags, stream_id, &payload)?,
+                        TYPE_HEADERS => self.on_headers(flags, stream_id, &payload)?,
+                        TYPE_CONTINUATION => self.on_continuation(flags, stream_id, &payload)?,
                         _ => {
                             if self.pending.is_some() {
                                 return Err(invalid("HTTP/2 frame interleaved with a header block"));
@@ -380,9 +427,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            if let Mode::Passthrough = this.mode {
-                if this.input.is_empty() {
-                    return Pin::new(&mut this.inner).poll_read(cx, buf);
+            if this.input.is_empty() {
+                match this.mode {
+                    Mode::Passthrough => return Pin::new(&mut this.inner).poll_read(cx, buf),
+                    Mode::Scanning => {
+                        let before = buf.filled().len();
+                        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+                        if let Poll::Ready(Ok(())) = read {
+                            let new = &buf.filled()[before..];
+                            let pings = &mut this.pings;
+                            this.inbound.scan(new, |ty, flags| pings.on_frame(ty, flags))?;
+                        }
+                        return read;
+                    }
+                    Mode::Sniffing | Mode::H2 => {}
                 }
             }
             let mut chunk = [0u8; 16 * 1024];
@@ -528,6 +586,64 @@ mod tests {
             assert!(headers.contains(&(b":authority".to_vec(), b"127.0.0.1:2379".to_vec())));
             assert!(headers.contains(&(b":path".to_vec(), path.to_vec())));
         }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn once_judged_a_connection_is_read_without_a_copy_and_still_policed() -> io::Result<()> {
+        let mut client = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &request(&mut client, b"h:1", b"/a")));
+        input.extend(frame(TYPE_DATA, 0, 1, b"x"));
+        let ping = frame(TYPE_PING, 0, 0, &[0; 8]);
+        // The first read holds the preface and the first block; the rest
+        // arrives later, as a client sends it.
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut fix = AuthorityFix::new(rx, std::time::Duration::from_secs(3600));
+        use tokio::io::AsyncWriteExt;
+        tx.write_all(&input).await?;
+        let mut out = vec![0u8; input.len()];
+        fix.read_exact(&mut out).await?;
+        assert_eq!(out, input);
+        assert!(matches!(fix.mode, Mode::Scanning), "still parsing frames after the first block");
+
+        // Pings far too often: two strikes are tolerated, the third early
+        // ping closes the connection, frames split across reads or not.
+        for _ in 0..3 {
+            tx.write_all(&ping).await?;
+        }
+        let (head, tail) = ping.split_at(4);
+        tx.write_all(head).await?;
+        tx.flush().await?;
+        let mut sink = vec![0u8; 3 * ping.len()];
+        fix.read_exact(&mut sink).await?;
+        tx.write_all(tail).await?;
+        let mut rest = [0u8; 64];
+        let mut closed = false;
+        for _ in 0..4 {
+            match fix.read(&mut rest).await {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
+                    closed = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+        }
+        assert!(closed, "a fourth ping within the minimum time was let through");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn without_a_ping_policy_a_judged_connection_passes_straight_through() -> io::Result<()> {
+        let mut client = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &request(&mut client, b"h:1", b"/a")));
+        let mut fix = AuthorityFix::new(input.as_slice(), std::time::Duration::ZERO);
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await?;
+        assert_eq!(out, input);
+        assert!(matches!(fix.mode, Mode::Passthrough));
         Ok(())
     }
 

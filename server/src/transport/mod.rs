@@ -22,6 +22,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::tasks::MemberTasks;
 use tonic::transport::{Channel, Endpoint};
 
 pub mod h2_authority;
@@ -189,16 +191,43 @@ pub struct Http2Options {
     pub keepalive_min_time: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Passes client connections through `h2_authority` (repairs grpc-go's
+    /// URL authorities, enforces `keepalive_min_time`). Peers are keel
+    /// members, which need neither.
+    pub authority_shim: bool,
+}
+
+/// The TLS side of a listener: the acceptor, and the revocation list its
+/// client verifier checks, refreshed before each handshake.
+#[derive(Clone)]
+pub struct ServerTls {
+    acceptor: TlsAcceptor,
+    revocations: Option<Arc<tls_policy::RevocationList>>,
+}
+
+impl ServerTls {
+    pub async fn accept<IO>(&self, stream: IO) -> io::Result<tokio_rustls::server::TlsStream<IO>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        if let Some(list) = &self.revocations {
+            // A stat, and a read and parse when the file changed: blocking
+            // work, kept off the async workers.
+            let list = list.clone();
+            tokio::task::spawn_blocking(move || list.refresh()).await.map_err(io::Error::other)?;
+        }
+        self.acceptor.accept(stream).await
+    }
 }
 
 /// What a listener accepts.
 #[derive(Clone)]
 pub enum Security {
     Plain,
-    Tls(TlsAcceptor),
+    Tls(ServerTls),
     /// Both on one port (etcd's `http://` and `https://` URLs for the same
     /// address): a TLS handshake is told apart by its first byte.
-    Both(TlsAcceptor),
+    Both(ServerTls),
 }
 
 /// The first byte of a TLS record carrying a handshake.
@@ -217,18 +246,20 @@ async fn peek_first_byte(stream: &Stream) -> io::Result<Option<u8>> {
     }
 }
 
-/// Accepts connections until `shutdown` fires, serving `router` on each.
+/// Accepts connections until the member stops, serving `router` on each;
+/// each connection is one of the member's tasks, closed gracefully (for
+/// up to a second) when the member stops.
 pub async fn serve(
     listener: Listener,
     security: Security,
     router: axum::Router,
     opts: Http2Options,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    tasks: MemberTasks,
 ) {
     loop {
         let stream = tokio::select! {
             s = listener.accept() => s,
-            _ = shutdown.changed() => return,
+            _ = tasks.stopped() => return,
         };
         let stream = match stream {
             Ok(s) => s,
@@ -238,70 +269,90 @@ pub async fn serve(
                 continue;
             }
         };
-        let security = security.clone();
-        let mut router = router.clone();
-        let mut conn_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let acceptor = match security {
-                Security::Plain => None,
-                Security::Tls(a) => Some(a),
-                Security::Both(a) => match peek_first_byte(&stream).await {
-                    Ok(Some(TLS_HANDSHAKE)) => Some(a),
-                    Ok(_) => None,
-                    Err(_) => return,
-                },
-            };
-            let stream = match acceptor {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(s) => {
-                        let cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
-                        if let Some(cn) = cn {
-                            router = router.layer(axum::Extension(ClientCommonName(cn)));
-                        }
-                        Stream::ServerTls(Box::new(s))
-                    }
-                    Err(e) => {
-                        let refused =
-                            e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some_and(|r| {
-                                matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate))
-                            });
-                        if refused {
-                            // Go's wording, which operators' scripts look for.
-                            tracing::warn!("TLS handshake error: remote error: tls: bad certificate");
-                        } else {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                        }
-                        return;
-                    }
-                },
-                None => stream,
-            };
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            {
-                let mut h2 = builder.http2();
-                h2.timer(TokioTimer::new());
-                h2.max_concurrent_streams(opts.max_concurrent_streams);
-                if !opts.keepalive_interval.is_zero() {
-                    h2.keep_alive_interval(Some(opts.keepalive_interval));
-                    h2.keep_alive_timeout(opts.keepalive_timeout);
+        let connection = serve_connection(stream, security.clone(), router.clone(), opts, tasks.stop_signal());
+        tasks.spawn(connection);
+    }
+}
+
+/// The TLS handshake, if any, then HTTP/1 or HTTP/2 until the client
+/// leaves or `stop` fires.
+async fn serve_connection(
+    stream: Stream,
+    security: Security,
+    mut router: axum::Router,
+    opts: Http2Options,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let tls = match security {
+        Security::Plain => None,
+        Security::Tls(tls) => Some(tls),
+        Security::Both(tls) => match peek_first_byte(&stream).await {
+            Ok(Some(TLS_HANDSHAKE)) => Some(tls),
+            Ok(_) => None,
+            Err(_) => return,
+        },
+    };
+    let stream = match tls {
+        Some(tls) => match tls.accept(stream).await {
+            Ok(s) => {
+                let cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+                if let Some(cn) = cn {
+                    router = router.layer(axum::Extension(ClientCommonName(cn)));
                 }
+                Stream::ServerTls(Box::new(s))
             }
-            let service = TowerToHyperService::new(router);
-            let stream = h2_authority::AuthorityFix::new(stream, opts.keepalive_min_time);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::trace!(error = %e, "connection closed with error");
-                    }
+            Err(e) => {
+                let refused = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some_and(|r| {
+                    matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate))
+                });
+                if refused {
+                    // Go's wording, which operators' scripts look for.
+                    tracing::warn!("TLS handshake error: remote error: tls: bad certificate");
+                } else {
+                    tracing::debug!(error = %e, "TLS handshake failed");
                 }
-                _ = conn_shutdown.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-                }
+                return;
             }
-        });
+        },
+        None => stream,
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    {
+        let mut h2 = builder.http2();
+        h2.timer(TokioTimer::new());
+        h2.max_concurrent_streams(opts.max_concurrent_streams);
+        if !opts.keepalive_interval.is_zero() {
+            h2.keep_alive_interval(Some(opts.keepalive_interval));
+            h2.keep_alive_timeout(opts.keepalive_timeout);
+        }
+    }
+    let service = TowerToHyperService::new(router);
+    if opts.authority_shim {
+        let stream = h2_authority::AuthorityFix::new(stream, opts.keepalive_min_time);
+        drive(builder.serve_connection_with_upgrades(TokioIo::new(stream), service), stop).await;
+    } else {
+        drive(builder.serve_connection_with_upgrades(TokioIo::new(stream), service), stop).await;
+    }
+}
+
+/// Runs a connection until it ends, or closes it gracefully (for up to a
+/// second) once `stop` fires.
+async fn drive<C>(conn: C, stop: tokio_util::sync::CancellationToken)
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::trace!(error = %e, "connection closed with error");
+            }
+        }
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
     }
 }
 
@@ -371,37 +422,37 @@ fn root_store_of(ca: &Path, certs: &[CertificateDer<'static>]) -> io::Result<Arc
 
 /// A TLS server configuration speaking h2 and http/1.1; with a trusted
 /// CA it requires and verifies client certificates.
-pub fn server_tls(files: &TlsFiles) -> io::Result<TlsAcceptor> {
+pub fn server_tls(files: &TlsFiles) -> io::Result<ServerTls> {
     let provider = Arc::new(files.policy.provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&files.policy.versions())
         .map_err(io::Error::other)?;
-    let mut checks_revocation = false;
+    let mut revocations = None;
     let builder = match &files.trusted_ca {
         Some(ca) => {
             let certs = load_certs(ca)?;
+            revocations = files.crl.as_deref().map(tls_policy::RevocationList::open).transpose()?.map(Arc::new);
             let verifier = tls_policy::RootAsClientVerifier::new(
                 root_store_of(ca, &certs)?,
                 certs,
-                files.crl.as_deref(),
+                revocations.clone(),
                 files.allowed_client.clone(),
                 provider,
             )?;
-            checks_revocation = verifier.checks_revocation();
             builder.with_client_cert_verifier(Arc::new(verifier))
         }
         None => builder.with_no_client_auth(),
     };
     let mut cfg =
         builder.with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?).map_err(io::Error::other)?;
-    if checks_revocation {
+    if revocations.is_some() {
         // A resumed session skips certificate verification, so a client
         // revoked since its first handshake would get back in.
         cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         cfg.send_tls13_tickets = 0;
     }
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
+    Ok(ServerTls { acceptor: TlsAcceptor::from(Arc::new(cfg)), revocations })
 }
 
 /// How a member dials its peers over TLS, as etcd 3.4's
@@ -588,7 +639,7 @@ mod tests {
     /// Whether `client` completes a handshake with `acceptor` and reads a
     /// byte from it (over an in-memory pipe; reading also takes in any
     /// session tickets the server sends).
-    async fn exchange(acceptor: TlsAcceptor, client: Arc<rustls::ClientConfig>) -> io::Result<bool> {
+    async fn exchange(acceptor: ServerTls, client: Arc<rustls::ClientConfig>) -> io::Result<bool> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (a, b) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(async move {
@@ -659,6 +710,34 @@ mod tests {
         assert!(!exchange(acceptor.clone(), client.clone()).await?, "revoked, the same client config must not resume");
         let fresh = peer_client_tls(Some(&served), &TlsPolicy::permissive())?;
         assert!(!exchange(acceptor, fresh).await?, "revoked");
+        Ok(())
+    }
+
+    /// The list is parsed again only when its file changed; a file that
+    /// disappears refuses every client until it is back.
+    #[test]
+    fn a_revocation_list_follows_its_file() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let files = self_signed(dir.path(), &["localhost".to_string()], &TlsPolicy::permissive())?;
+        let der = load_certs(&files.cert)?.remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(io::Error::other)?;
+        let serial = cert.raw_serial().to_vec();
+        let crl = dir.path().join("crl.pem");
+        write_crl(&crl, &[vec![0x7f]])?;
+        let list = tls_policy::RevocationList::open(&crl)?;
+        assert!(list.admits(&der), "not revoked yet");
+
+        write_crl(&crl, &[vec![0x7f], serial])?;
+        assert!(list.admits(&der), "the rewrite is seen at the next refresh, not before");
+        list.refresh();
+        assert!(!list.admits(&der), "revoked");
+
+        std::fs::remove_file(&crl)?;
+        list.refresh();
+        assert!(!list.admits(&der), "an unreadable list refuses every client");
+        write_crl(&crl, &[vec![0x7f]])?;
+        list.refresh();
+        assert!(list.admits(&der), "the list is back without the serial");
         Ok(())
     }
 

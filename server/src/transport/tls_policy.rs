@@ -150,47 +150,88 @@ fn revoked_serials(bytes: &[u8]) -> Result<HashSet<Vec<u8>>, String> {
 /// Serial numbers (DER integer contents) of revoked certificates.
 type Serials = Arc<HashSet<Vec<u8>>>;
 
-/// A revocation list file read again for every client, as etcd does
-/// (`--client-crl-file`, `--peer-crl-file`): an operator revokes a
-/// certificate by rewriting the file, without a restart.
-struct CrlFile {
-    path: std::path::PathBuf,
-    /// The contents last read and the serials they revoke.
-    current: std::sync::Mutex<(Vec<u8>, Serials)>,
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
 }
 
-impl CrlFile {
-    fn open(path: &Path) -> std::io::Result<CrlFile> {
-        let (bytes, serials) = Self::read(path)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
-        Ok(CrlFile { path: path.to_path_buf(), current: std::sync::Mutex::new((bytes, Arc::new(serials))) })
+impl FileStamp {
+    fn of(path: &Path) -> std::io::Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileStamp { len: m.len(), modified: m.modified().ok(), inode: m.ino() })
+    }
+}
+
+/// A revocation list file (`--client-crl-file`, `--peer-crl-file`). etcd
+/// reads it again for every client, so an operator revokes a certificate
+/// by rewriting the file, without a restart. Here the listener calls
+/// [`RevocationList::refresh`] off the async workers before each TLS
+/// handshake; it re-reads and parses the file only when its size, time or
+/// inode changed. The handshake then checks the parsed serials.
+pub struct RevocationList {
+    path: std::path::PathBuf,
+    /// The file version last read, and its serials, or why it could not
+    /// be read or parsed (then every client is refused, as in etcd).
+    current: std::sync::Mutex<(Option<FileStamp>, Result<Serials, String>)>,
+}
+
+impl RevocationList {
+    /// Reads the list; a file that cannot be read or parsed at start-up
+    /// is a configuration error.
+    pub fn open(path: &Path) -> std::io::Result<RevocationList> {
+        let list = RevocationList {
+            path: path.to_path_buf(),
+            current: std::sync::Mutex::new((None, Err("not read yet".into()))),
+        };
+        list.refresh();
+        if let Err(e) = &list.current().1 {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())));
+        }
+        Ok(list)
     }
 
-    fn read(path: &Path) -> Result<(Vec<u8>, HashSet<Vec<u8>>), String> {
-        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-        let serials = revoked_serials(&bytes)?;
-        Ok((bytes, serials))
+    fn current(&self) -> std::sync::MutexGuard<'_, (Option<FileStamp>, Result<Serials, String>)> {
+        self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Re-reads the file if it changed since the last read. Blocking.
+    pub fn refresh(&self) {
+        let stamp = match FileStamp::of(&self.path) {
+            Ok(stamp) => stamp,
+            Err(e) => {
+                *self.current() = (None, Err(e.to_string()));
+                return;
+            }
+        };
+        if self.current().0.as_ref() == Some(&stamp) {
+            return;
+        }
+        let parsed = std::fs::read(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| revoked_serials(&bytes))
+            .map(Arc::new);
+        if let Err(error) = &parsed {
+            tracing::warn!(path = %self.path.display(), %error, "cannot read the certificate revocation list");
+        }
+        *self.current() = (Some(stamp), parsed);
     }
 
     /// etcd's checkCRL: refused when the serial number of any certificate
-    /// the client presented is listed. A file that cannot be read or
-    /// parsed refuses the client, as in etcd.
+    /// the client presented is listed, or when the list could not be read
+    /// or parsed.
     fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
     ) -> Result<(), rustls::Error> {
-        let (bytes, serials) = Self::read(&self.path).map_err(|error| {
-            tracing::warn!(path = %self.path.display(), %error, "cannot read the certificate revocation list");
-            rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
-        })?;
-        let serials = {
-            let mut current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if current.0 != bytes {
-                *current = (bytes, Arc::new(serials));
-            }
-            current.1.clone()
-        };
+        let serials =
+            self.current().1.clone().map_err(|_| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
+            })?;
         for cert in std::iter::once(end_entity).chain(intermediates) {
             let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
                 .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
@@ -200,6 +241,13 @@ impl CrlFile {
             }
         }
         Ok(())
+    }
+
+    /// Whether a client presenting `cert` alone passes the list as last
+    /// refreshed.
+    #[cfg(test)]
+    pub fn admits(&self, cert: &CertificateDer<'_>) -> bool {
+        self.check(cert, &[]).is_ok()
     }
 }
 
@@ -230,13 +278,13 @@ impl AllowedClient {
 
 /// webpki's client verifier, except that a client presenting exactly a
 /// trusted CA certificate is accepted (its key is still proven by the
-/// handshake signature), a revocation list file is read again for each
-/// client, and, with `allowed`, a certificate with another common name or
+/// handshake signature), revoked certificates are refused
+/// ([`RevocationList`]), and, with `allowed`, a certificate with another common name or
 /// host name is refused in the handshake (the client sees Go's "bad
 /// certificate" alert, as from etcd).
 pub struct RootAsClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    crl: Option<CrlFile>,
+    crl: Option<Arc<RevocationList>>,
     roots: Vec<CertificateDer<'static>>,
     allowed: Option<AllowedClient>,
 }
@@ -246,22 +294,14 @@ impl RootAsClientVerifier {
     pub fn new(
         store: Arc<rustls::RootCertStore>,
         roots: Vec<CertificateDer<'static>>,
-        crl_file: Option<&Path>,
+        crl: Option<Arc<RevocationList>>,
         allowed: Option<AllowedClient>,
         provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> std::io::Result<RootAsClientVerifier> {
         let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(store, provider)
             .build()
             .map_err(std::io::Error::other)?;
-        let crl = crl_file.map(CrlFile::open).transpose()?;
         Ok(RootAsClientVerifier { inner, crl, roots, allowed })
-    }
-
-    /// Whether revocation is checked: the server then must not resume
-    /// sessions, which would skip [`ClientCertVerifier::verify_client_cert`]
-    /// (etcd checks the list after every handshake, resumed or not).
-    pub fn checks_revocation(&self) -> bool {
-        self.crl.is_some()
     }
 }
 
