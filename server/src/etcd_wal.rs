@@ -250,6 +250,14 @@ mod tests {
 
     use super::*;
 
+    /// etcd's WAL and `snapshot status` use CRC-32C (Castagnoli), extended
+    /// record by record.
+    #[test]
+    fn crc_is_castagnoli_and_extends() {
+        assert_eq!(crc32c(0, b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(crc32c(0, b"1234"), b"56789"), 0xE306_9283);
+    }
+
     fn arb_record() -> impl Strategy<Value = (i64, Vec<u8>)> {
         (
             prop_oneof![Just(METADATA_RECORD), Just(ENTRY_RECORD), Just(STATE_RECORD), Just(SNAPSHOT_RECORD)],

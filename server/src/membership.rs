@@ -25,7 +25,9 @@ use openraft::ChangeMembers;
 use crate::cluster::{member_id, parse_url};
 use crate::error::{Error, Result};
 use crate::raft::{MemberNode, NodeId};
-use crate::server::{client_write_error, retry_until_leader_answers, LeaderRef, MembershipSeam, Server};
+use crate::server::{
+    client_write_error, retry_until_leader_answers, LeaderRef, MembershipSeam, Server, LEADER_RETRY_PAUSE,
+};
 
 /// How many election timeouts a leader without a quorum stays silent
 /// (`check_quorum`): the longest a follower waits to campaign, 4, plus one.
@@ -33,8 +35,6 @@ const STEP_DOWN_PAUSE: u32 = 5;
 
 /// etcd allows one learner at a time.
 const MAX_LEARNERS: usize = 1;
-/// How often a request that found no leader looks again.
-const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 impl Server {
     fn membership(&self) -> crate::raft::Membership {

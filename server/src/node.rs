@@ -405,8 +405,9 @@ async fn start_raft(
         Raft::new(id, Arc::new(raft_config(config)?), network, state.log_store.clone(), state.state_machine.clone())
             .await
             .map_err(|e| anyhow!("cannot start raft: {e}"))?;
-    // Ends with Raft (its metrics channel closes).
-    tasks.spawn(tell_log_store_the_role(raft.metrics(), state.log_store.clone()));
+    // Ends with Raft (its metrics channel closes), which shuts down after
+    // the member's tasks: not one of them.
+    tokio::spawn(tell_log_store_the_role(raft.metrics(), state.log_store.clone()));
 
     // A restored member bootstraps the membership given to the restore.
     if bootstrap == Bootstrap::Restart && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {
@@ -613,6 +614,8 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     );
 
     let tasks = MemberTasks::new();
+    // A start that fails from here on stops the tasks it started.
+    let stop_on_failure = tasks.stop_signal().drop_guard();
     let scratch = ScratchDir::open_swept(&member_dir.join("tmp"))?;
     let state = open_state(&config, &engine, member_dir, &scratch)?;
     let raft = start_raft(&config, identity, &engine, &peers, &state, &tasks).await?;
@@ -670,6 +673,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     for url in &config.listen_client_urls {
         tracing::info!(address = %url, "ready to serve client requests");
     }
+    stop_on_failure.disarm();
     Ok(Node { server, tasks, client_addrs, peer_addrs })
 }
 

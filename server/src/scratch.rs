@@ -49,10 +49,6 @@ impl ScratchDir {
         let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
         self.inner.dir.join(format!("{purpose}-{n}.tmp"))
     }
-
-    pub fn path(&self) -> &Path {
-        &self.inner.dir
-    }
 }
 
 /// Removes a scratch file when dropped, unless it was renamed into place

@@ -65,7 +65,7 @@ impl Settings {
 /// change many times a second, and a loop woken by each of them kept the
 /// runtime's threads busy while requests piled up, starving the very Raft
 /// messages that would elect a leader.
-const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(20);
+pub const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Runs `attempt` until it answers something other than "not the leader"
 /// (`NotLeader`: no leader, or leadership moved) or "the leader is
@@ -92,9 +92,10 @@ where
     }
 }
 
-/// What the member's own work (`duties/`, `membership`) needs from Raft,
-/// and no more, so that it runs against a fake in unit tests; [`Server`]
-/// is the real one. Invariants a duty relies on: `propose_as_leader`
+/// What the member's own work (`duties/`) needs from Raft, and no more,
+/// so that it runs against a fake in unit tests; [`Server`] is the real
+/// one. (The duties need no read index of their own: `propose` returns
+/// once the entry applied here.) Invariants a duty relies on: `propose_as_leader`
 /// never forwards (a deposed leader's proposal fails with `NotLeader` or
 /// never commits, it is not applied by the next leader); `leader` names
 /// no leader while this member leads without a quorum; `propose` returns
@@ -116,10 +117,6 @@ pub trait RaftSeam: Send + Sync + 'static {
         &self,
         req: InternalRequest,
     ) -> impl std::future::Future<Output = Result<(InternalResponse, u64)>> + Send;
-    /// The index a linearizable read must wait for ([`Server::read_index`]).
-    fn read_index(&self) -> impl std::future::Future<Output = Result<u64>> + Send;
-    /// Waits until this member applied `index`.
-    fn wait_applied(&self, index: u64, deadline: Instant) -> impl std::future::Future<Output = Result<()>> + Send;
 }
 
 /// A learner counts as caught up at 90% of the leader's log (etcd).
@@ -186,14 +183,6 @@ impl RaftSeam for Server {
         req: InternalRequest,
     ) -> impl std::future::Future<Output = Result<(InternalResponse, u64)>> + Send {
         self.propose_local(req)
-    }
-
-    fn read_index(&self) -> impl std::future::Future<Output = Result<u64>> + Send {
-        Server::read_index(self)
-    }
-
-    fn wait_applied(&self, index: u64, deadline: Instant) -> impl std::future::Future<Output = Result<()>> + Send {
-        Server::wait_applied(self, index, deadline)
     }
 }
 
@@ -468,11 +457,11 @@ impl Server {
     /// The index a linearizable read must wait for, from the leader
     /// (asked by a follower).
     pub async fn read_index(&self) -> Result<u64> {
-        let deadline = Instant::now() + self.request_timeout();
-        self.read_index_by(deadline).await
+        self.read_index_until(Instant::now() + self.request_timeout()).await
     }
 
-    async fn read_index_by(&self, deadline: Instant) -> Result<u64> {
+    /// [`Server::read_index`], giving up at `deadline`.
+    pub async fn read_index_until(&self, deadline: Instant) -> Result<u64> {
         retry_until_leader_answers(deadline, LEADER_RETRY_PAUSE, |_| async move {
             match self.leader_ref()? {
                 LeaderRef::Local => self.read_index_local().await,
@@ -485,7 +474,7 @@ impl Server {
     /// Blocks until a read served from local state is linearizable.
     pub async fn linearizable_barrier(&self) -> Result<()> {
         let deadline = Instant::now() + self.request_timeout();
-        let index = self.read_index_by(deadline).await?;
+        let index = self.read_index_until(deadline).await?;
         self.wait_applied(index, deadline).await
     }
 }

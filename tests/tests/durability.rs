@@ -44,9 +44,21 @@ async fn acknowledged_writes_survive_kill_9_and_clean_stop() -> anyhow::Result<(
     assert_eq!(r.header().map(|h| h.revision()), Some(302));
     acked.push(("key-after".into(), 302));
 
+    // A clean stop ends every task of the member, even with a Watch
+    // stream open and a client connected that never says a word; a file
+    // left in the scratch directory is gone after the restart.
+    let _watch = client.watch("key-", Some(etcd_client::WatchOptions::new().with_prefix())).await?;
+    let client_addr = c.members[0].client_url.trim_start_matches("http://").to_string();
+    let _silent = std::net::TcpStream::connect(&client_addr)?;
+    let scratch = c.members[0].data_dir.join("member").join("tmp");
+    std::fs::write(scratch.join("backup-7.tmp"), b"left by a crash")?;
     let status = c.stop(0)?;
     assert!(status.success(), "SIGTERM stops cleanly: {status}");
+    let log = c.log(0);
+    assert!(log.contains("stopped keel member"), "no clean stop in the log:\n{log}");
+    assert!(!log.contains("tasks still running"), "a task outlived the stop:\n{log}");
     c.restart(0)?;
+    assert_eq!(std::fs::read_dir(&scratch)?.count(), 0, "the scratch directory was not swept");
     check_keys(&c, &acked).await?;
     Ok(())
 }

@@ -48,17 +48,18 @@ async fn token_info(server: &Server, token: &str) -> Result<AuthInfo> {
         TokenProvider::Simple(simple) => {
             let index = simple_token_index(token).ok_or(Error::InvalidAuthToken)?;
             if server.state_machine.applied_index() < index {
+                let deadline = Instant::now() + TOKEN_APPLY_WAIT;
                 // Beyond this member's log: ask the leader how far the
                 // cluster has committed. A token from past that (forged,
                 // or from another cluster) is refused at once rather than
-                // waited for.
-                if index > server.last_log_index() && index > server.read_index().await? {
-                    return Err(Error::InvalidAuthToken);
+                // waited for; without an answer, wait as before.
+                if index > server.last_log_index() {
+                    let committed = server.read_index_until(deadline).await;
+                    if committed.is_ok_and(|committed| index > committed) {
+                        return Err(Error::InvalidAuthToken);
+                    }
                 }
-                server
-                    .wait_applied(index, Instant::now() + TOKEN_APPLY_WAIT)
-                    .await
-                    .map_err(|_| Error::InvalidAuthToken)?;
+                server.wait_applied(index, deadline).await.map_err(|_| Error::InvalidAuthToken)?;
             }
             let username = simple.lookup(token).ok_or(Error::InvalidAuthToken)?;
             Ok(AuthInfo { username, revision: server.auth.revision() })

@@ -129,10 +129,12 @@ impl Maintenance for MaintenanceService {
         super::credentials::require_admin(&self.server, &req).await?;
         let engine = self.server.engine.clone();
         // Removed when the stream ends, however it ends.
+        // Owned by the writer until it is done, so a request dropped
+        // meanwhile cannot remove the file under it.
         let backup = crate::scratch::ScratchFile::new(self.server.scratch.file("backup"));
-        let write_path = backup.path().to_path_buf();
-        let size = tokio::task::spawn_blocking(move || {
-            crate::backup::write_backup(engine.as_ref(), &crate::backup::EtcdFormat, &write_path)
+        let (backup, size) = tokio::task::spawn_blocking(move || {
+            let size = crate::backup::write_backup(engine.as_ref(), &crate::backup::EtcdFormat, backup.path());
+            size.map(|size| (backup, size))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
 
 use keel_proto::keelpb::{internal_request, InternalRequest, InternalResponse};
 
@@ -120,14 +119,6 @@ impl RaftSeam for FakeRaft {
 
     async fn propose_as_leader(&self, req: InternalRequest) -> Result<(InternalResponse, u64)> {
         self.record(Path::AsLeader, req).map(|()| (InternalResponse::default(), 1))
-    }
-
-    async fn read_index(&self) -> Result<u64> {
-        self.outcome().map(|()| 1)
-    }
-
-    async fn wait_applied(&self, _index: u64, _deadline: Instant) -> Result<()> {
-        Ok(())
     }
 }
 

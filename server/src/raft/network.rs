@@ -634,8 +634,8 @@ mod tests {
     }
 
     /// Serves `peer` on a loopback port through keel's own server; returns
-    /// the peer's node and its tasks (stopped when the test ends).
-    async fn serve(peer: Arc<FakePeer>) -> (MemberNode, crate::tasks::MemberTasks) {
+    /// the peer's node and a guard that stops the server when dropped.
+    async fn serve(peer: Arc<FakePeer>) -> (MemberNode, tokio_util::sync::DropGuard) {
         let listener = transport::bind("http://127.0.0.1:0").await.expect("bind a loopback port");
         let addr = listener.local_addr().expect("a TCP listener has an address");
         let router = tonic::service::Routes::new(RaftPeerServer::new(FakeService(peer))).prepare().into_axum_router();
@@ -648,7 +648,7 @@ mod tests {
         };
         let tasks = crate::tasks::MemberTasks::new();
         tasks.spawn(transport::serve(listener, Security::Plain, router, opts, tasks.clone()));
-        (MemberNode { peer_urls: vec![format!("http://{addr}")] }, tasks)
+        (MemberNode { peer_urls: vec![format!("http://{addr}")] }, tasks.stop_signal().drop_guard())
     }
 
     fn clients() -> PeerClients {

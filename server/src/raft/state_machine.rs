@@ -90,6 +90,7 @@ impl StateMachine {
         reload: Arc<dyn Reloadable>,
     ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(&snap_dir).map_err(|e| StorageError::Io(e.to_string()))?;
+        remove_old_partial_snapshots(&snap_dir).map_err(|e| StorageError::Io(e.to_string()))?;
         let applied: Option<LogId> = read_applied(&engine)?;
         let (applied_tx, _) = tokio::sync::watch::channel(applied.map_or(0, |l| l.index));
         let core = Arc::new(StateMachineCore {
@@ -123,6 +124,22 @@ impl StateMachine {
     pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
         self.core.applied_tx.subscribe()
     }
+}
+
+/// Before the scratch directory, snapshots were built and received in
+/// `snap/` itself (`build-<pid>.body`, `build-<pid>.snap`, `recv-<n>.tmp`);
+/// a crash could leave one there.
+fn remove_old_partial_snapshots(snap_dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(snap_dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let partial = (name.starts_with("build-") && (name.ends_with(".body") || name.ends_with(".snap")))
+            || (name.starts_with("recv-") && name.ends_with(".tmp"));
+        if partial {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 fn read_applied(engine: &SharedEngine) -> Result<Option<LogId>, StorageError> {

@@ -15,10 +15,11 @@
 //! authority is fine: it is then forwarded as the client encoded it, so
 //! the server's decoder mirrors the client's encoder, and from then on
 //! the socket is read straight into hyper's buffer, without a copy (the
-//! shim only follows frame headers in place, for the ping policy below). Clients fix the authority per connection
-//! (grpc-go per ClientConn, tonic per channel), and decoding every block
-//! cost a large share of a member's CPU under load (the HPACK crate builds
-//! a Huffman table for every string it decodes). A connection whose first
+//! shim only follows frame headers in place, for the ping policy below).
+//! Clients fix the authority per connection (grpc-go per ClientConn,
+//! tonic per channel), and decoding every block cost a large share of a
+//! member's CPU under load (the HPACK crate builds a Huffman table for
+//! every string it decodes). A connection whose first
 //! block needs the repair keeps decoding and re-encoding every block.
 //!
 //! Seeing every inbound frame, the shim also enforces

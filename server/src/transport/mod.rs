@@ -279,42 +279,14 @@ pub async fn serve(
 async fn serve_connection(
     stream: Stream,
     security: Security,
-    mut router: axum::Router,
+    router: axum::Router,
     opts: Http2Options,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let tls = match security {
-        Security::Plain => None,
-        Security::Tls(tls) => Some(tls),
-        Security::Both(tls) => match peek_first_byte(&stream).await {
-            Ok(Some(TLS_HANDSHAKE)) => Some(tls),
-            Ok(_) => None,
-            Err(_) => return,
-        },
-    };
-    let stream = match tls {
-        Some(tls) => match tls.accept(stream).await {
-            Ok(s) => {
-                let cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
-                if let Some(cn) = cn {
-                    router = router.layer(axum::Extension(ClientCommonName(cn)));
-                }
-                Stream::ServerTls(Box::new(s))
-            }
-            Err(e) => {
-                let refused = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some_and(|r| {
-                    matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate))
-                });
-                if refused {
-                    // Go's wording, which operators' scripts look for.
-                    tracing::warn!("TLS handshake error: remote error: tls: bad certificate");
-                } else {
-                    tracing::debug!(error = %e, "TLS handshake failed");
-                }
-                return;
-            }
-        },
-        None => stream,
+    // A client that never completes its handshake is dropped when the
+    // member stops rather than holding up shutdown.
+    let Some(Some((stream, router))) = stop.run_until_cancelled(handshake(stream, security, router)).await else {
+        return;
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     {
@@ -332,6 +304,46 @@ async fn serve_connection(
         drive(builder.serve_connection_with_upgrades(TokioIo::new(stream), service), stop).await;
     } else {
         drive(builder.serve_connection_with_upgrades(TokioIo::new(stream), service), stop).await;
+    }
+}
+
+/// Tells TLS from plain text and completes a TLS handshake: the stream to
+/// serve and the router (told the client certificate's common name), or
+/// None when the client is refused or leaves.
+async fn handshake(stream: Stream, security: Security, mut router: axum::Router) -> Option<(Stream, axum::Router)> {
+    let tls = match security {
+        Security::Plain => None,
+        Security::Tls(tls) => Some(tls),
+        Security::Both(tls) => match peek_first_byte(&stream).await {
+            Ok(Some(TLS_HANDSHAKE)) => Some(tls),
+            Ok(_) => None,
+            Err(_) => return None,
+        },
+    };
+    let Some(tls) = tls else {
+        return Some((stream, router));
+    };
+    match tls.accept(stream).await {
+        Ok(s) => {
+            let cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+            if let Some(cn) = cn {
+                router = router.layer(axum::Extension(ClientCommonName(cn)));
+            }
+            Some((Stream::ServerTls(Box::new(s)), router))
+        }
+        Err(e) => {
+            let refused = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|r| matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate)));
+            if refused {
+                // Go's wording, which operators' scripts look for.
+                tracing::warn!("TLS handshake error: remote error: tls: bad certificate");
+            } else {
+                tracing::debug!(error = %e, "TLS handshake failed");
+            }
+            None
+        }
     }
 }
 

@@ -150,19 +150,34 @@ fn revoked_serials(bytes: &[u8]) -> Result<HashSet<Vec<u8>>, String> {
 /// Serial numbers (DER integer contents) of revoked certificates.
 type Serials = Arc<HashSet<Vec<u8>>>;
 
-/// What identifies one version of a file without reading it.
+/// What identifies one version of a file without reading it: any write,
+/// rename over it or change of its permissions changes one of these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FileStamp {
     len: u64,
-    modified: Option<std::time::SystemTime>,
     inode: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
 }
 
 impl FileStamp {
     fn of(path: &Path) -> std::io::Result<FileStamp> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path)?;
-        Ok(FileStamp { len: m.len(), modified: m.modified().ok(), inode: m.ino() })
+        Ok(FileStamp {
+            len: m.len(),
+            inode: m.ino(),
+            modified: (m.mtime(), m.mtime_nsec()),
+            changed: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// Whether the file changed so recently that a second write within
+    /// the file system's timestamp granularity could keep this stamp (as
+    /// git's racy-index rule): such a version is read again next time.
+    fn is_racy(&self) -> bool {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        now - self.modified.0.max(self.changed.0) < 2
     }
 }
 
@@ -170,8 +185,10 @@ impl FileStamp {
 /// reads it again for every client, so an operator revokes a certificate
 /// by rewriting the file, without a restart. Here the listener calls
 /// [`RevocationList::refresh`] off the async workers before each TLS
-/// handshake; it re-reads and parses the file only when its size, time or
-/// inode changed. The handshake then checks the parsed serials.
+/// handshake; it re-reads and parses the file only when its size, inode,
+/// modification or change time differ from the last read (or that read
+/// was of a file changed within the last two seconds). The handshake then
+/// checks the parsed serials.
 pub struct RevocationList {
     path: std::path::PathBuf,
     /// The file version last read, and its serials, or why it could not
@@ -217,7 +234,8 @@ impl RevocationList {
         if let Err(error) = &parsed {
             tracing::warn!(path = %self.path.display(), %error, "cannot read the certificate revocation list");
         }
-        *self.current() = (Some(stamp), parsed);
+        let stamp = (!stamp.is_racy()).then_some(stamp);
+        *self.current() = (stamp, parsed);
     }
 
     /// etcd's checkCRL: refused when the serial number of any certificate
