@@ -13,7 +13,7 @@ CONFORMANCE_GROUPS ?= kv cluster watch lease operations security
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CARGO_TARGET_DIR := $(TARGET_DIR)
 
-.PHONY: all deps build run test unit-test lint fmt fuzz conformance jepsen jepsen-smoke jepsen-etcd bench bench-compare clean
+.PHONY: all deps build run test unit-test lint fmt fuzz conformance jepsen jepsen-smoke jepsen-etcd bench bench-compare etcd-releases clean
 
 all: build
 
@@ -68,6 +68,15 @@ fmt:
 
 conformance: build
 	conformance/run $(E2E) $(KEEL) $(CONFORMANCE_GROUPS)
+
+# Real etcd of the newest 3.6 and 3.7 releases (server, etcdctl, etcdutl),
+# built with the machine's Go from the modules pinned in
+# conformance/etcd-releases/<line>/go.mod into $(ETCD_RELEASES)/<tag>/
+# (the target directory: outside the clone in CI), once per tag.
+GO            ?= $(firstword $(wildcard /usr/local/go/bin/go) go)
+ETCD_RELEASES := $(TARGET_DIR)/etcd-releases
+etcd-releases:
+	conformance/etcd-releases/build $(GO) $(abspath $(ETCD_RELEASES))
 
 # Fault injection (jepsen/README.md). `make jepsen WORKLOAD=watch
 # FAULTS=partition,kill DURATION=600`; results under $(TARGET_DIR)/jepsen.
