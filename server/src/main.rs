@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use keel_server::config::{normalize_args, Flags};
-use keel_server::version::{ETCD_API_VERSION, KEEL_VERSION};
+use keel_server::version::KEEL_VERSION;
 
 /// jemalloc rather than glibc's malloc: watch fan-out and request handling
 /// allocate on many threads at once, and glibc's arena locks showed up as
@@ -27,7 +27,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     if flags.version {
-        println!("keel Version: {KEEL_VERSION}\netcd API Version: {ETCD_API_VERSION}");
+        print!("{}", version_text(&flags.advertise_etcd_version));
         return std::process::ExitCode::SUCCESS;
     }
     let config = match flags.validate() {
@@ -98,4 +98,19 @@ fn worker_threads() -> Result<usize, String> {
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     Ok(cores.saturating_sub(1).max(1))
+}
+
+/// `--version` in etcd's shape (its test framework reads the first line
+/// starting `etcd Version:` as the server's release), with the version
+/// keel reports (`--advertise-etcd-version`), then keel's own.
+fn version_text(etcd_version: &str) -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    format!(
+        "etcd Version: {etcd_version}\nGit SHA: Not provided\nGo Version: not Go (keel is written in Rust)\nGo OS/Arch: {}/{arch}\nkeel Version: {KEEL_VERSION}\n",
+        std::env::consts::OS
+    )
 }

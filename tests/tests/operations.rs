@@ -182,6 +182,24 @@ fn advertised_etcd_version_is_configurable() -> anyhow::Result<()> {
     assert!(metrics.contains(r#"etcd_server_version{server_version="3.5.13"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"etcd_cluster_version{cluster_version="3.5"} 1"#));
 
+    // `--version` answers in etcd's shape, with the version reported.
+    for (args, env, version) in [
+        (&["--version"][..], None, "3.4.23"),
+        (&["--advertise-etcd-version", "3.5.13", "--version"][..], None, "3.5.13"),
+        (&["--version"][..], Some("3.6.17"), "3.6.17"),
+    ] {
+        let mut cmd = Command::new(keel_bin());
+        cmd.args(args).env_remove("ETCD_ADVERTISE_ETCD_VERSION");
+        if let Some(v) = env {
+            cmd.env("ETCD_ADVERTISE_ETCD_VERSION", v);
+        }
+        let out = cmd.output()?;
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.lines().next(), Some(format!("etcd Version: {version}").as_str()), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("keel Version: ")), "{text}");
+    }
+
     let bad = Command::new(keel_bin()).args(["--advertise-etcd-version", "4.0"]).output()?;
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not an etcd 3.x version"));
