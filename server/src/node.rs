@@ -747,3 +747,24 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// etcd's HTTP/2 rules are for clients: the authority repair and the
+    /// ping policy stay off peer links, as do the stream limit.
+    #[test]
+    fn peer_listeners_skip_the_client_http2_rules() -> Result<(), Box<dyn std::error::Error>> {
+        let flags = crate::config::Flags::try_parse_from(["keel", "--grpc-keepalive-min-time", "5s"])?;
+        let (client, peer) = http2_options(&flags.validate()?);
+        assert!(client.authority_shim);
+        assert_eq!(client.keepalive_min_time, Duration::from_secs(5));
+        assert!(!peer.authority_shim);
+        assert_eq!(peer.keepalive_min_time, Duration::ZERO);
+        assert_eq!(peer.max_concurrent_streams, u32::MAX);
+        Ok(())
+    }
+}
