@@ -312,7 +312,7 @@ pub fn convert_if_etcd(data_dir: &Path) -> anyhow::Result<bool> {
             member.display()
         );
     }
-    let ids: Vec<(u64, Vec<String>)> = members.iter().map(|(id, urls)| (*id, urls.clone())).collect();
+    let ids: Vec<(u64, Vec<String>)> = members.into_iter().collect();
     let mut local = crate::storage::WriteBatch::new();
     local.put(
         crate::storage::Table::RaftState,

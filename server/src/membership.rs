@@ -187,14 +187,14 @@ impl Server {
     }
 
     async fn member_promote(&self, id: NodeId) -> Result<u64> {
-        let m = self.membership();
-        if m.get_node(&id).is_none() {
+        let view = self.raft_members();
+        if view.membership.get_node(&id).is_none() {
             return Err(Error::MemberNotFound);
         }
-        if !self.members.is_learner(id, &m) {
+        if !self.members.is_learner(id, &view.membership) {
             return Err(Error::MemberNotLearner);
         }
-        if !self.raft_members().caught_up(id) {
+        if !view.caught_up(id) {
             return Err(Error::LearnerNotReady);
         }
         let record = self.members.get(id).unwrap_or(MemberAttributes { member_id: id, ..Default::default() });

@@ -93,22 +93,19 @@ impl Compactor for CompactionThread {
 /// Rebuilds in-memory state after a snapshot install.
 struct Reloader {
     engine: SharedEngine,
-    mvcc: Arc<MvccStore>,
-    members: Arc<MemberRegistry>,
+    stores: Stores,
     hub: Arc<WatchHub>,
-    leases: Arc<Lessor>,
-    alarms: Arc<AlarmStore>,
-    auth: Arc<AuthStore>,
 }
 
 impl Reloadable for Reloader {
     fn reload(&self) -> Result<(), StorageError> {
-        self.mvcc.reload().map_err(|e| StorageError::Io(e.to_string()))?;
-        self.leases.reload(&self.engine, &self.mvcc)?;
-        self.alarms.reload(&self.engine)?;
-        self.auth.reload(&self.engine)?;
-        self.hub.reset(self.mvcc.current_rev());
-        self.members.reload(&self.engine)
+        let Stores { mvcc, members, leases, alarms, auth } = &self.stores;
+        mvcc.reload().map_err(|e| StorageError::Io(e.to_string()))?;
+        leases.reload(&self.engine, mvcc)?;
+        alarms.reload(&self.engine)?;
+        auth.reload(&self.engine)?;
+        self.hub.reset(mvcc.current_rev());
+        members.reload(&self.engine)
     }
 }
 
@@ -342,12 +339,8 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
 /// The member's state: what applying entries changes, and the Raft
 /// storage over it.
 struct MemberState {
-    mvcc: Arc<MvccStore>,
-    members: Arc<MemberRegistry>,
+    stores: Stores,
     hub: Arc<WatchHub>,
-    leases: Arc<Lessor>,
-    alarms: Arc<AlarmStore>,
-    auth: Arc<AuthStore>,
     state_machine: StateMachine,
     log_store: LogStore,
 }
@@ -367,27 +360,13 @@ fn open_state(
     let leases = Arc::new(Lessor::load(engine, &mvcc)?);
     let alarms = Arc::new(AlarmStore::load(engine)?);
     let auth = Arc::new(AuthStore::load(engine, config.auth_tokens.provider())?);
-    let stores = Stores {
-        mvcc: mvcc.clone(),
-        members: members.clone(),
-        leases: leases.clone(),
-        alarms: alarms.clone(),
-        auth: auth.clone(),
-    };
-    let applier = Applier::new(engine.clone(), stores, hub.clone(), compactor);
-    let reloader = Arc::new(Reloader {
-        engine: engine.clone(),
-        mvcc: mvcc.clone(),
-        members: members.clone(),
-        hub: hub.clone(),
-        leases: leases.clone(),
-        alarms: alarms.clone(),
-        auth: auth.clone(),
-    });
+    let stores = Stores { mvcc, members, leases, alarms, auth };
+    let applier = Applier::new(engine.clone(), stores.clone(), hub.clone(), compactor);
+    let reloader = Arc::new(Reloader { engine: engine.clone(), stores: stores.clone(), hub: hub.clone() });
     let state_machine =
         StateMachine::open(engine.clone(), applier, member_dir.join("snap"), scratch.clone(), reloader)?;
     let log_store = LogStore::open_checked(engine.clone(), &member_dir.join("journal"), &member_dir.join("raft.ack"))?;
-    Ok(MemberState { mvcc, members, hub, leases, alarms, auth, state_machine, log_store })
+    Ok(MemberState { stores, hub, state_machine, log_store })
 }
 
 /// Starts Raft, and on a first start bootstraps the cluster (a new one,
@@ -438,25 +417,28 @@ async fn start_raft(
     Ok(raft)
 }
 
-/// The HTTP/2 settings of client listeners (etcd's flags), and of peer
-/// listeners: peers keep long-lived append-entries streams open (and ping
-/// over them every 10 s), which a small stream limit or a long minimum
-/// ping interval would starve or cut off.
-fn http2_options(config: &Config) -> (Http2Options, Http2Options) {
-    let client = Http2Options {
+/// The HTTP/2 settings of client listeners: etcd's flags.
+fn client_http2(config: &Config) -> Http2Options {
+    Http2Options {
         max_concurrent_streams: config.settings.max_concurrent_streams,
         keepalive_min_time: config.grpc_keepalive_min_time,
         keepalive_interval: config.grpc_keepalive_interval,
         keepalive_timeout: config.grpc_keepalive_timeout,
         authority_shim: true,
-    };
-    let peer = Http2Options {
+    }
+}
+
+/// The HTTP/2 settings of peer listeners: peers keep long-lived
+/// append-entries streams open (and ping over them every 10 s), which a
+/// small stream limit or a long minimum ping interval would starve or cut
+/// off; they are keel members, which need no authority repair.
+fn peer_http2(config: &Config) -> Http2Options {
+    Http2Options {
         max_concurrent_streams: u32::MAX,
         keepalive_min_time: Duration::ZERO,
         authority_shim: false,
-        ..client
-    };
-    (client, peer)
+        ..client_http2(config)
+    }
 }
 
 /// Serves keel's peer service on every peer URL; returns the bound
@@ -475,7 +457,7 @@ async fn serve_peers(
     )
     .prepare()
     .into_axum_router();
-    let (_, http2) = http2_options(config);
+    let http2 = peer_http2(config);
     let mut addrs = Vec::new();
     for (url, security) in listeners(&config.listen_peer_urls, &peer_tls)? {
         let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on peer URL {url}"))?;
@@ -545,7 +527,7 @@ async fn serve_clients(
     tasks: &MemberTasks,
 ) -> anyhow::Result<Vec<std::net::SocketAddr>> {
     let client_tls = tls_acceptor(config, Side::Client)?;
-    let (http2, _) = http2_options(config);
+    let http2 = client_http2(config);
     let router = client_router(config, server, tasks);
     let mut addrs = Vec::new();
     for (url, security) in listeners(&config.listen_client_urls, &client_tls)? {
@@ -619,7 +601,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     let scratch = ScratchDir::open_swept(&member_dir.join("tmp"))?;
     let state = open_state(&config, &engine, member_dir, &scratch)?;
     let raft = start_raft(&config, identity, &engine, &peers, &state, &tasks).await?;
-    let MemberState { mvcc, members, hub, leases, alarms, auth, state_machine, log_store } = state;
+    let MemberState { stores: Stores { mvcc, members, leases, alarms, auth }, hub, state_machine, log_store } = state;
     let server = Arc::new(Server {
         id,
         cluster_id: cid,
@@ -759,7 +741,8 @@ mod tests {
     #[test]
     fn peer_listeners_skip_the_client_http2_rules() -> Result<(), Box<dyn std::error::Error>> {
         let flags = crate::config::Flags::try_parse_from(["keel", "--grpc-keepalive-min-time", "5s"])?;
-        let (client, peer) = http2_options(&flags.validate()?);
+        let config = flags.validate()?;
+        let (client, peer) = (client_http2(&config), peer_http2(&config));
         assert!(client.authority_shim);
         assert_eq!(client.keepalive_min_time, Duration::from_secs(5));
         assert!(!peer.authority_shim);

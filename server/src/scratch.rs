@@ -49,6 +49,11 @@ impl ScratchDir {
         let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
         self.inner.dir.join(format!("{purpose}-{n}.tmp"))
     }
+
+    /// [`ScratchDir::file`], removed when dropped unless persisted.
+    pub fn temp_file(&self, purpose: &str) -> ScratchFile {
+        ScratchFile::new(self.file(purpose))
+    }
 }
 
 /// Removes a scratch file when dropped, unless it was renamed into place

@@ -107,6 +107,10 @@ pub trait RaftSeam: Send + Sync + 'static {
     fn raft_names_me_leader(&self) -> bool;
     /// The member believed to lead ([`Server::leader`]).
     fn leader(&self) -> Option<NodeId>;
+    /// Whether this member leads with a quorum.
+    fn leads(&self) -> bool {
+        self.leader() == Some(self.member_id())
+    }
     /// Replicates `req` from this member, forwarded to the leader when
     /// another member leads ([`Server::propose`]); an apply error comes
     /// back as the error.
@@ -188,7 +192,8 @@ impl RaftSeam for Server {
 
 impl MembershipSeam for Server {
     fn raft_members(&self) -> RaftMembers {
-        let metrics = self.raft.metrics().borrow().clone();
+        let rx = self.raft.metrics();
+        let metrics = rx.borrow();
         let matched =
             metrics.replication.iter().flatten().map(|(id, log_id)| (*id, log_id.map_or(0, |l| l.index))).collect();
         RaftMembers {
@@ -382,8 +387,8 @@ impl Server {
         }
         self.check_quota(&req).await?;
         let deadline = Instant::now() + self.request_timeout();
-        let resp = retry_until_leader_answers(deadline, LEADER_RETRY_PAUSE, |remaining| {
-            let req = req.clone();
+        let req = &req;
+        let resp = retry_until_leader_answers(deadline, LEADER_RETRY_PAUSE, move |remaining| {
             async move {
                 // Without a leader, wait here rather than in Raft: every
                 // attempt that reached Raft would cost its core a message
@@ -398,20 +403,17 @@ impl Server {
                 match written {
                     Err(_) => Err(Error::Timeout),
                     Ok(Ok((resp, _))) => Ok(resp),
-                    Ok(Err(RaftError::Fatal(_))) => Err(Error::Stopped),
                     Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(fwd)))) => {
                         // No leader named: an election is in progress.
                         let (Some(leader), Some(node)) = (fwd.leader_id, fwd.leader_node) else {
                             return Err(Error::NotLeader);
                         };
                         let remaining = deadline.saturating_duration_since(Instant::now());
-                        let (resp, index) = self.peers.forward(leader, &node, req, remaining).await?;
+                        let (resp, index) = self.peers.forward(leader, &node, req.clone(), remaining).await?;
                         self.wait_applied(index, deadline).await?;
                         Ok(resp)
                     }
-                    Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                        Err(Error::Internal(e.to_string()))
-                    }
+                    Ok(Err(e)) => Err(client_write_error(e)),
                 }
             }
         })
@@ -430,9 +432,7 @@ impl Server {
         match tokio::time::timeout_at(deadline.into(), self.proposals.write(req)).await {
             Err(_) => Err(Error::Timeout),
             Ok(Ok((resp, log_id))) => Ok((resp, log_id.index)),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(Error::NotLeader),
-            Ok(Err(RaftError::Fatal(_))) => Err(Error::Stopped),
-            Ok(Err(RaftError::APIError(e))) => Err(Error::Internal(e.to_string())),
+            Ok(Err(e)) => Err(client_write_error(e)),
         }
     }
 
@@ -455,12 +455,8 @@ impl Server {
     }
 
     /// The index a linearizable read must wait for, from the leader
-    /// (asked by a follower).
-    pub async fn read_index(&self) -> Result<u64> {
-        self.read_index_until(Instant::now() + self.request_timeout()).await
-    }
-
-    /// [`Server::read_index`], giving up at `deadline`.
+    /// (asked by a follower), giving up at `deadline`; see
+    /// [`Server::linearizable_barrier`].
     pub async fn read_index_until(&self, deadline: Instant) -> Result<u64> {
         retry_until_leader_answers(deadline, LEADER_RETRY_PAUSE, |_| async move {
             match self.leader_ref()? {

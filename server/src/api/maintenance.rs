@@ -128,10 +128,10 @@ impl Maintenance for MaintenanceService {
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         super::credentials::require_admin(&self.server, &req).await?;
         let engine = self.server.engine.clone();
-        // Removed when the stream ends, however it ends.
-        // Owned by the writer until it is done, so a request dropped
-        // meanwhile cannot remove the file under it.
-        let backup = crate::scratch::ScratchFile::new(self.server.scratch.file("backup"));
+        // Owned by the writer until it is done (a request dropped meanwhile
+        // cannot remove the file under it), then by the streamer; removed
+        // when the stream ends, however it ends.
+        let backup = self.server.scratch.temp_file("backup");
         let (backup, size) = tokio::task::spawn_blocking(move || {
             let size = crate::backup::write_backup(engine.as_ref(), &crate::backup::EtcdFormat, backup.path());
             size.map(|size| (backup, size))

@@ -54,6 +54,7 @@ pub struct Applier {
 }
 
 /// The in-memory state the applier keeps current, each over the engine.
+#[derive(Clone)]
 pub struct Stores {
     pub mvcc: Arc<MvccStore>,
     pub members: Arc<MemberRegistry>,

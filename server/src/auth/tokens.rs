@@ -105,7 +105,8 @@ impl TokenSpec {
 }
 
 impl TokenProvider {
-    /// [`TokenSpec::from_flag`], then its provider.
+    /// [`TokenSpec::from_flag`], then its provider (tests' shorthand).
+    #[cfg(test)]
     pub fn from_flag(flag: &str, simple_ttl: Duration) -> Result<TokenProvider, TokenConfigError> {
         TokenSpec::from_flag(flag, simple_ttl).map(|spec| spec.provider())
     }

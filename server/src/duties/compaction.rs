@@ -102,7 +102,7 @@ impl<R: RaftSeam> AutoCompactor<R> {
             }
         };
         let target = target.filter(|rev| *rev > 0 && *rev > self.mvcc.compact_rev())?;
-        if self.raft.leader() != Some(self.raft.member_id()) {
+        if !self.raft.leads() {
             return None;
         }
         match self.compact_to(target).await {
@@ -145,12 +145,8 @@ pub async fn run_auto_compaction<R: RaftSeam>(raft: Arc<R>, mvcc: Arc<MvccStore>
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
-    use crate::duties::fake_raft::{FakeRaft, Path};
-    use crate::storage::memory::MemoryEngine;
-    use crate::storage::SharedEngine;
+    use crate::duties::fake_raft::{advance, store_at, FakeRaft, Path};
 
     #[test]
     fn retention_follows_etcd() {
@@ -160,23 +156,6 @@ mod tests {
         assert_eq!(parse_retention(p, "30m"), Ok(Some(Retention::Period(Duration::from_secs(1800)))));
         assert_eq!(parse_retention(CompactionMode::Revision, "1000"), Ok(Some(Retention::Revisions(1000))));
         assert!(parse_retention(CompactionMode::Revision, "1h").is_err());
-    }
-
-    /// A store at revision `rev` (one put per revision).
-    fn store_at(rev: i64) -> Arc<MvccStore> {
-        let engine: SharedEngine = Arc::new(MemoryEngine::new());
-        let mvcc = Arc::new(MvccStore::open(engine).expect("mvcc"));
-        advance(&mvcc, rev);
-        mvcc
-    }
-
-    fn advance(mvcc: &MvccStore, to: i64) {
-        while mvcc.current_rev() < to {
-            let mut txn = mvcc.write().expect("write txn");
-            txn.put(b"k", Bytes::from_static(b"v"), 0);
-            txn.seal_request();
-            txn.commit().expect("commit");
-        }
     }
 
     fn compactions(raft: &FakeRaft) -> Vec<(Path, i64)> {

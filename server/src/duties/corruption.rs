@@ -67,7 +67,7 @@ impl<R: MembershipSeam> CorruptionCheck<R> {
     /// One periodic pass, on the leader only: a member whose hash differs
     /// gets the CORRUPT alarm. Returns the members alarmed.
     pub async fn pass(&self) -> Vec<NodeId> {
-        if self.raft.leader() != Some(self.raft.member_id()) {
+        if !self.raft.leads() {
             return Vec::new();
         }
         let bad = match self.mismatched_members().await {
@@ -105,29 +105,15 @@ pub async fn run_corruption_check<R: MembershipSeam>(raft: Arc<R>, mvcc: Arc<Mvc
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
-    use crate::duties::fake_raft::{FakeRaft, Path, ME};
-    use crate::storage::memory::MemoryEngine;
-    use crate::storage::SharedEngine;
-
-    fn store() -> Arc<MvccStore> {
-        let engine: SharedEngine = Arc::new(MemoryEngine::new());
-        let mvcc = Arc::new(MvccStore::open(engine).expect("mvcc"));
-        let mut txn = mvcc.write().expect("write txn");
-        txn.put(b"k", Bytes::from_static(b"v"), 0);
-        txn.seal_request();
-        txn.commit().expect("commit");
-        mvcc
-    }
+    use crate::duties::fake_raft::{store_at, FakeRaft, Path, ME};
 
     /// A leader of members 1 to 4, its hash and compacted revision.
     fn leader_of_four() -> (Arc<FakeRaft>, CorruptionCheck<FakeRaft>, u32, i64) {
         let raft = Arc::new(FakeRaft::default());
         raft.lead(true, true);
         raft.set_members(&[ME, 2, 3, 4], &[], 10, &[]);
-        let mvcc = store();
+        let mvcc = store_at(2);
         let (hash, compact, ..) = mvcc.hash_kv(0).expect("hash");
         (raft.clone(), CorruptionCheck::new(raft, mvcc), hash, compact)
     }

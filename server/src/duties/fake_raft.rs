@@ -2,16 +2,20 @@
 //! leader has a quorum, the membership and each member's progress, the
 //! hashes peers answer and a failure every proposal returns; the duties'
 //! proposals and membership changes are recorded instead of replicated.
+//! Also the in-memory stores the duties' tests run on.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use keel_proto::keelpb::{internal_request, InternalRequest, InternalResponse};
 
 use crate::error::{Error, Result};
+use crate::mvcc::MvccStore;
 use crate::raft_types::{MemberNode, Membership, NodeId};
 use crate::server::{MembershipSeam, RaftMembers, RaftSeam};
+use crate::storage::memory::MemoryEngine;
+use crate::storage::SharedEngine;
 
 /// The id of the member under test.
 pub const ME: NodeId = 1;
@@ -142,5 +146,23 @@ impl MembershipSeam for FakeRaft {
 
     async fn peer_hash_kv(&self, id: NodeId, _node: &MemberNode, _revision: i64) -> Result<(u32, i64)> {
         locked(&self.peer_hashes).get(&id).cloned().unwrap_or(Err(Error::Unhealthy))
+    }
+}
+
+/// A store at revision `rev` (one put per revision).
+pub fn store_at(rev: i64) -> Arc<MvccStore> {
+    let engine: SharedEngine = Arc::new(MemoryEngine::new());
+    let mvcc = Arc::new(MvccStore::open(engine).expect("mvcc"));
+    advance(&mvcc, rev);
+    mvcc
+}
+
+/// Puts until `mvcc` is at revision `to`.
+pub fn advance(mvcc: &MvccStore, to: i64) {
+    while mvcc.current_rev() < to {
+        let mut txn = mvcc.write().expect("write txn");
+        txn.put(b"k", bytes::Bytes::from_static(b"v"), 0);
+        txn.seal_request();
+        txn.commit().expect("commit");
     }
 }

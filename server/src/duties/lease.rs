@@ -38,21 +38,20 @@ pub struct LeaseClocks<R> {
     /// What a new leader adds to every lease, so that an election never
     /// expires one early.
     election_timeout: Duration,
-    leading: bool,
 }
 
 impl<R: RaftSeam> LeaseClocks<R> {
     pub fn new(raft: Arc<R>, leases: Arc<Lessor>, election_timeout: Duration) -> Self {
-        Self { raft, leases, election_timeout, leading: false }
+        Self { raft, leases, election_timeout }
     }
 
     /// Follows Raft's leadership: the lessor starts timing leases when this
     /// member becomes leader (each gets its remaining TTL plus an election
-    /// timeout) and stops when it no longer is. Returns whether it leads.
+    /// timeout) and stops when it no longer is (the lessor being primary
+    /// is these clocks running). Returns whether it leads.
     pub fn follow_leadership(&mut self) -> bool {
         let leading = self.raft.raft_names_me_leader();
-        if leading != self.leading {
-            self.leading = leading;
+        if leading != self.leases.is_primary() {
             if leading {
                 self.leases.promote(self.election_timeout);
                 tracing::info!(leases = self.leases.count(), "became leader; lease expiry clocks restarted");
@@ -67,7 +66,7 @@ impl<R: RaftSeam> LeaseClocks<R> {
     /// first, until one fails (a leader that lost its quorum tries once per
     /// pass, not once per lease).
     pub async fn revoke_expired(&self) {
-        if !self.leading || self.raft.leader() != Some(self.raft.member_id()) {
+        if !self.leases.is_primary() || !self.raft.leads() {
             return;
         }
         for id in self.leases.expired(REVOKE_BATCH) {
@@ -91,7 +90,7 @@ impl<R: RaftSeam> LeaseClocks<R> {
     /// Proposes the remaining TTLs that changed since the last checkpoint,
     /// so a new leader does not restart them from the full TTL.
     pub async fn checkpoint(&self) {
-        if !self.leading {
+        if !self.leases.is_primary() {
             return;
         }
         let checkpoints = self.leases.checkpoints(CHECKPOINT_BATCH);

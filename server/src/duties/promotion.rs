@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::cluster::MemberRegistry;
 use crate::raft_types::NodeId;
-use crate::server::MembershipSeam;
+use crate::server::{MembershipSeam, RaftMembers};
 
 /// How often the leader looks for members ready to vote.
 pub const PROMOTION_INTERVAL: Duration = Duration::from_millis(200);
@@ -24,16 +24,11 @@ impl<R: MembershipSeam> LearnerPromotion<R> {
     }
 
     /// Members added as voters that Raft still treats as learners.
-    fn pending(&self) -> Vec<NodeId> {
-        let view = self.raft.raft_members();
+    fn pending(&self, view: &RaftMembers) -> Vec<NodeId> {
         view.membership
             .nodes()
             .map(|(id, _)| *id)
-            .filter(|id| {
-                !view.is_voter(*id)
-                    && !self.members.is_learner(*id, &view.membership)
-                    && self.members.get(*id).is_some()
-            })
+            .filter(|id| !view.is_voter(*id) && self.members.get(*id).is_some_and(|a| !a.is_learner))
             .collect()
     }
 
@@ -41,12 +36,13 @@ impl<R: MembershipSeam> LearnerPromotion<R> {
     /// caught up. Returns the members promoted; one that could not be is
     /// tried again on the next pass.
     pub async fn pass(&self) -> Vec<NodeId> {
-        if self.raft.leader() != Some(self.raft.member_id()) {
+        if !self.raft.leads() {
             return Vec::new();
         }
+        let view = self.raft.raft_members();
         let mut promoted = Vec::new();
-        for id in self.pending() {
-            if !self.raft.raft_members().caught_up(id) {
+        for id in self.pending(&view) {
+            if !view.caught_up(id) {
                 continue;
             }
             match self.raft.make_voter(id).await {

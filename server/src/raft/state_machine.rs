@@ -25,7 +25,7 @@ use openraft::{EntryPayload, OptionalSend, RaftLogId, Snapshot, StorageIOError};
 use super::snapshot_file::{SnapshotReader, SnapshotWriter};
 use super::{codec, CommandResult, Entry, LogId, RaftStorageError, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::apply::Applier;
-use crate::scratch::{ScratchDir, ScratchFile};
+use crate::scratch::ScratchDir;
 use crate::storage::keys::{META_APPLIED, META_MEMBERSHIP};
 use crate::storage::{SharedEngine, StorageError, Table, WriteBatch};
 
@@ -160,7 +160,7 @@ impl StateMachineCore {
     fn build(&self) -> Result<(SnapshotMeta, PathBuf), StorageError> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let io = |e: std::io::Error| StorageError::Io(e.to_string());
-        let body = ScratchFile::new(self.scratch.file("snapshot-body"));
+        let body = self.scratch.temp_file("snapshot-body");
         let body_path = body.path();
         let mut applied: Option<LogId> = None;
         let mut membership = StoredMembership::default();
@@ -177,8 +177,10 @@ impl StateMachineCore {
                 w.record(table, k, v).map_err(io)?;
                 Ok(true)
             })?;
+            // Only the finished snapshot needs to be durable: the body is
+            // copied into it and removed.
             let (buf, _, _) = w.finish().map_err(io)?;
-            buf.into_inner().map_err(|e| StorageError::Io(e.to_string()))?.sync_all().map_err(io)?;
+            buf.into_inner().map_err(|e| StorageError::Io(e.to_string()))?;
         }
         let snapshot_id = format!(
             "{}-{}-{}",
@@ -187,7 +189,7 @@ impl StateMachineCore {
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        let built = ScratchFile::new(self.scratch.file("snapshot"));
+        let built = self.scratch.temp_file("snapshot");
         {
             let meta_bytes = codec::encode(&meta).map_err(|e| StorageError::Io(e.to_string()))?;
             let mut out = BufWriter::new(std::fs::File::create(built.path()).map_err(io)?);

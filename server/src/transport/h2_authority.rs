@@ -68,10 +68,9 @@ const MAX_HEADER_BLOCK: usize = 1 << 20;
 enum HeaderBlocks {
     /// No block seen yet: the first one decides.
     FirstUndecided,
-    /// Every block is decoded, repaired and re-encoded.
+    /// Every block is decoded, repaired and re-encoded. (A first block
+    /// that needs no repair ends the parsing instead: `Mode::Scanning`.)
     Repair,
-    /// Blocks pass through as the client encoded them.
-    Untouched,
 }
 
 enum Mode {
@@ -194,7 +193,7 @@ impl<S> AuthorityFix<S> {
     /// Follows the frames in bytes the server wrote; its HEADERS and DATA
     /// clear the ping strikes.
     fn scan_outbound(&mut self, bytes: &[u8]) {
-        if !matches!(self.mode, Mode::H2 | Mode::Scanning) {
+        if !matches!(self.mode, Mode::H2 | Mode::Scanning) || self.pings.min_interval.is_zero() {
             return;
         }
         let pings = &mut self.pings;
@@ -254,25 +253,16 @@ impl<S> AuthorityFix<S> {
                     self.output.extend_from_slice(&self.input.split_to(PREFACE.len()));
                     self.mode = Mode::H2;
                 }
-                Mode::Passthrough => {
+                Mode::Passthrough | Mode::Scanning => {
+                    // What was read before the switch (once), or HTTP/1.
                     let all = self.input.split();
-                    self.output.extend_from_slice(&all);
-                    return Ok(());
-                }
-                Mode::Scanning => {
-                    // What was read before the switch, once.
-                    let all = self.input.split();
-                    self.scan_inbound(&all)?;
+                    if matches!(self.mode, Mode::Scanning) {
+                        self.scan_inbound(&all)?;
+                    }
                     self.output.extend_from_slice(&all);
                     return Ok(());
                 }
                 Mode::H2 => {
-                    if self.header_blocks == HeaderBlocks::Untouched && self.pending.is_none() {
-                        // Judged: from here on, bytes pass without a copy
-                        // (the input left starts at a frame boundary).
-                        self.mode = if self.pings.min_interval.is_zero() { Mode::Passthrough } else { Mode::Scanning };
-                        continue;
-                    }
                     if self.input.len() < FRAME_HEADER_LEN {
                         return Ok(());
                     }
@@ -374,7 +364,9 @@ impl<S> AuthorityFix<S> {
             }
         }
         let block = if self.header_blocks == HeaderBlocks::FirstUndecided && !repaired {
-            self.header_blocks = HeaderBlocks::Untouched;
+            // Judged: from here on, bytes pass without a copy (the input
+            // left starts at a frame boundary).
+            self.mode = if self.pings.min_interval.is_zero() { Mode::Passthrough } else { Mode::Scanning };
             pending.block
         } else {
             self.header_blocks = HeaderBlocks::Repair;
@@ -435,9 +427,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                         let before = buf.filled().len();
                         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
                         if let Poll::Ready(Ok(())) = read {
-                            let new = &buf.filled()[before..];
-                            let pings = &mut this.pings;
-                            this.inbound.scan(new, |ty, flags| pings.on_frame(ty, flags))?;
+                            this.scan_inbound(&buf.filled()[before..])?;
                         }
                         return read;
                     }
