@@ -13,7 +13,7 @@ CONFORMANCE_GROUPS ?= kv cluster watch lease operations security
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CARGO_TARGET_DIR := $(TARGET_DIR)
 
-.PHONY: all deps build run test unit-test lint fmt fuzz conformance jepsen jepsen-smoke jepsen-etcd bench bench-compare etcd-releases clean
+.PHONY: all deps build run test unit-test lint fmt fuzz conformance conformance-releases jepsen jepsen-smoke jepsen-etcd bench bench-compare etcd-releases clean
 
 all: build
 
@@ -77,6 +77,19 @@ GO            ?= $(firstword $(wildcard /usr/local/go/bin/go) go)
 ETCD_RELEASES := $(TARGET_DIR)/etcd-releases
 etcd-releases:
 	conformance/etcd-releases/build $(GO) $(abspath $(ETCD_RELEASES))
+
+# etcd 3.6's and 3.7's own suites (tests/e2e, and tests/common in e2e
+# mode) against keel, each minus conformance/known-failures-<line>-<suite>.txt;
+# logs under $(TARGET_DIR)/etcd-suites. ETCD_SUITES picks release:suite
+# pairs, SUITE_RUN a `go test -run` pattern. `make conformance` runs
+# CONFORMANCE_SUITES (what fits CI's time).
+ETCD_SUITES        ?= v3.6.17:e2e v3.6.17:common v3.7.4:e2e v3.7.4:common
+CONFORMANCE_SUITES ?= v3.6.17:e2e
+SUITE_RUN          ?= .
+conformance-releases: build etcd-releases
+	@failed=0; for s in $(ETCD_SUITES); do \
+	  conformance/etcd-releases/suite $(ETCD_RELEASES)/$${s%%:*} $(KEEL) $${s##*:} '$(SUITE_RUN)' || failed=1; \
+	done; exit $$failed
 
 # Fault injection (jepsen/README.md). `make jepsen WORKLOAD=watch
 # FAULTS=partition,kill DURATION=600`; results under $(TARGET_DIR)/jepsen.

@@ -62,7 +62,10 @@ impl BackupFormat for KeelFormat {
 }
 
 /// etcd's format: a bbolt database with etcd's buckets.
-pub struct EtcdFormat;
+pub struct EtcdFormat {
+    /// The cluster version the backup records ("3.6"; None: 3.4).
+    pub cluster_version: Option<String>,
+}
 
 impl BackupFormat for EtcdFormat {
     fn name(&self) -> &'static str {
@@ -70,7 +73,8 @@ impl BackupFormat for EtcdFormat {
     }
 
     fn write(&self, engine: &dyn Engine, out: &mut dyn BackupOutput) -> io::Result<()> {
-        let records = crate::etcd_format::MemberRecords::default();
+        let records =
+            crate::etcd_format::MemberRecords { cluster_version: self.cluster_version.clone(), ..Default::default() };
         crate::etcd_format::write_db(engine, records, out).map(|_| ())
     }
 }

@@ -13,7 +13,7 @@ use prost::Message;
 use sha1::{Digest, Sha1};
 
 use crate::raft_types::Membership;
-use crate::storage::keys::{member_key, META_MEMBER_PREFIX, META_REMOVED_PREFIX};
+use crate::storage::keys::{member_key, META_DOWNGRADE, META_MEMBER_PREFIX, META_REMOVED_PREFIX};
 use crate::storage::{keys::prefix_end, SharedEngine, StorageError, Table, WriteBatch};
 
 /// etcd's member id: SHA-1 over the sorted peer URLs, the cluster token and
@@ -85,6 +85,8 @@ pub struct MemberRegistry {
     removed: RwLock<BTreeSet<u64>>,
     /// Bumped whenever a member is removed.
     removals: tokio::sync::watch::Sender<u64>,
+    /// The target version ("3.5.0") while a downgrade is enabled.
+    downgrade: RwLock<Option<String>>,
 }
 
 fn removed_key(id: u64) -> Vec<u8> {
@@ -129,6 +131,10 @@ impl MemberRegistry {
         if let Ok(mut attrs) = self.attrs.write() {
             *attrs = map;
         }
+        let downgrade = engine.get(Table::Meta, META_DOWNGRADE)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+        if let Ok(mut d) = self.downgrade.write() {
+            *d = downgrade;
+        }
         if grew {
             self.removals.send_modify(|n| *n += 1);
         }
@@ -147,6 +153,42 @@ impl MemberRegistry {
             batch.delete(Table::Meta, member_key(*id));
             batch.put(Table::Meta, removed_key(*id), Vec::new());
         }
+    }
+
+    /// Adds the start (a target version) or end (None) of a downgrade to
+    /// `batch`.
+    pub fn set_downgrade(&self, target: Option<&str>, batch: &mut WriteBatch) {
+        match target {
+            Some(t) => batch.put(Table::Meta, META_DOWNGRADE.to_vec(), t.as_bytes().to_vec()),
+            None => batch.delete(Table::Meta, META_DOWNGRADE.to_vec()),
+        }
+    }
+
+    /// The target version ("3.5.0") while a downgrade is enabled.
+    pub fn downgrade_target(&self) -> Option<String> {
+        self.downgrade.read().ok()?.clone()
+    }
+
+    /// The cluster version ("3.6"): the lowest minor release among the
+    /// versions `members` published, and `own` (this member's).
+    pub fn cluster_version(&self, members: impl IntoIterator<Item = u64>, own: &str) -> String {
+        let attrs = self.attrs.read().map(|a| a.clone()).unwrap_or_default();
+        let lowest = members
+            .into_iter()
+            .filter_map(|id| attrs.get(&id).map(|a| a.version.clone()))
+            .filter(|v| !v.is_empty())
+            .chain(std::iter::once(own.to_string()))
+            .map(|v| crate::version::minor(&v))
+            .min()
+            .unwrap_or(0);
+        format!("3.{lowest}")
+    }
+
+    /// The versions members published, each member's latest (this
+    /// member's from before a restart included).
+    pub fn published_versions(&self) -> Vec<String> {
+        let attrs = self.attrs.read().map(|a| a.clone()).unwrap_or_default();
+        attrs.values().map(|a| a.version.clone()).collect()
     }
 
     pub fn get(&self, id: u64) -> Option<MemberAttributes> {

@@ -58,6 +58,16 @@ pub enum Error {
     #[error("too many learner members in cluster")]
     TooManyLearners,
 
+    // Downgrade.
+    #[error("wrong downgrade target version format")]
+    DowngradeWrongVersionFormat,
+    #[error("invalid downgrade target version")]
+    DowngradeInvalidVersion,
+    #[error("cluster has a downgrade job in progress")]
+    DowngradeInProgress,
+    #[error("cluster version not found during downgrade")]
+    ClusterVersionUnavailable,
+
     // Auth.
     #[error("root user does not exist")]
     RootUserNotExist,

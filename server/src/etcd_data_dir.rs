@@ -561,6 +561,7 @@ fn write_etcd_member(staging: &Path, engine: crate::storage::SharedEngine, sourc
             .map(|m| Ok((format!("{:x}", m.id).into_bytes(), serde_json::to_vec(m)?)))
             .collect::<anyhow::Result<_>>()?,
         removed: removed.iter().map(|id| (format!("{id:x}").into_bytes(), b"removed".to_vec())).collect(),
+        cluster_version: None,
     };
     // Everything is written beside the keel member first; two renames
     // then swap it in.

@@ -5,7 +5,7 @@
 //! | etcd bucket | key                                  | value                    | keel |
 //! |-------------|--------------------------------------|--------------------------|------|
 //! | key         | main (8, BE) `_` sub (8, BE) [`t`]   | mvccpb.KeyValue          | kv (16-byte revision; tombstone: version 0) |
-//! | meta        | consistent_index, scheduledCompactRev, finishedCompactRev | u64 BE, revision bytes | meta |
+//! | meta        | consistent_index, term, scheduledCompactRev, finishedCompactRev, storageVersion (3.6+) | u64 BE, revision bytes, "3.6.0" | meta |
 //! | lease       | lease id (8, BE)                     | leasepb.Lease            | lease |
 //! | auth        | authEnabled, authRevision            | [1]/[0], u64 BE          | meta |
 //! | authUsers   | user name                            | authpb.User              | auth `u/` |
@@ -69,6 +69,9 @@ fn storage(e: StorageError) -> io::Error {
 pub struct MemberRecords {
     pub members: Vec<(Vec<u8>, Vec<u8>)>,
     pub removed: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The cluster version to record ("3.6"; None: 3.4). From 3.6 on,
+    /// etcd also reads the storage version from the `meta` bucket.
+    pub cluster_version: Option<String>,
 }
 
 /// Writes keel's state machine to `out` as etcd's backend database (a
@@ -118,6 +121,10 @@ pub fn write_db<W: std::io::Write + std::io::Seek>(
                     if k == META_APPLIED {
                         if let Ok(applied) = crate::raft_types::codec::decode::<crate::raft_types::LogId>(v) {
                             meta.push((b"consistent_index".to_vec(), applied.index.to_be_bytes().to_vec()));
+                            // etcd 3.5+ keeps the applied entry's term too,
+                            // and 3.6 reads a file without a storage
+                            // version as 3.5's only when it is there.
+                            meta.push((b"term".to_vec(), applied.leader_id.term.to_be_bytes().to_vec()));
                         }
                     } else if k == META_COMPACT_SCHEDULED || k == META_COMPACT_FINISHED {
                         if let Some(main) = crate::storage::keys::decode_i64(v) {
@@ -143,6 +150,13 @@ pub fn write_db<W: std::io::Write + std::io::Seek>(
         return Err(f);
     }
     w.end_bucket()?;
+    let cluster_version = match &member_records.cluster_version {
+        Some(v) => format!("{v}.0").into_bytes(),
+        None => CLUSTER_VERSION.to_vec(),
+    };
+    if crate::version::minor(&String::from_utf8_lossy(&cluster_version)) >= 6 {
+        meta.push((b"storageVersion".to_vec(), cluster_version.clone()));
+    }
     if !auth.iter().any(|(k, _)| k == b"authRevision") {
         auth.push((b"authRevision".to_vec(), 1u64.to_be_bytes().to_vec()));
     }
@@ -151,7 +165,7 @@ pub fn write_db<W: std::io::Write + std::io::Seek>(
         (b"auth", auth),
         (b"authRoles", roles),
         (b"authUsers", users),
-        (b"cluster", vec![(b"clusterVersion".to_vec(), CLUSTER_VERSION.to_vec())]),
+        (b"cluster", vec![(b"clusterVersion".to_vec(), cluster_version)]),
         (b"lease", lease),
         (b"members", member_records.members),
         (b"members_removed", member_records.removed),

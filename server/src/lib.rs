@@ -52,17 +52,21 @@
 //!   - `backup`: backups in etcd's bbolt format and keel's own.
 //! - **Duties** (work a member starts itself, most of it as leader)
 //!   - `duties`: lease expiry, checkpoints and keepalives; scheduled
-//!     compaction; the corruption check; learner promotion. Each reaches
-//!     Raft only through the seams and is unit-tested against a fake.
+//!     compaction; the corruption check; learner promotion; the end of a
+//!     downgrade. Each reaches Raft only through the seams and is
+//!     unit-tested against a fake.
 //!   - `membership`: etcd's Cluster-service changes through Raft,
 //!     MoveLeader, and CheckQuorum.
+//!   - `downgrade`: etcd's cluster downgrade (Maintenance.Downgrade) and
+//!     the cluster version.
 //! - **Services**
 //!   - `api`: the etcd gRPC services, one file each, and keel's peer
 //!     service (`peer.rs`); `errors.rs` maps errors to etcd's codes and
 //!     messages; `grpc_call.rs` is the middleware every call passes first;
 //!     `watch_session.rs` runs one Watch stream; `recipes.rs` the lock and
 //!     election recipes.
-//!   - `http`: /health, /version, /metrics and the JSON gateway.
+//!   - `http`: /health, /livez, /readyz, /version, /metrics and the JSON
+//!     gateway.
 //!   - `etcd_data_dir`: a keel member takes over an etcd data dir, and
 //!     `keel convert-to-etcd` hands one back.
 //! - **Configuration**
@@ -102,6 +106,7 @@ pub mod busy_poll;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod downgrade;
 pub mod duties;
 pub mod error;
 pub mod etcd_data_dir;

@@ -1,8 +1,7 @@
 //! The `keel` binary: parse etcd's flags, set up logging, run a member
 //! until SIGINT/SIGTERM.
 
-use clap::Parser;
-use keel_server::config::{normalize_args, Flags};
+use keel_server::config::Flags;
 use keel_server::version::KEEL_VERSION;
 
 /// jemalloc rather than glibc's malloc: watch fan-out and request handling
@@ -19,7 +18,7 @@ fn main() -> std::process::ExitCode {
     if args.get(1).map(String::as_str) == Some("convert-to-etcd") {
         return keel_server::cli::convert_to_etcd_main(args[2..].to_vec());
     }
-    let flags = match Flags::try_parse_from(normalize_args(std::env::args())) {
+    let flags = match Flags::from_command_line(std::env::args(), |name| std::env::var(name).ok()) {
         Ok(f) => f,
         Err(e) => {
             let _ = e.print();
@@ -40,6 +39,9 @@ fn main() -> std::process::ExitCode {
     if let Err(e) = keel_server::logging::init(&config) {
         eprintln!("keel: cannot set up logging: {e}");
         return std::process::ExitCode::from(2);
+    }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
     }
     let (workers, poll_window) = match runtime_settings() {
         Ok(settings) => settings,

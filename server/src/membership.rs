@@ -33,9 +33,6 @@ use crate::server::{
 /// (`check_quorum`): the longest a follower waits to campaign, 4, plus one.
 const STEP_DOWN_PAUSE: u32 = 5;
 
-/// etcd allows one learner at a time.
-const MAX_LEARNERS: usize = 1;
-
 impl Server {
     fn membership(&self) -> crate::raft::Membership {
         self.raft.metrics().borrow().membership_config.membership().clone()
@@ -56,6 +53,23 @@ impl Server {
             }
         }
         (voters, started)
+    }
+
+    /// etcd 3.5+'s `isConnectedToQuorumAfterAddingNewMemberSince`: this
+    /// member and the voters it has heard from without a break for the
+    /// last five seconds must be a quorum of the voters plus the new
+    /// member, which counts as down (a one-member cluster may always grow).
+    fn check_quorum_after_adding(&self) -> Result<()> {
+        const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+        let m = self.membership();
+        let active = self.peers.active_for(HEALTH_INTERVAL);
+        let voters: Vec<u64> = m.nodes().map(|(id, _)| *id).filter(|id| !self.members.is_learner(*id, &m)).collect();
+        let connected = voters.iter().filter(|id| **id == self.id || active.contains(id)).count();
+        let quorum = |n: usize| n / 2 + 1;
+        if voters.len() > 1 && connected < quorum(voters.len() + 1) {
+            return Err(Error::Unhealthy);
+        }
+        Ok(())
     }
 
     /// Runs a Cluster-service change on the leader, forwarding if needed.
@@ -114,9 +128,12 @@ impl Server {
     async fn member_add(&self, peer_urls: Vec<String>, is_learner: bool) -> Result<(Option<Member>, u64)> {
         let urls = self.check_urls(&peer_urls, None)?;
         let m = self.membership();
+        if self.settings.strict_reconfig_check && crate::version::minor(&self.settings.etcd_version) >= 5 {
+            self.check_quorum_after_adding()?;
+        }
         if is_learner {
             let learners = m.nodes().filter(|(id, _)| self.members.is_learner(**id, &m)).count();
-            if learners >= MAX_LEARNERS {
+            if learners >= self.settings.max_learners {
                 return Err(Error::TooManyLearners);
             }
         } else if self.settings.strict_reconfig_check {
@@ -135,7 +152,7 @@ impl Server {
         if self.members.is_removed(id) {
             return Err(Error::MemberExists);
         }
-        let record = MemberAttributes { member_id: id, name: String::new(), client_urls: Vec::new(), is_learner };
+        let record = MemberAttributes { member_id: id, is_learner, ..Default::default() };
         self.propose(InternalRequest { header: None, request: Some(internal_request::Request::AddMember(record)) })
             .await?;
         let written = self

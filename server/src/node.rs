@@ -469,8 +469,8 @@ async fn serve_peers(
 }
 
 /// Every gRPC service etcd serves, behind the middleware every call
-/// passes first, plus /health, /metrics, /version and the JSON gateway.
-fn client_router(config: &Config, server: &Arc<Server>, tasks: &MemberTasks) -> axum::Router {
+/// passes first.
+fn grpc_router(config: &Config, server: &Arc<Server>, tasks: &MemberTasks) -> axum::Router {
     let max_msg = config.settings.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let mut routes = tonic::service::Routes::new(
         KvServer::new(api::kv::KvService::new(server.clone()))
@@ -496,11 +496,21 @@ fn client_router(config: &Config, server: &Arc<Server>, tasks: &MemberTasks) -> 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     routes = routes.add_service(health_service);
     tasks.spawn_until_stopped(report_grpc_health(server.clone(), health_reporter));
-    let grpc = routes
+    routes
         .prepare()
         .into_axum_router()
-        .layer(axum::middleware::from_fn_with_state(server.clone(), api::grpc_call::grpc_call));
-    crate::http::monitoring(server.clone()).merge(crate::http::gateway::routes(server.clone())).merge(grpc)
+        .layer(axum::middleware::from_fn_with_state(server.clone(), api::grpc_call::grpc_call))
+}
+
+/// /health, /livez, /readyz, /metrics, /version and (unless turned off)
+/// the JSON gateway.
+fn http_router(config: &Config, server: &Arc<Server>) -> axum::Router {
+    let monitoring = crate::http::monitoring(server.clone());
+    if config.enable_grpc_gateway {
+        monitoring.merge(crate::http::gateway::routes(server.clone()))
+    } else {
+        monitoring
+    }
 }
 
 /// Keeps the gRPC health service's status in step with the leader.
@@ -528,12 +538,20 @@ async fn serve_clients(
 ) -> anyhow::Result<Vec<std::net::SocketAddr>> {
     let client_tls = tls_acceptor(config, Side::Client)?;
     let http2 = client_http2(config);
-    let router = client_router(config, server, tasks);
+    let grpc = grpc_router(config, server, tasks);
+    let http = http_router(config, server);
+    // With HTTP-only listeners, the client URLs serve gRPC alone (etcd 3.6).
+    let router = if config.listen_client_http_urls.is_empty() { http.clone().merge(grpc) } else { grpc };
     let mut addrs = Vec::new();
     for (url, security) in listeners(&config.listen_client_urls, &client_tls)? {
         let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on client URL {url}"))?;
         addrs.extend(listener.local_addr());
         tasks.spawn(transport::serve(listener, security, router.clone(), http2, tasks.clone()));
+    }
+    for (url, security) in listeners(&config.listen_client_http_urls, &client_tls)? {
+        let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on client URL {url}"))?;
+        tracing::info!(address = %url, "serving client HTTP");
+        tasks.spawn(transport::serve(listener, security, http.clone(), http2, tasks.clone()));
     }
     for url in &config.listen_metrics_urls {
         let listener = transport::bind(url).await.with_context(|| format!("cannot listen on metrics URL {url}"))?;
@@ -552,8 +570,10 @@ async fn serve_clients(
 
 /// Starts the work the member does on its own; it runs until shutdown.
 fn start_duties(config: &Config, server: &Arc<Server>, tasks: &MemberTasks) {
-    use crate::duties::{compaction, corruption, lease, promotion};
+    use crate::duties::{compaction, corruption, downgrade, lease, promotion};
     tasks.spawn_until_stopped(promotion::run_learner_promotion(server.clone(), server.members.clone()));
+    let interval = config.downgrade_check_time;
+    tasks.spawn_until_stopped(downgrade::run_downgrade_monitor(server.clone(), server.members.clone(), interval));
     let s = server.clone();
     tasks.spawn_until_stopped(async move { s.check_quorum().await });
     tasks.spawn_until_stopped(lease::run_lease_clocks(server.clone()));
@@ -600,6 +620,13 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     let stop_on_failure = tasks.stop_signal().drop_guard();
     let scratch = ScratchDir::open_swept(&member_dir.join("tmp"))?;
     let state = open_state(&config, &engine, member_dir, &scratch)?;
+    let members = &state.stores.members;
+    crate::downgrade::check_start_version(
+        &config.settings.etcd_version,
+        &members.published_versions(),
+        members.downgrade_target().as_deref(),
+    )
+    .map_err(|e| anyhow!(e))?;
     let raft = start_raft(&config, identity, &engine, &peers, &state, &tasks).await?;
     let MemberState { stores: Stores { mvcc, members, leases, alarms, auth }, hub, state_machine, log_store } = state;
     let server = Arc::new(Server {
@@ -652,7 +679,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     }
     let cluster_version = settings.etcd_cluster_version();
     tracing::info!(cluster_version = %cluster_version, "enabled capabilities for version {cluster_version}");
-    for url in &config.listen_client_urls {
+    for url in config.listen_client_urls.iter().chain(&config.listen_client_http_urls) {
         tracing::info!(address = %url, "ready to serve client requests");
     }
     stop_on_failure.disarm();
@@ -667,9 +694,11 @@ async fn publish(server: &Arc<Server>) -> anyhow::Result<()> {
         name: server.settings.name.clone(),
         client_urls: server.settings.advertise_client_urls.clone(),
         is_learner: false,
+        version: server.settings.etcd_version.clone(),
     };
     let current = server.members.get(server.id);
-    if current.is_some_and(|c| c.name == attrs.name && c.client_urls == attrs.client_urls) {
+    if current.is_some_and(|c| c.name == attrs.name && c.client_urls == attrs.client_urls && c.version == attrs.version)
+    {
         tracing::info!(member_id = %format!("{:x}", server.id), "published local member to cluster");
         return Ok(());
     }

@@ -51,6 +51,8 @@ pub struct Settings {
     /// The common name of a verified client certificate names the user
     /// when a request carries no token (`--client-cert-auth`).
     pub client_cert_auth: bool,
+    /// The most learners the cluster may have (`--max-learners`).
+    pub max_learners: usize,
 }
 
 impl Settings {

@@ -10,3 +10,8 @@ pub const ETCD_API_VERSION: &str = "3.4.23";
 
 /// keel's own version (the crate's).
 pub const KEEL_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The minor release of a "3.MINOR.PATCH" version (0 when it has none).
+pub fn minor(version: &str) -> u32 {
+    version.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0)
+}

@@ -376,6 +376,13 @@ impl Cluster {
         self.wait_ready(i, Duration::from_secs(60))
     }
 
+    /// Starts a stopped member again with `extra` flags after its own (a
+    /// repeated flag's last value wins), for this and later restarts.
+    pub fn restart_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        self.members[i].args.extend(extra.iter().map(|s| s.to_string()));
+        self.restart(i)
+    }
+
     pub fn pause(&self, i: usize) -> Result<()> {
         Ok(kill(self.pid(i)?, Signal::SIGSTOP)?)
     }

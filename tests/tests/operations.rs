@@ -235,7 +235,7 @@ fn metrics_health_version_and_json_gateway() -> anyhow::Result<()> {
     }
     assert_eq!(curl(&[&format!("{base}/health")])?, r#"{"health":"true"}"#);
     assert_eq!(curl(&[&format!("{base}/version")])?, r#"{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}"#);
-    assert_eq!(curl(&[&format!("{base}/livez")])?, "ok");
+    assert_eq!(curl(&[&format!("{base}/livez")])?, "ok\n");
 
     // grpc-gateway JSON: base64 bytes, int64 as strings, proto field names.
     let put = curl(&["-X", "POST", &format!("{base}/v3/kv/put"), "-d", r#"{"key":"Zm9v","value":"YmFy"}"#])?;

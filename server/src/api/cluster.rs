@@ -70,7 +70,9 @@ impl Cluster for ClusterService {
 
     async fn member_list(&self, req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
         if req.get_ref().linearizable {
+            // etcd 3.5+: a read index, then (auth on) an authenticated user.
             self.server.linearizable_barrier().await?;
+            super::credentials::require_auth_info(&self.server, &req).await?;
         }
         Ok(Response::new(MemberListResponse { header: self.header(), members: self.member_list() }))
     }

@@ -115,3 +115,15 @@ pub async fn require_admin<T>(server: &Server, req: &tonic::Request<T>) -> Resul
     let who = auth_info(server, req).await?;
     server.auth.check_admin(who.as_ref())
 }
+
+/// etcd's requireAuthInfo (Status and alarm listing from 3.5 on): with
+/// auth enabled, any authenticated user.
+pub async fn require_auth_info<T>(server: &Server, req: &tonic::Request<T>) -> Result<()> {
+    if !server.auth.is_enabled() {
+        return Ok(());
+    }
+    match auth_info(server, req).await? {
+        Some(_) => Ok(()),
+        None => Err(Error::UserEmpty),
+    }
+}

@@ -36,6 +36,12 @@ pub fn code_and_message(e: &Error) -> (Code, String) {
             (FailedPrecondition, "etcdserver: can only promote a learner member which is in sync with leader")
         }
         Error::TooManyLearners => (FailedPrecondition, "etcdserver: too many learner members in cluster"),
+        Error::DowngradeWrongVersionFormat => (InvalidArgument, "etcdserver: wrong downgrade target version format"),
+        Error::DowngradeInvalidVersion => (InvalidArgument, "etcdserver: invalid downgrade target version"),
+        Error::DowngradeInProgress => (FailedPrecondition, "etcdserver: cluster has a downgrade job in progress"),
+        Error::ClusterVersionUnavailable => {
+            (FailedPrecondition, "etcdserver: cluster version not found during downgrade")
+        }
         Error::RootUserNotExist => (FailedPrecondition, "etcdserver: root user does not exist"),
         Error::RootRoleNotExist => (FailedPrecondition, "etcdserver: root user does not have root role"),
         Error::UserAlreadyExists => (FailedPrecondition, "etcdserver: user name already exists"),

@@ -252,6 +252,18 @@ impl KvService {
 
 #[tonic::async_trait]
 impl Kv for KvService {
+    type RangeStreamStream = super::range_stream::ChunkStream;
+
+    async fn range_stream(&self, req: GrpcRequest<RangeRequest>) -> Result<Response<Self::RangeStreamStream>, Status> {
+        if crate::version::minor(&self.server.settings.etcd_version) < 7 {
+            return Err(Status::unimplemented("unknown method RangeStream for service etcdserverpb.KV"));
+        }
+        let who = credentials::auth_info(&self.server, &req).await?;
+        let r = req.into_inner();
+        super::range_stream::check(&r)?;
+        Ok(Response::new(super::range_stream::start(self.server.clone(), r, who)))
+    }
+
     async fn range(&self, req: GrpcRequest<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let who = credentials::auth_info(&self.server, &req).await?;
         Ok(Response::new(self.range_inner(req.into_inner(), who.as_ref()).await?))

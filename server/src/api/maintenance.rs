@@ -1,5 +1,5 @@
 //! etcdserverpb.Maintenance: status, alarms (through Raft), defragment,
-//! hashes, backups and leader transfer. Downgrade is not supported.
+//! hashes, backups, leader transfer and downgrades (`crate::downgrade`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +17,8 @@ use super::errors::unimplemented;
 use crate::error::Error;
 use crate::server::Server;
 use crate::storage::Table;
+use crate::version::minor;
+use keel_proto::etcdserverpb::{downgrade_request::DowngradeAction, DowngradeInfo};
 use keel_proto::keelpb::{internal_request, internal_response::Response as Applied, InternalRequest};
 
 pub struct MaintenanceService {
@@ -45,8 +47,15 @@ impl Maintenance for MaintenanceService {
         }
     }
 
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let s = &self.server;
+        if minor(&s.settings.etcd_version) >= 5 {
+            super::credentials::require_auth_info(s, &req).await?;
+        }
+        let downgrade_info = (minor(&s.settings.etcd_version) >= 5).then(|| DowngradeInfo {
+            enabled: s.members.downgrade_target().is_some(),
+            target_version: s.members.downgrade_target().unwrap_or_default(),
+        });
         s.refresh_db_size();
         let size = s.engine.size(&Table::STATE_MACHINE).map_err(Error::from)?;
         let metrics = s.raft.metrics().borrow().clone();
@@ -64,8 +73,9 @@ impl Maintenance for MaintenanceService {
             errors: s.alarms.status_errors(),
             db_size_in_use: size.live_bytes as i64,
             is_learner,
-            storage_version: String::new(),
+            storage_version: storage_version(s).unwrap_or_default(),
             db_size_quota: s.settings.quota_backend_bytes as i64,
+            downgrade_info,
         }))
     }
 
@@ -132,8 +142,11 @@ impl Maintenance for MaintenanceService {
         // cannot remove the file under it), then by the streamer; removed
         // when the stream ends, however it ends.
         let backup = self.server.scratch.temp_file("backup");
+        let version = storage_version(&self.server).unwrap_or_default();
+        let cluster_version = (minor(&self.server.settings.etcd_version) >= 5).then(|| self.server.cluster_version());
         let (backup, size) = tokio::task::spawn_blocking(move || {
-            let size = crate::backup::write_backup(engine.as_ref(), &crate::backup::EtcdFormat, backup.path());
+            let format = crate::backup::EtcdFormat { cluster_version };
+            let size = crate::backup::write_backup(engine.as_ref(), &format, backup.path());
             size.map(|size| (backup, size))
         })
         .await
@@ -161,6 +174,7 @@ impl Maintenance for MaintenanceService {
                             header: Some(header),
                             remaining_bytes: size - sent,
                             blob: bytes::Bytes::copy_from_slice(&buf[..n]),
+                            version: version.clone(),
                         };
                         if tx.send(Ok(chunk)).await.is_err() {
                             break;
@@ -182,7 +196,26 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(MoveLeaderResponse { header: Some(self.server.header(self.server.mvcc.current_rev())) }))
     }
 
-    async fn downgrade(&self, _req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
-        Err(unimplemented("Maintenance.Downgrade"))
+    /// etcd 3.5 added Downgrade; a member reporting an older release
+    /// answers as that release did.
+    async fn downgrade(&self, req: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+        if minor(&self.server.settings.etcd_version) < 5 {
+            return Err(unimplemented("Maintenance.Downgrade"));
+        }
+        super::credentials::require_admin(&self.server, &req).await?;
+        let r = req.into_inner();
+        let action = DowngradeAction::try_from(r.action).map_err(|_| Status::unimplemented("unknown method"))?;
+        let version = self.server.downgrade(action, &r.version).await?;
+        Ok(Response::new(DowngradeResponse {
+            header: Some(self.server.header(self.server.mvcc.current_rev())),
+            version,
+        }))
     }
+}
+
+/// The storage version etcd 3.6 reports ("3.6.0"): that of the cluster
+/// version, from 3.6 on (3.5 has none).
+fn storage_version(server: &Server) -> Option<String> {
+    let cluster = server.cluster_version();
+    (minor(&format!("{cluster}.0")) >= 6).then(|| format!("{cluster}.0"))
 }

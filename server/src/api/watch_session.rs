@@ -30,7 +30,9 @@ use tonic::Status;
 use crate::error::Error;
 use crate::server::Server;
 use crate::watch::catch_up::catch_up_loop;
-use crate::watch::hub::{Outgoing, Recipient, StreamId, StreamQueue, WatchHub, WatchSpec, INVALID_WATCH_ID};
+use crate::watch::hub::{
+    Outgoing, ProgressRequests, Recipient, StreamId, StreamQueue, WatchHub, WatchSpec, INVALID_WATCH_ID,
+};
 use crate::watch::response::{SharedResponse, WatchOut};
 
 /// Batches buffered between the sender and gRPC. A batch leaves the
@@ -123,6 +125,16 @@ async fn watch_refusal(
     Some(format!("rpc error: code = {code:?} desc = {msg}"))
 }
 
+/// RequestProgress as the cluster's release answers it: 3.6 drops one that
+/// finds a watcher behind, earlier releases answer once all caught up.
+fn progress_requests(server: &Server) -> ProgressRequests {
+    if crate::version::minor(&format!("{}.0", server.cluster_version())) >= 6 {
+        ProgressRequests::IfSynced
+    } else {
+        ProgressRequests::Deferred
+    }
+}
+
 fn spec_from(create: &keel_proto::etcdserverpb::WatchCreateRequest) -> WatchSpec {
     // etcd: an empty key means "\0", the smallest key; range_end "\0"
     // means every key from `key`.
@@ -199,7 +211,7 @@ async fn request_loop<S>(
                         }
                     }
                     Some(RequestUnion::CancelRequest(cancel)) => hub.cancel(stream_id, cancel.watch_id),
-                    Some(RequestUnion::ProgressRequest(_)) => hub.request_progress(stream_id),
+                    Some(RequestUnion::ProgressRequest(_)) => hub.request_progress(stream_id, progress_requests(server)),
                     None => {}
                 }
             }

@@ -476,6 +476,14 @@ impl Applier {
                 self.apply_member_record(log_id, MemberAttributes { is_learner, ..attrs.clone() })
             }
             Some(Request::AddMember(attrs)) => self.apply_member_record(log_id, attrs.clone()),
+            Some(Request::DowngradeInfoSet(d)) => {
+                let mut b = WriteBatch::new();
+                applied_put(&mut b, log_id)?;
+                self.members.set_downgrade(d.enabled.then_some(d.target_version.as_str()), &mut b);
+                self.engine.write(b, false)?;
+                self.members.reload(&self.engine)?;
+                Ok(InternalResponse { response: Some(Response::Empty(Empty {})), revision: self.mvcc.current_rev() })
+            }
             Some(Request::PromoteMember(attrs)) => {
                 let current = self.members.get(attrs.member_id).unwrap_or_else(|| attrs.clone());
                 self.apply_member_record(log_id, MemberAttributes { is_learner: false, ..current })

@@ -3,11 +3,13 @@
 //! `server::RaftSeam` (and `MembershipSeam`), so its unit tests run it
 //! against `fake_raft`: lease expiry, checkpoints and keepalives
 //! (`lease`), scheduled compaction (`compaction`), the corruption check
-//! (`corruption`) and learner promotion (`promotion`). Above the member
+//! (`corruption`), learner promotion (`promotion`) and the end of a
+//! downgrade (`downgrade`). Above the member
 //! core (`server`), below the API.
 
 pub mod compaction;
 pub mod corruption;
+pub mod downgrade;
 pub mod lease;
 pub mod promotion;
 

@@ -78,6 +78,9 @@ pub struct PeerClients {
     /// which costs speed, not correctness.
     unary_append_peers: Mutex<HashSet<PeerKey>>,
     removed: tokio::sync::watch::Sender<bool>,
+    /// Since when each peer has answered Raft messages without a break
+    /// (etcd's `ActiveSince`); a failed message removes the peer.
+    active_since: Mutex<HashMap<NodeId, std::time::Instant>>,
 }
 
 /// An open append-entries stream to one peer. The peer answers every
@@ -124,7 +127,29 @@ impl PeerClients {
             idle_append_streams: Mutex::new(HashMap::new()),
             unary_append_peers: Mutex::new(HashSet::new()),
             removed: tokio::sync::watch::Sender::new(false),
+            active_since: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records whether a Raft message to `id` was answered.
+    fn note_answer(&self, id: NodeId, answered: bool) {
+        if let Ok(mut active) = self.active_since.lock() {
+            if answered {
+                active.entry(id).or_insert_with(std::time::Instant::now);
+            } else {
+                active.remove(&id);
+            }
+        }
+    }
+
+    /// Peers that have answered without a break since at least `since`
+    /// ago (etcd's `isConnectedSince` checks).
+    pub fn active_for(&self, since: Duration) -> Vec<NodeId> {
+        let active = match self.active_since.lock() {
+            Ok(a) => a.clone(),
+            Err(_) => return Vec::new(),
+        };
+        active.into_iter().filter(|(_, t)| t.elapsed() >= since).map(|(id, _)| id).collect()
     }
 
     fn key(id: NodeId, node: &MemberNode) -> Result<PeerKey, Error> {
@@ -446,12 +471,14 @@ impl PeerNetwork {
         let mut request = tonic::Request::new(payload);
         request.set_timeout(option.hard_ttl());
         let reply = send(client, request).await.map_err(|status| self.rpc_error(status))?;
+        self.clients.note_answer(self.target, true);
         self.decode_reply(&reply.into_inner())
     }
 
     /// What openraft is told about a failed call.
     fn rpc_error<E: std::error::Error>(&self, status: Status) -> RpcError<E> {
         note_tls_refusal(self.target, &status);
+        self.clients.note_answer(self.target, false);
         if status.code() == tonic::Code::FailedPrecondition && status.message() == MEMBER_REMOVED {
             self.clients.mark_removed();
         }
@@ -491,7 +518,10 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         let payload = RaftPayload { data: data.into() };
         let streamed = self.clients.append_streamed(self.target, &self.node, payload.clone());
         match tokio::time::timeout(option.hard_ttl(), streamed).await {
-            Ok(Ok(Some(reply))) => self.decode_reply(&reply),
+            Ok(Ok(Some(reply))) => {
+                self.clients.note_answer(self.target, true);
+                self.decode_reply(&reply)
+            }
             Ok(Ok(None)) => self.call(payload, &option, |mut c, r| async move { c.append_entries(r).await }).await,
             Ok(Err(status)) => Err(self.rpc_error(status)),
             Err(_) => Err(self.rpc_error(Status::deadline_exceeded("append-entries reply timed out"))),

@@ -88,6 +88,8 @@ pub const META_CLUSTER_ID: &[u8] = b"cluster_id";
 pub const META_MEMBER_PREFIX: &[u8] = b"member/";
 /// meta: prefix of removed member ids (member id u64 BE, empty value).
 pub const META_REMOVED_PREFIX: &[u8] = b"removed/";
+/// meta: the target version ("3.5.0") while a downgrade is enabled.
+pub const META_DOWNGRADE: &[u8] = b"downgrade";
 /// meta: prefix of raised alarms: `alarm/` + member id + alarm type.
 pub const META_ALARM_PREFIX: &[u8] = b"alarm/";
 /// meta: auth enabled flag and auth revision.

@@ -102,9 +102,29 @@ struct Watcher {
     /// Unsynced: the next revision to deliver. Synced: the first revision
     /// it wants (later than the present for a watch that starts ahead).
     next_rev: i64,
+    /// The start revision the client asked for (0: none).
+    start_rev: i64,
     synced: bool,
     /// Progress-notify bookkeeping: no events sent since the last tick.
     quiet: bool,
+}
+
+impl Watcher {
+    /// etcd 3.6's condition for a progress notification: synced, and the
+    /// store has reached the revision the watch asked to start from.
+    fn progress_due(&self, rev: i64) -> bool {
+        self.synced && rev >= self.start_rev
+    }
+}
+
+/// How a stream answers RequestProgress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressRequests {
+    /// etcd 3.4.31/3.5.13: answered once every watcher has caught up.
+    Deferred,
+    /// etcd 3.6 (`progressIfSync`): answered only if every watcher is
+    /// caught up now, dropped otherwise.
+    IfSynced,
 }
 
 /// The hub's side of a session.
@@ -231,7 +251,7 @@ impl HubState {
     fn maybe_progress(&mut self, stream: StreamId) {
         let rev = self.rev;
         let Some(entry) = self.streams.get(&stream) else { return };
-        if !entry.deferred_progress || !self.all_synced(stream) {
+        if !entry.deferred_progress || !self.all_progress_due(stream) {
             return;
         }
         if let Some(entry) = self.streams.get_mut(&stream) {
@@ -240,10 +260,11 @@ impl HubState {
         self.send(stream, progress_response(INVALID_WATCH_ID, rev));
     }
 
-    fn all_synced(&self, stream: StreamId) -> bool {
-        self.streams
-            .get(&stream)
-            .is_some_and(|e| e.watchers.iter().all(|id| self.watchers.get(&(stream, *id)).is_some_and(|w| w.synced)))
+    fn all_progress_due(&self, stream: StreamId) -> bool {
+        let rev = self.rev;
+        self.streams.get(&stream).is_some_and(|e| {
+            e.watchers.iter().all(|id| self.watchers.get(&(stream, *id)).is_some_and(|w| w.progress_due(rev)))
+        })
     }
 }
 
@@ -338,7 +359,7 @@ impl WatchHub {
         let synced = next_rev > rev;
         let created = keel_proto::etcdserverpb::WatchResponse { watch_id: id, created: true, ..Default::default() };
         st.send(stream, Outgoing::Control { response: created, revision: rev });
-        st.watchers.insert((stream, id), Watcher { spec, next_rev, synced, quiet: true });
+        st.watchers.insert((stream, id), Watcher { spec, next_rev, start_rev, synced, quiet: true });
         if synced {
             st.index((stream, id));
         } else if let Some(e) = st.streams.get(&stream) {
@@ -366,8 +387,10 @@ impl WatchHub {
     }
 
     /// etcd's RequestProgress: a progress response at the current
-    /// revision once every watcher of the stream has caught up to it.
-    pub fn request_progress(&self, stream: StreamId) {
+    /// revision (watch id -1) when every watcher of the stream has caught
+    /// up to it, now or (`Deferred`) once they have. A stream without
+    /// watchers gets none.
+    pub fn request_progress(&self, stream: StreamId, mode: ProgressRequests) {
         let mut st = self.lock();
         if let Some(e) = st.streams.get_mut(&stream) {
             if e.deferred_progress {
@@ -379,6 +402,11 @@ impl WatchHub {
             e.deferred_progress = true;
         }
         st.maybe_progress(stream);
+        if mode == ProgressRequests::IfSynced {
+            if let Some(e) = st.streams.get_mut(&stream) {
+                e.deferred_progress = false;
+            }
+        }
     }
 
     /// The periodic progress notification (`progress_notify` watchers):
@@ -392,7 +420,7 @@ impl WatchHub {
         for id in ids {
             let notify = match st.watchers.get_mut(&(stream, id)) {
                 Some(w) if w.spec.progress_notify => {
-                    let due = w.quiet && w.synced;
+                    let due = w.quiet && w.progress_due(rev);
                     w.quiet = true;
                     due
                 }
@@ -766,12 +794,34 @@ mod tests {
         let mut q = hub.open_stream();
         let (behind, _) = hub.create(q.id, 0, spec("k", None), 3).unwrap();
         drain(&mut q);
-        hub.request_progress(q.id);
+        hub.request_progress(q.id, ProgressRequests::Deferred);
         assert!(drain(&mut q).is_empty(), "a watcher is still catching up");
         hub.caught_up_to(q.id, behind, 6, false);
         let out = drain(&mut q);
         assert!(
             matches!(&out[..], [Outgoing::Control { response, revision: 5 }] if response.watch_id == INVALID_WATCH_ID)
         );
+    }
+
+    #[test]
+    fn request_progress_if_synced_answers_now_or_never() {
+        let hub = WatchHub::new(5);
+        let mut q = hub.open_stream();
+        hub.request_progress(q.id, ProgressRequests::IfSynced);
+        assert!(drain(&mut q).is_empty(), "no watchers, no progress");
+        let (behind, _) = hub.create(q.id, 0, spec("k", None), 3).unwrap();
+        drain(&mut q);
+        hub.request_progress(q.id, ProgressRequests::IfSynced);
+        hub.caught_up_to(q.id, behind, 6, false);
+        assert!(drain(&mut q).is_empty(), "dropped while a watcher was behind, not sent later");
+        hub.request_progress(q.id, ProgressRequests::IfSynced);
+        let out = drain(&mut q);
+        assert!(
+            matches!(&out[..], [Outgoing::Control { response, revision: 5 }] if response.watch_id == INVALID_WATCH_ID)
+        );
+        let (_ahead, _) = hub.create(q.id, 0, spec("j", None), 9).unwrap();
+        drain(&mut q);
+        hub.request_progress(q.id, ProgressRequests::IfSynced);
+        assert!(drain(&mut q).is_empty(), "a watch starting at 9 has not been reached at 5");
     }
 }

@@ -20,6 +20,9 @@ use crate::transport::{TlsFiles, TlsPolicy};
 
 use crate::version::ETCD_API_VERSION;
 
+pub mod etcd_releases;
+use etcd_releases::FeatureGates;
+
 /// Default backend quota (etcd: 2 GiB).
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
 
@@ -33,31 +36,12 @@ fn parse_etcd_version(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn parse_bool(s: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(s: &str) -> Result<bool, String> {
     match s {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
         _ => Err(format!("invalid boolean value {s:?}")),
     }
-}
-
-/// Turns Go-style single-dash long flags (`-name x`) into clap's `--name x`.
-pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
-    args.into_iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let single_dash_long = i > 0
-                && a.starts_with('-')
-                && !a.starts_with("--")
-                && a.chars().nth(1).is_some_and(|c| c.is_ascii_alphabetic())
-                && a.len() > 2;
-            if single_dash_long {
-                format!("-{a}")
-            } else {
-                a
-            }
-        })
-        .collect()
 }
 
 macro_rules! go_bool {
@@ -263,8 +247,8 @@ pub struct Flags {
     #[arg(long, env = "ETCD_HOST_WHITELIST", default_value = "*")]
     pub host_whitelist: String,
     /// Skip verification of SAN field in client certificate for peer connections.
-    #[arg(long, env = "ETCD_EXPERIMENTAL_PEER_SKIP_CLIENT_SAN_VERIFICATION", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
-    pub experimental_peer_skip_client_san_verification: bool,
+    #[arg(long, env = "ETCD_PEER_SKIP_CLIENT_SAN_VERIFICATION", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub peer_skip_client_san_verification: bool,
 
     // ---- Auth ----
     /// Authentication token type and options ('simple' or 'jwt,...').
@@ -328,8 +312,8 @@ pub struct Flags {
     #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
     pub experimental_initial_corrupt_check: bool,
     /// Duration between cluster corruption check passes (0 disables).
-    #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", default_value = "0s", value_parser = parse_go_duration)]
-    pub experimental_corrupt_check_time: Duration,
+    #[arg(long, env = "ETCD_CORRUPT_CHECK_TIME", default_value = "0s", value_parser = parse_go_duration)]
+    pub corrupt_check_time: Duration,
     /// Serve v2 requests through the v3 backend (not supported).
     #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_V2V3", default_value = "")]
     pub experimental_enable_v2v3: String,
@@ -350,17 +334,116 @@ pub struct Flags {
     #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL", default_value = "5m", value_parser = parse_go_duration)]
     pub experimental_lease_checkpoint_interval: Duration,
     /// Maximum revisions deleted in each compaction batch.
-    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT", default_value_t = 1000)]
-    pub experimental_compaction_batch_limit: u64,
+    #[arg(long, env = "ETCD_COMPACTION_BATCH_LIMIT", default_value_t = 1000)]
+    pub compaction_batch_limit: u64,
     /// Duration of periodic watch progress notifications.
-    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_go_duration)]
-    pub experimental_watch_progress_notify_interval: Duration,
+    #[arg(long, env = "ETCD_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_go_duration)]
+    pub watch_progress_notify_interval: Duration,
     /// Warn when applying a request takes longer than this.
-    #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_APPLY_DURATION", default_value = "100ms", value_parser = parse_go_duration)]
-    pub experimental_warning_apply_duration: Duration,
+    #[arg(long, env = "ETCD_WARNING_APPLY_DURATION", default_value = "100ms", value_parser = parse_go_duration)]
+    pub warning_apply_duration: Duration,
     /// Entries a slow follower may catch up from the log before it needs a snapshot.
-    #[arg(long, env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5000)]
-    pub experimental_snapshot_catchup_entries: u64,
+    #[arg(long, env = "ETCD_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5000)]
+    pub snapshot_catchup_entries: u64,
+
+    // ---- Added or renamed in etcd 3.6 (old spellings: `etcd_releases`) ----
+    /// Server feature gates, `Name=true|false,...` (etcd's gates; see
+    /// docs/COMPATIBILITY.md for what each does in keel).
+    #[arg(long, env = "ETCD_FEATURE_GATES", default_value = "")]
+    pub feature_gates: String,
+    /// Check hashes of compacted revisions across members (keel: the
+    /// periodic corruption check).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACT_HASH_CHECK_ENABLED", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub experimental_compact_hash_check_enabled: bool,
+    /// Duration between compacted-revision hash checks.
+    #[arg(long, env = "ETCD_COMPACT_HASH_CHECK_TIME", default_value = "1m", value_parser = parse_go_duration)]
+    pub compact_hash_check_time: Duration,
+    /// Report the gRPC health service NOT_SERVING during defragmentation
+    /// (keel defragments in the background without blocking requests).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_STOP_GRPC_SERVICE_ON_DEFRAG", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub experimental_stop_grpc_service_on_defrag: bool,
+    /// bbolt write-buffer sharing for write transactions (ignored).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_TXN_MODE_WRITE_WITH_SHARED_BUFFER", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "true", action = go_bool!())]
+    pub experimental_txn_mode_write_with_shared_buffer: bool,
+    /// Defragment at start when this many MiB could be freed (keel's
+    /// engine reclaims space in the background; ignored).
+    #[arg(long, env = "ETCD_BOOTSTRAP_DEFRAG_THRESHOLD_MEGABYTES", default_value_t = 0)]
+    pub bootstrap_defrag_threshold_megabytes: u64,
+    /// Lock the member's memory (not supported by keel).
+    #[arg(long, env = "ETCD_MEMORY_MLOCK", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub memory_mlock: bool,
+    /// Pause between compaction batches.
+    #[arg(long, env = "ETCD_COMPACTION_SLEEP_INTERVAL", default_value = "10ms", value_parser = parse_go_duration)]
+    pub compaction_sleep_interval: Duration,
+    /// How often the leader checks whether a downgrade has finished.
+    #[arg(long, env = "ETCD_DOWNGRADE_CHECK_TIME", default_value = "5s", value_parser = parse_go_duration)]
+    pub downgrade_check_time: Duration,
+    /// Warn when a unary request takes longer than this.
+    #[arg(long, env = "ETCD_WARNING_UNARY_REQUEST_DURATION", default_value = "300ms", value_parser = parse_go_duration)]
+    pub warning_unary_request_duration: Duration,
+    /// OpenTelemetry tracing (not supported by keel).
+    #[arg(long, env = "ETCD_ENABLE_DISTRIBUTED_TRACING", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub enable_distributed_tracing: bool,
+    #[arg(long, env = "ETCD_DISTRIBUTED_TRACING_ADDRESS", default_value = "localhost:4317")]
+    pub distributed_tracing_address: String,
+    #[arg(long, env = "ETCD_DISTRIBUTED_TRACING_SERVICE_NAME", default_value = "etcd")]
+    pub distributed_tracing_service_name: String,
+    #[arg(long, env = "ETCD_DISTRIBUTED_TRACING_INSTANCE_ID", default_value = "")]
+    pub distributed_tracing_instance_id: String,
+    #[arg(long, env = "ETCD_DISTRIBUTED_TRACING_SAMPLING_RATE", default_value_t = 0)]
+    pub distributed_tracing_sampling_rate: i64,
+    /// The most learners a cluster may have.
+    #[arg(long, env = "ETCD_MAX_LEARNERS", default_value_t = 1)]
+    pub max_learners: usize,
+    /// URLs serving only HTTP (JSON gateway, /health, /metrics, /version);
+    /// when set, --listen-client-urls serve gRPC only.
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_HTTP_URLS", default_value = "")]
+    pub listen_client_http_urls: String,
+    /// Client certificate and key a member presents when it dials client
+    /// URLs (keel dials none, so they are only checked to exist).
+    #[arg(long, env = "ETCD_CLIENT_CERT_FILE", default_value = "")]
+    pub client_cert_file: String,
+    #[arg(long, env = "ETCD_CLIENT_KEY_FILE", default_value = "")]
+    pub client_key_file: String,
+    /// Client certificate and key for dialing peers (keel presents its
+    /// peer server certificate; only checked to exist).
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_FILE", default_value = "")]
+    pub peer_client_cert_file: String,
+    #[arg(long, env = "ETCD_PEER_CLIENT_KEY_FILE", default_value = "")]
+    pub peer_client_key_file: String,
+    /// Validity in years of auto-TLS certificates.
+    #[arg(long, env = "ETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1)]
+    pub self_signed_cert_validity: u32,
+    /// SO_REUSEPORT and SO_REUSEADDR on listeners (ignored).
+    #[arg(long, env = "ETCD_SOCKET_REUSE_PORT", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub socket_reuse_port: bool,
+    #[arg(long, env = "ETCD_SOCKET_REUSE_ADDRESS", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub socket_reuse_address: bool,
+    /// rafthttp connection timeouts (keel's peer transport is gRPC; ignored).
+    #[arg(long, env = "ETCD_RAFT_READ_TIMEOUT", default_value = "5s", value_parser = parse_go_duration)]
+    pub raft_read_timeout: Duration,
+    #[arg(long, env = "ETCD_RAFT_WRITE_TIMEOUT", default_value = "5s", value_parser = parse_go_duration)]
+    pub raft_write_timeout: Duration,
+    /// Serve the JSON gateway (/v3/...).
+    #[arg(long, env = "ETCD_ENABLE_GRPC_GATEWAY", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "true", action = go_bool!())]
+    pub enable_grpc_gateway: bool,
+    /// Rotate log files (not supported by keel).
+    #[arg(long, env = "ETCD_ENABLE_LOG_ROTATION", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "false", action = go_bool!())]
+    pub enable_log_rotation: bool,
+    #[arg(long, env = "ETCD_LOG_ROTATION_CONFIG_JSON", default_value = "")]
+    pub log_rotation_config_json: String,
+    /// v2 store deprecation stage (keel has no v2 store; ignored).
+    #[arg(long, env = "ETCD_V2_DEPRECATION", default_value = "")]
+    pub v2_deprecation: String,
+    /// v3 discovery (not supported by keel).
+    #[arg(long, env = "ETCD_DISCOVERY_ENDPOINTS", default_value = "")]
+    pub discovery_endpoints: String,
+    #[arg(long, env = "ETCD_DISCOVERY_TOKEN", default_value = "")]
+    pub discovery_token: String,
+
+    /// Old flag names used (from [`etcd_releases::normalize_args`]).
+    #[arg(skip)]
+    pub old_names: Vec<String>,
 
     // ---- Unsafe ----
     /// Force to create a new one-member cluster (not supported yet).
@@ -390,6 +473,8 @@ pub struct Config {
     pub snapshot_catchup_entries: u64,
     pub listen_peer_urls: Vec<String>,
     pub listen_client_urls: Vec<String>,
+    /// HTTP-only client listeners; when any, the client URLs serve gRPC only.
+    pub listen_client_http_urls: Vec<String>,
     pub listen_metrics_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
     /// (name, peer URLs) of the initial members.
@@ -418,6 +503,12 @@ pub struct Config {
     /// `--auth-token` (and `--auth-token-ttl` for simple tokens), with
     /// JWT keys loaded.
     pub auth_tokens: TokenSpec,
+    /// `--enable-grpc-gateway`.
+    pub enable_grpc_gateway: bool,
+    /// How often the leader checks whether a downgrade finished.
+    pub downgrade_check_time: Duration,
+    /// Said once logging is up (deprecated flag names).
+    pub warnings: Vec<String>,
 }
 
 /// Why a configuration was refused; printed before exiting non-zero.
@@ -491,16 +582,31 @@ struct TlsConfig {
 struct Urls {
     listen_peer: Vec<String>,
     listen_client: Vec<String>,
+    listen_client_http: Vec<String>,
     advertise_client: Vec<String>,
     initial_advertise_peer: Vec<String>,
     listen_metrics: Vec<String>,
 }
 
 impl Flags {
+    /// Parses a command line (program name first) and the `ETCD_*`
+    /// variables `env` finds, taking every release's flag spellings.
+    pub fn from_command_line(
+        args: impl IntoIterator<Item = String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, clap::Error> {
+        let normalized = etcd_releases::normalize_args(args, env);
+        let mut flags = Self::try_parse_from(normalized.args)?;
+        flags.old_names = normalized.old_names;
+        Ok(flags)
+    }
+
     /// Checks every flag and builds the configuration, or explains what is
     /// wrong.
     pub fn validate(&self) -> Result<Config, ConfigError> {
         self.refuse_unsupported()?;
+        let warnings = self.old_name_warnings()?;
+        let gates = FeatureGates::parse(&self.feature_gates).map_err(|e| reject(format!("--feature-gates: {e}")))?;
         let tls = self.tls()?;
         self.check_raft_timing()?;
         if !(4..=31).contains(&self.bcrypt_cost) {
@@ -556,15 +662,17 @@ impl Flags {
                 max_request_bytes: self.max_request_bytes as usize,
                 etcd_version: self.advertise_etcd_version.clone(),
                 max_concurrent_streams: self.max_concurrent_streams,
-                watch_progress_notify_interval: self.experimental_watch_progress_notify_interval,
+                watch_progress_notify_interval: self.watch_progress_notify_interval,
                 lease_checkpoint_interval: self.experimental_lease_checkpoint_interval,
                 bcrypt_cost: self.bcrypt_cost,
                 client_cert_auth: self.client_cert_auth,
+                max_learners: self.max_learners,
             },
             snapshot_count: self.snapshot_count.max(1),
-            snapshot_catchup_entries: self.experimental_snapshot_catchup_entries,
+            snapshot_catchup_entries: self.snapshot_catchup_entries,
             listen_peer_urls: urls.listen_peer,
             listen_client_urls: urls.listen_client,
+            listen_client_http_urls: urls.listen_client_http,
             listen_metrics_urls: urls.listen_metrics,
             initial_advertise_peer_urls: urls.initial_advertise_peer,
             initial_cluster,
@@ -581,10 +689,13 @@ impl Flags {
             log_level,
             log_format,
             log_outputs,
-            corrupt_check_interval: self.experimental_corrupt_check_time,
-            initial_corrupt_check: self.experimental_initial_corrupt_check,
+            corrupt_check_interval: self.corrupt_check_time,
+            initial_corrupt_check: self.experimental_initial_corrupt_check || gates.enabled("InitialCorruptCheck"),
             unsafe_no_fsync: self.unsafe_no_fsync,
             auth_tokens,
+            enable_grpc_gateway: self.enable_grpc_gateway,
+            downgrade_check_time: self.downgrade_check_time,
+            warnings,
         })
     }
 
@@ -611,7 +722,37 @@ impl Flags {
         if self.enable_pprof {
             return Err(reject("--enable-pprof is not supported by keel"));
         }
+        if !self.discovery_endpoints.is_empty() || !self.discovery_token.is_empty() {
+            return Err(reject(
+                "v3 discovery (--discovery-endpoints, --discovery-token) is not supported by keel; use --initial-cluster",
+            ));
+        }
+        let unsupported = [
+            (self.enable_distributed_tracing, "--enable-distributed-tracing (OpenTelemetry)"),
+            (self.memory_mlock, "--memory-mlock"),
+            (self.enable_log_rotation, "--enable-log-rotation"),
+        ];
+        if let Some((_, flag)) = unsupported.iter().find(|(on, _)| *on) {
+            return Err(reject(format!("{flag} is not supported by keel")));
+        }
+        for (flag, path) in [
+            ("client-cert-file", &self.client_cert_file),
+            ("client-key-file", &self.client_key_file),
+            ("peer-client-cert-file", &self.peer_client_cert_file),
+            ("peer-client-key-file", &self.peer_client_key_file),
+        ] {
+            if !path.is_empty() && !std::path::Path::new(path).exists() {
+                return Err(reject(format!("--{flag}: {path}: no such file")));
+            }
+        }
         Ok(())
+    }
+
+    /// Old flag spellings: a deprecation warning each while keel reports
+    /// 3.6 or older, refused as unknown flags from 3.7 on (etcd's rule).
+    fn old_name_warnings(&self) -> Result<Vec<String>, ConfigError> {
+        let minor = crate::version::minor(&self.advertise_etcd_version);
+        self.old_names.iter().map(|name| etcd_releases::old_name_notice(name, minor).map_err(reject)).collect()
     }
 
     fn tls(&self) -> Result<TlsConfig, ConfigError> {
@@ -692,13 +833,11 @@ impl Flags {
         let listen_client_urls = urls("listen-client-urls", &self.listen_client_urls)?;
         let advertise_client_urls = urls("advertise-client-urls", &self.advertise_client_urls)?;
         let initial_advertise_peer_urls = urls("initial-advertise-peer-urls", &self.initial_advertise_peer_urls)?;
-        let listen_metrics_urls = if self.listen_metrics_urls.is_empty() {
-            Vec::new()
-        } else {
-            urls("listen-metrics-urls", &self.listen_metrics_urls)?
-        };
+        let optional = |flag: &str, value: &str| if value.is_empty() { Ok(Vec::new()) } else { urls(flag, value) };
+        let listen_metrics_urls = optional("listen-metrics-urls", &self.listen_metrics_urls)?;
+        let listen_client_http = optional("listen-client-http-urls", &self.listen_client_http_urls)?;
         let secure = |u: &String| u.starts_with("https://") || u.starts_with("unixs://");
-        if listen_client_urls.iter().any(secure) && !self.auto_tls && tls.client.is_none() {
+        if listen_client_urls.iter().chain(&listen_client_http).any(secure) && !self.auto_tls && tls.client.is_none() {
             return Err(reject("https client URLs need TLS certificates: --cert-file and --key-file, or --auto-tls"));
         }
         if listen_peer_urls.iter().any(secure) && !self.peer_auto_tls && tls.peer.is_none() {
@@ -710,6 +849,7 @@ impl Flags {
         Ok(Urls {
             listen_peer: listen_peer_urls,
             listen_client: listen_client_urls,
+            listen_client_http,
             advertise_client: advertise_client_urls,
             initial_advertise_peer: initial_advertise_peer_urls,
             listen_metrics: listen_metrics_urls,
@@ -765,8 +905,8 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let argv = normalize_args(std::iter::once("keel".to_string()).chain(args.iter().map(|s| s.to_string())));
-        let flags = Flags::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let argv = std::iter::once("keel".to_string()).chain(args.iter().map(|s| s.to_string()));
+        let flags = Flags::from_command_line(argv, |_| None).map_err(|e| e.to_string())?;
         flags.validate().map_err(|e| e.to_string())
     }
 
@@ -810,5 +950,25 @@ mod tests {
             .unwrap_err()
             .contains("local name"));
         assert!(parse(&["--snapshot-count", "lots"]).is_err());
+    }
+
+    #[test]
+    fn releases_spellings_are_taken_and_3_7_refuses_the_old_ones() -> Result<(), String> {
+        let c = parse(&["--experimental-corrupt-check-time=3s", "--feature-gates=InitialCorruptCheck=true"])?;
+        assert_eq!(c.corrupt_check_interval, Duration::from_secs(3));
+        assert!(c.initial_corrupt_check);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        let c =
+            parse(&["--corrupt-check-time=4s", "--max-learners=3", "--listen-client-http-urls=http://localhost:2399"])?;
+        assert_eq!(c.corrupt_check_interval, Duration::from_secs(4));
+        assert_eq!(c.settings.max_learners, 3);
+        assert_eq!(c.listen_client_http_urls, vec!["http://localhost:2399"]);
+        assert!(c.warnings.is_empty());
+        let refused = parse(&["--advertise-etcd-version=3.7.4", "--experimental-corrupt-check-time=3s"]);
+        assert_eq!(refused.err().as_deref(), Some("flag provided but not defined: -experimental-corrupt-check-time"));
+        assert!(parse(&["--feature-gates=NoSuchGate=true"])
+            .unwrap_err()
+            .contains("unrecognized feature gate: NoSuchGate"));
+        Ok(())
     }
 }
