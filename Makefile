@@ -43,8 +43,9 @@ run: build
 
 # The whole default test suite: unit, property and black-box tests, then a
 # short fault-injection run. Tests use the release profile, like the
-# binaries, so RocksDB builds only once.
-test: build
+# binaries, so RocksDB builds only once. The black-box tests run real etcd
+# 3.6 and 3.7 too (`etcd-releases`, built once per machine).
+test: build etcd-releases
 	$(CARGO) test --release --workspace
 	$(MAKE) --no-print-directory jepsen-smoke
 

@@ -124,12 +124,15 @@ fn run(cli: SnapshotCli) -> anyhow::Result<()> {
 #[derive(Parser, Debug)]
 #[command(
     name = "keel convert-to-etcd",
-    about = "Converts a stopped keel member's data dir in place into an etcd 3.4 member's, with the same member id, cluster id, membership and data; keel's files are kept as member.keel-original"
+    about = "Converts a stopped keel member's data dir in place into an etcd member's (3.4 to 3.7), with the same member id, cluster id, membership and data; keel's files are kept as member.keel-original"
 )]
 struct ConvertCli {
     /// The member's data directory.
     #[arg(long, env = "ETCD_DATA_DIR", default_value = "default.etcd")]
     data_dir: PathBuf,
+    /// The etcd release that will run the member: 3.4, 3.5, 3.6 or 3.7.
+    #[arg(long, default_value = "3.7", value_parser = crate::etcd_data_dir::EtcdTarget::parse)]
+    target: crate::etcd_data_dir::EtcdTarget,
 }
 
 /// Parses an offline subcommand's flags (`args` without the program
@@ -156,7 +159,7 @@ fn subcommand_main<C: Parser>(name: &str, args: Vec<String>, run: impl FnOnce(C)
 /// program name).
 pub fn convert_to_etcd_main(args: Vec<String>) -> ExitCode {
     subcommand_main("keel convert-to-etcd", args, |cli: ConvertCli| {
-        let done = crate::etcd_data_dir::convert_to_etcd(&cli.data_dir)?;
+        let done = crate::etcd_data_dir::convert_to_etcd(&cli.data_dir, cli.target)?;
         println!(
             "converted {} to an etcd data dir: member {:x} of cluster {:x} ({} members), starting from index {} term {}; keel's files are in {}",
             cli.data_dir.display(),

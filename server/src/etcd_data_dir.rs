@@ -436,7 +436,33 @@ fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// what it applied is refused (start the cluster as keel again and stop
 /// it once idle); trailing blank entries (a new leader's no-op) change no
 /// state and are taken as applied.
-pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
+/// The etcd release a converted member is for: 3.4 and 3.5 read the
+/// files as keel always wrote them; 3.6 and 3.7 also find their storage
+/// version (3.7 no longer upgrades a file from 3.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EtcdTarget {
+    pub minor: u32,
+}
+
+impl EtcdTarget {
+    /// The newest release keel hands data dirs to.
+    pub const NEWEST: EtcdTarget = EtcdTarget { minor: 7 };
+
+    /// "3.4" to "3.7" (a patch release is accepted and ignored).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let minor = crate::version::minor(&format!("{s}.0"));
+        match (s.split('.').next(), minor) {
+            (Some("3"), 4..=7) => Ok(Self { minor }),
+            _ => Err(format!("{s:?}: keel converts to etcd 3.4, 3.5, 3.6 or 3.7")),
+        }
+    }
+
+    fn cluster_version(self) -> Option<String> {
+        (self.minor > 4).then(|| format!("3.{}", self.minor))
+    }
+}
+
+pub fn convert_to_etcd(data_dir: &Path, target: EtcdTarget) -> anyhow::Result<Exported> {
     let member = data_dir.join("member");
     let original = data_dir.join("member.keel-original");
     let staging = data_dir.join("member.etcd-staging");
@@ -461,7 +487,7 @@ pub fn convert_to_etcd(data_dir: &Path) -> anyhow::Result<Exported> {
     // not converted either.
     crate::raft::log_store::LogStore::open_checked(engine.clone(), &member.join("journal"), &member.join("raft.ack"))?;
     let source = read_keel_member(&engine)?;
-    write_etcd_member(&staging, engine, &source)?;
+    write_etcd_member(&staging, engine, &source, target)?;
     std::fs::rename(&member, &original).with_context(|| format!("cannot move {} aside", member.display()))?;
     if let Err(e) = std::fs::rename(&staging, &member) {
         let _ = std::fs::rename(&original, &member);
@@ -552,7 +578,12 @@ fn read_keel_member(engine: &crate::storage::SharedEngine) -> anyhow::Result<Kee
 /// Writes the etcd member (backend, snapshot file, WAL) into `staging`,
 /// every file and directory synced; closes `engine` once the backend is
 /// written.
-fn write_etcd_member(staging: &Path, engine: crate::storage::SharedEngine, source: &KeelSource) -> anyhow::Result<()> {
+fn write_etcd_member(
+    staging: &Path,
+    engine: crate::storage::SharedEngine,
+    source: &KeelSource,
+    target: EtcdTarget,
+) -> anyhow::Result<()> {
     let KeelSource { member_id, cluster_id, position, vote, members, removed } = source;
     let (member_id, cluster_id) = (*member_id, *cluster_id);
     let records = crate::etcd_format::MemberRecords {
@@ -561,7 +592,7 @@ fn write_etcd_member(staging: &Path, engine: crate::storage::SharedEngine, sourc
             .map(|m| Ok((format!("{:x}", m.id).into_bytes(), serde_json::to_vec(m)?)))
             .collect::<anyhow::Result<_>>()?,
         removed: removed.iter().map(|id| (format!("{id:x}").into_bytes(), b"removed".to_vec())).collect(),
-        cluster_version: None,
+        cluster_version: target.cluster_version(),
     };
     // Everything is written beside the keel member first; two renames
     // then swap it in.
@@ -698,7 +729,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("member/wal"))?;
         assert!(convert_if_etcd(dir.path()).is_err());
         assert!(dir.path().join("member/snap/db").exists(), "a refused dir is left as it was");
-        assert!(convert_to_etcd(dir.path()).is_err(), "not a keel dir either");
+        assert!(convert_to_etcd(dir.path(), EtcdTarget::NEWEST).is_err(), "not a keel dir either");
         Ok(())
     }
 
@@ -761,12 +792,13 @@ mod tests {
         let request = crate::raft::Command(keel_proto::keelpb::InternalRequest::default());
         let dir =
             keel_dir(&[entry(6, openraft::EntryPayload::Blank), entry(7, openraft::EntryPayload::Normal(request))])?;
-        let refused = convert_to_etcd(dir.path()).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let refused =
+            convert_to_etcd(dir.path(), EtcdTarget::NEWEST).err().map(|e| format!("{e:#}")).unwrap_or_default();
         assert!(refused.contains("entry at index 7 that it has not applied"), "{refused}");
         assert!(dir.path().join("member/db").is_dir(), "a refused dir is left as it was");
 
         let dir = keel_dir(&[entry(6, openraft::EntryPayload::Blank)])?;
-        let done = convert_to_etcd(dir.path())?;
+        let done = convert_to_etcd(dir.path(), EtcdTarget::NEWEST)?;
         assert_eq!((done.member_id, done.cluster_id, done.index, done.term, done.members), (1, 9, 6, 3, 1));
         let wal = read_wal(&dir.path().join("member/wal"))?;
         assert_eq!((wal.member_id, wal.cluster_id), (1, 9));
@@ -774,7 +806,7 @@ mod tests {
         assert_eq!(index, 6);
         assert_eq!(members.get(&1), Some(&vec!["http://a:2380".to_string()]));
         assert!(dir.path().join("member.keel-original/db").is_dir());
-        assert!(convert_to_etcd(dir.path()).is_err(), "not a keel dir any more");
+        assert!(convert_to_etcd(dir.path(), EtcdTarget::NEWEST).is_err(), "not a keel dir any more");
         Ok(())
     }
 

@@ -529,6 +529,16 @@ async fn report_grpc_health(server: Arc<Server>, reporter: tonic_health::server:
     }
 }
 
+/// etcd's line for each client listener (scripts and tests wait for it).
+fn note_client_security(url: &str, security: &Security) {
+    match security {
+        Security::Plain => {
+            tracing::warn!(address = %url, "serving client traffic insecurely; this is strongly discouraged!")
+        }
+        _ => tracing::info!(address = %url, "serving client traffic securely"),
+    }
+}
+
 /// Serves clients on every client URL, and /metrics and /health on every
 /// metrics URL; returns the bound client addresses.
 async fn serve_clients(
@@ -546,11 +556,12 @@ async fn serve_clients(
     for (url, security) in listeners(&config.listen_client_urls, &client_tls)? {
         let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on client URL {url}"))?;
         addrs.extend(listener.local_addr());
+        note_client_security(&url, &security);
         tasks.spawn(transport::serve(listener, security, router.clone(), http2, tasks.clone()));
     }
     for (url, security) in listeners(&config.listen_client_http_urls, &client_tls)? {
         let listener = transport::bind(&url).await.with_context(|| format!("cannot listen on client URL {url}"))?;
-        tracing::info!(address = %url, "serving client HTTP");
+        note_client_security(&url, &security);
         tasks.spawn(transport::serve(listener, security, http.clone(), http2, tasks.clone()));
     }
     for url in &config.listen_metrics_urls {
@@ -588,6 +599,30 @@ fn start_duties(config: &Config, server: &Arc<Server>, tasks: &MemberTasks) {
     }
 }
 
+/// etcd's `--bootstrap-defrag-threshold-megabytes`: before serving,
+/// defragment when at least that many MiB of the database are free space.
+fn bootstrap_defrag(engine: &SharedEngine, threshold_megabytes: u64) -> anyhow::Result<()> {
+    if threshold_megabytes == 0 {
+        return Ok(());
+    }
+    let size = engine.size(&crate::storage::Table::STATE_MACHINE)?;
+    let free = size.total_bytes.saturating_sub(size.live_bytes);
+    if free < threshold_megabytes << 20 {
+        tracing::info!(
+            "current-db-size-bytes" = size.total_bytes,
+            "current-db-size-in-use-bytes" = size.live_bytes,
+            "free-space-bytes" = free,
+            "threshold-megabytes" = threshold_megabytes,
+            "Skipping defragmentation"
+        );
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    engine.defragment()?;
+    tracing::info!(took = ?started.elapsed(), "defragmented at start");
+    Ok(())
+}
+
 /// The rest of [`start`], on the opened engine.
 async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::Path) -> anyhow::Result<Node> {
     let peer_tls_client = match (&config.peer_tls, config.peer_auto_tls) {
@@ -612,6 +647,9 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
         member_id = %format!("{id:x}"),
         cluster_id = %format!("{cid:x}"),
         keel_version = crate::version::KEEL_VERSION,
+        "snapshot-count" = config.snapshot_count,
+        "snapshot-catchup-entries" = config.snapshot_catchup_entries,
+        "max-learners" = settings.max_learners,
         "starting keel member"
     );
 
@@ -619,6 +657,7 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
     // A start that fails from here on stops the tasks it started.
     let stop_on_failure = tasks.stop_signal().drop_guard();
     let scratch = ScratchDir::open_swept(&member_dir.join("tmp"))?;
+    bootstrap_defrag(&engine, config.bootstrap_defrag_threshold_megabytes)?;
     let state = open_state(&config, &engine, member_dir, &scratch)?;
     let members = &state.stores.members;
     crate::downgrade::check_start_version(

@@ -33,6 +33,23 @@ pub fn etcd_bin() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// Real etcd of release line `line` ("3.6"), as `make etcd-releases`
+/// built it: the directory holding its etcd, etcdctl and etcdutl
+/// (`ETCD_RELEASES`, default `<target>/etcd-releases`, has one directory
+/// per pinned tag).
+pub fn etcd_release(line: &str) -> Result<PathBuf> {
+    let root = std::env::var("ETCD_RELEASES").map(PathBuf::from).unwrap_or_else(|_| {
+        let target = keel_bin().parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        target.join("etcd-releases")
+    });
+    let prefix = format!("v{line}.");
+    let found =
+        std::fs::read_dir(&root).ok().into_iter().flatten().flatten().map(|e| e.path()).find(|p| {
+            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)) && p.join("etcd").exists()
+        });
+    found.ok_or_else(|| anyhow!("etcd {line} not built under {}: run `make etcd-releases`", root.display()))
+}
+
 pub fn etcdctl_bin() -> PathBuf {
     PathBuf::from(std::env::var("ETCDCTL_BIN").unwrap_or_else(|_| "/usr/bin/etcdctl".into()))
 }

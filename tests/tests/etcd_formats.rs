@@ -1,5 +1,7 @@
 //! No lock-in: keel's backups are etcd's bbolt databases and keel reads
-//! etcd's. Round trips against real etcd 3.4 with a few thousand
+//! etcd's. Round trips against real etcd 3.4 (Debian's), 3.6 and 3.7
+//! (built by `make etcd-releases`; etcdutl restores from 3.5 on) with a
+//! few thousand
 //! revisions of history, a lease with keys, users and roles:
 //! keel -> `etcdctl snapshot save` -> `etcdctl snapshot restore` -> etcd;
 //! etcd -> `etcdctl snapshot restore` -> keel (converting etcd's data dir
@@ -7,10 +9,10 @@
 //! revision, version, lease and auth record must be the same on the
 //! other side, history included.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use etcd_client::{Client, ConnectOptions, GetOptions, LeaseGrantOptions, Permission, PutOptions};
-use keel_tests::{etcd_bin, etcdctl_bin, Cluster, ClusterOptions};
+use keel_tests::{etcd_bin, etcd_release, etcdctl_bin, Cluster, ClusterOptions};
 
 const LEASE_ID: i64 = 0x1234;
 
@@ -102,13 +104,47 @@ fn restored(binary: &Path, file: &Path, restore_tool: Option<&Path>) -> anyhow::
     })
 }
 
+/// The real etcd of a release, with the tool that restores its backups
+/// (etcdctl up to 3.4, etcdutl from 3.5) and the `--target` keel converts
+/// its data dirs for.
+struct Release {
+    etcd: PathBuf,
+    restore_tool: PathBuf,
+    target: &'static str,
+    /// Arguments that make keel report the release.
+    keel_args: &'static [&'static str],
+}
+
+fn debian_etcd() -> anyhow::Result<Release> {
+    let etcd = etcd_bin().ok_or_else(|| anyhow::anyhow!("real etcd not found at /usr/bin/etcd: run `make deps`"))?;
+    Ok(Release { etcd, restore_tool: etcdctl_bin(), target: "3.4", keel_args: &[] })
+}
+
+fn built_etcd(line: &'static str, keel_args: &'static [&'static str]) -> anyhow::Result<Release> {
+    let dir = etcd_release(line)?;
+    Ok(Release { etcd: dir.join("etcd"), restore_tool: dir.join("etcdutl"), target: line, keel_args })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshots_round_trip_between_keel_and_etcd() -> anyhow::Result<()> {
-    let etcd = etcd_bin().ok_or_else(|| anyhow::anyhow!("real etcd not found at /usr/bin/etcd: run `make deps`"))?;
-    let etcdctl = etcdctl_bin();
+    snapshots_round_trip(debian_etcd()?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_round_trip_between_keel_and_etcd_3_6() -> anyhow::Result<()> {
+    snapshots_round_trip(built_etcd("3.6", &["--advertise-etcd-version", "3.6.17"])?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_round_trip_between_keel_and_etcd_3_7() -> anyhow::Result<()> {
+    snapshots_round_trip(built_etcd("3.7", &["--advertise-etcd-version", "3.7.4"])?).await
+}
+
+async fn snapshots_round_trip(release: Release) -> anyhow::Result<()> {
+    let Release { etcd, restore_tool, keel_args, .. } = release;
     let dir = tempfile::tempdir()?;
 
-    let keel = Cluster::start(1)?;
+    let keel = Cluster::start_with(ClusterOptions::keel(1).args(keel_args))?;
     write_history(&keel.members[0].client_url).await?;
     let from_keel = observe(&keel.members[0].client_url).await?;
     assert!(from_keel.len() > 2000, "the workload leaves a few thousand keys");
@@ -117,7 +153,7 @@ async fn snapshots_round_trip_between_keel_and_etcd() -> anyhow::Result<()> {
     // keel's backup is an etcd backup: real etcd restores and serves it.
     let keel_backup = dir.path().join("keel.db");
     snapshot_save(&keel.members[0].client_url, &keel_backup)?;
-    let etcd_from_keel = restored(&etcd, &keel_backup, Some(&etcdctl))?;
+    let etcd_from_keel = restored(&etcd, &keel_backup, Some(&restore_tool))?;
     assert_eq!(observe(&etcd_from_keel.members[0].client_url).await?, from_keel, "keel -> etcd");
 
     // The same history written to real etcd comes back into keel, both
@@ -129,7 +165,7 @@ async fn snapshots_round_trip_between_keel_and_etcd() -> anyhow::Result<()> {
     assert_eq!(from_etcd, from_keel, "keel and etcd agree on the workload");
     let etcd_backup = dir.path().join("etcd.db");
     snapshot_save(&reference.members[0].client_url, &etcd_backup)?;
-    let converted = restored(&keel_tests::keel_bin(), &etcd_backup, Some(&etcdctl))?;
+    let converted = restored(&keel_tests::keel_bin(), &etcd_backup, Some(&restore_tool))?;
     assert_eq!(observe(&converted.members[0].client_url).await?, from_etcd, "etcd data dir -> keel");
     assert!(
         converted.members[0].data_dir.join("member.etcd-original").exists(),
@@ -159,7 +195,23 @@ async fn identity(url: &str) -> anyhow::Result<(u64, Vec<(u64, String)>)> {
 /// everything etcd had.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keel_cluster_moves_to_etcd_in_place_and_back() -> anyhow::Result<()> {
-    let etcd = etcd_bin().ok_or_else(|| anyhow::anyhow!("real etcd not found at /usr/bin/etcd: run `make deps`"))?;
+    move_to_etcd_in_place_and_back(debian_etcd()?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keel_cluster_moves_to_etcd_3_6_in_place_and_back() -> anyhow::Result<()> {
+    move_to_etcd_in_place_and_back(built_etcd("3.6", &["--advertise-etcd-version", "3.6.17"])?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keel_cluster_moves_to_etcd_3_7_in_place_and_back() -> anyhow::Result<()> {
+    move_to_etcd_in_place_and_back(built_etcd("3.7", &["--advertise-etcd-version", "3.7.4"])?).await
+}
+
+async fn move_to_etcd_in_place_and_back(release: Release) -> anyhow::Result<()> {
+    // keel reports its default release here: the members' flags carry
+    // over to etcd, which knows no --advertise-etcd-version.
+    let Release { etcd, target, .. } = release;
     let mut cluster = Cluster::start(3)?;
     write_history(&cluster.members[0].client_url).await?;
     let url = |c: &Cluster, i: usize| c.members[i].client_url.clone();
@@ -169,7 +221,7 @@ async fn a_keel_cluster_moves_to_etcd_in_place_and_back() -> anyhow::Result<()> 
 
     cluster.swap_binary(&etcd, |m| {
         let out = std::process::Command::new(keel_tests::keel_bin())
-            .args(["convert-to-etcd", "--data-dir"])
+            .args(["convert-to-etcd", "--target", target, "--data-dir"])
             .arg(&m.data_dir)
             .output()?;
         anyhow::ensure!(out.status.success(), "convert-to-etcd: {}", String::from_utf8_lossy(&out.stderr));

@@ -365,8 +365,7 @@ pub struct Flags {
     /// bbolt write-buffer sharing for write transactions (ignored).
     #[arg(long, env = "ETCD_EXPERIMENTAL_TXN_MODE_WRITE_WITH_SHARED_BUFFER", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_bool, default_value = "true", action = go_bool!())]
     pub experimental_txn_mode_write_with_shared_buffer: bool,
-    /// Defragment at start when this many MiB could be freed (keel's
-    /// engine reclaims space in the background; ignored).
+    /// Defragment at start when this many MiB could be freed.
     #[arg(long, env = "ETCD_BOOTSTRAP_DEFRAG_THRESHOLD_MEGABYTES", default_value_t = 0)]
     pub bootstrap_defrag_threshold_megabytes: u64,
     /// Lock the member's memory (not supported by keel).
@@ -507,6 +506,8 @@ pub struct Config {
     pub enable_grpc_gateway: bool,
     /// How often the leader checks whether a downgrade finished.
     pub downgrade_check_time: Duration,
+    /// Defragment at start when this many MiB are free (0: never).
+    pub bootstrap_defrag_threshold_megabytes: u64,
     /// Said once logging is up (deprecated flag names).
     pub warnings: Vec<String>,
 }
@@ -695,6 +696,7 @@ impl Flags {
             auth_tokens,
             enable_grpc_gateway: self.enable_grpc_gateway,
             downgrade_check_time: self.downgrade_check_time,
+            bootstrap_defrag_threshold_megabytes: self.bootstrap_defrag_threshold_megabytes,
             warnings,
         })
     }
@@ -758,7 +760,7 @@ impl Flags {
     fn tls(&self) -> Result<TlsConfig, ConfigError> {
         let allowed_client = match (self.peer_cert_allowed_cn.as_str(), self.peer_cert_allowed_hostname.as_str()) {
             ("", "") => None,
-            (cn, "") => Some(AllowedClient::CommonName(cn.to_string())),
+            (cn, "") => Some(AllowedClient::CommonName(cn.split(',').map(|c| c.trim().to_string()).collect())),
             ("", host) => Some(AllowedClient::Hostname(host.to_string())),
             (cn, host) => {
                 return Err(reject(format!(
@@ -837,6 +839,12 @@ impl Flags {
         let listen_metrics_urls = optional("listen-metrics-urls", &self.listen_metrics_urls)?;
         let listen_client_http = optional("listen-client-http-urls", &self.listen_client_http_urls)?;
         let secure = |u: &String| u.starts_with("https://") || u.starts_with("unixs://");
+        if listen_metrics_urls.iter().any(secure) && !self.auto_tls && tls.client.is_none() {
+            // etcd's ErrMissingClientTLSInfoForMetricsURL, word for word.
+            return Err(reject(
+                "client TLS key/cert (--cert-file, --key-file) must be provided for metrics secure url",
+            ));
+        }
         if listen_client_urls.iter().chain(&listen_client_http).any(secure) && !self.auto_tls && tls.client.is_none() {
             return Err(reject("https client URLs need TLS certificates: --cert-file and --key-file, or --auto-tls"));
         }

@@ -1,5 +1,5 @@
 //! HTTP on the client URLs (next to gRPC) and on `--listen-metrics-urls`:
-//! `/health`, `/livez`, `/readyz`, `/version`, `/metrics`, and etcd's
+//! `/health`, `/livez`, `/readyz`, `/version`, `/metrics`, `/debug/vars`, and etcd's
 //! grpc-gateway JSON API under `/v3/` (`gateway.rs`).
 
 pub mod gateway;
@@ -25,6 +25,7 @@ pub fn monitoring(server: Arc<Server>) -> Router {
         .route("/readyz/{check}", get(health::readyz_check))
         .route("/version", get(version))
         .route("/metrics", get(metrics))
+        .route("/debug/vars", get(debug_vars))
         .with_state(server)
 }
 
@@ -37,6 +38,21 @@ async fn version(State(server): State<Arc<Server>>) -> Response {
         format!(r#"{{"etcdserver":"{etcd}","etcdcluster":"{cluster}.0"}}"#)
     };
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Go's expvar page, which etcd serves: the command line and memory
+/// figures (keel's from the kernel: it has no Go heap).
+async fn debug_vars() -> Response {
+    let cmdline: Vec<String> = std::env::args().collect();
+    let page = 4096u64;
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let mut fields = statm.split_whitespace().map(|f| f.parse::<u64>().unwrap_or(0) * page);
+    let (size, resident) = (fields.next().unwrap_or(0), fields.next().unwrap_or(0));
+    let body = serde_json::json!({
+        "cmdline": cmdline,
+        "memstats": { "Sys": size, "Alloc": resident, "HeapAlloc": resident },
+    });
+    ([(header::CONTENT_TYPE, "application/json; charset=utf-8")], body.to_string()).into_response()
 }
 
 async fn metrics(State(server): State<Arc<Server>>) -> Response {

@@ -273,14 +273,17 @@ impl RevocationList {
 /// chain (`--peer-cert-allowed-cn`, `--peer-cert-allowed-hostname`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AllowedClient {
-    CommonName(String),
+    /// Any of these common names (etcd 3.6 takes a comma-separated list).
+    CommonName(Vec<String>),
     Hostname(String),
 }
 
 impl AllowedClient {
     fn admits(&self, der: &[u8]) -> bool {
         match self {
-            AllowedClient::CommonName(cn) => super::common_name(der).as_deref() == Some(cn.as_str()),
+            AllowedClient::CommonName(names) => {
+                super::common_name(der).is_some_and(|cn| names.iter().any(|allowed| *allowed == cn))
+            }
             AllowedClient::Hostname(host) => {
                 let Ok(name) = rustls::pki_types::ServerName::try_from(host.as_str()) else {
                     return false;
