@@ -281,9 +281,7 @@ pub enum AllowedClient {
 impl AllowedClient {
     fn admits(&self, der: &[u8]) -> bool {
         match self {
-            AllowedClient::CommonName(names) => {
-                super::common_name(der).is_some_and(|cn| names.iter().any(|allowed| *allowed == cn))
-            }
+            AllowedClient::CommonName(names) => super::common_name(der).is_some_and(|cn| names.contains(&cn)),
             AllowedClient::Hostname(host) => {
                 let Ok(name) = rustls::pki_types::ServerName::try_from(host.as_str()) else {
                     return false;
