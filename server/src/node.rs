@@ -650,6 +650,8 @@ async fn start_on(config: Config, engine: SharedEngine, member_dir: &std::path::
         "snapshot-count" = config.snapshot_count,
         "snapshot-catchup-entries" = config.snapshot_catchup_entries,
         "max-learners" = settings.max_learners,
+        // keel has no v2 store: what etcd 3.6 enforces.
+        "v2-deprecation" = "write-only",
         "starting keel member"
     );
 

@@ -123,8 +123,16 @@ fn env_var(flag: &str) -> String {
 }
 
 /// What etcd says about an old spelling: 3.6 warns, 3.7 no longer knows
-/// the flag.
+/// the flag. `--max-snapshots` and `--v2-deprecation` are only warned
+/// about (until 3.8).
 pub fn old_name_notice(name: &str, reported_minor: u32) -> Result<String, String> {
+    match name {
+        "max-snapshots" => return Ok("--max-snapshots is deprecated in 3.6 and will be decommissioned in 3.8.".into()),
+        "v2-deprecation" => {
+            return Ok("--v2-deprecation is deprecated and scheduled for removal in v3.8. The default value is enforced, ignoring user input.".into())
+        }
+        _ => {}
+    }
     if reported_minor >= 7 {
         return Err(format!("flag provided but not defined: -{name}"));
     }

@@ -596,9 +596,18 @@ impl Flags {
         args: impl IntoIterator<Item = String>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, clap::Error> {
+        use clap::{CommandFactory, FromArgMatches};
         let normalized = etcd_releases::normalize_args(args, env);
-        let mut flags = Self::try_parse_from(normalized.args)?;
+        let matches = Self::command().try_get_matches_from(normalized.args)?;
+        let mut flags = Self::from_arg_matches(&matches)?;
         flags.old_names = normalized.old_names;
+        // Flags 3.6 deprecated outright: warned about only when given.
+        for (id, name) in [("max_snapshots", "max-snapshots"), ("v2_deprecation", "v2-deprecation")] {
+            let given = matches.value_source(id).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue);
+            if given {
+                flags.old_names.push(name.to_string());
+            }
+        }
         Ok(flags)
     }
 
@@ -754,7 +763,12 @@ impl Flags {
     /// 3.6 or older, refused as unknown flags from 3.7 on (etcd's rule).
     fn old_name_warnings(&self) -> Result<Vec<String>, ConfigError> {
         let minor = crate::version::minor(&self.advertise_etcd_version);
-        self.old_names.iter().map(|name| etcd_releases::old_name_notice(name, minor).map_err(reject)).collect()
+        let deprecated_in_3_6 = |name: &String| matches!(name.as_str(), "max-snapshots" | "v2-deprecation");
+        self.old_names
+            .iter()
+            .filter(|name| minor >= 6 || !deprecated_in_3_6(name))
+            .map(|name| etcd_releases::old_name_notice(name, minor).map_err(reject))
+            .collect()
     }
 
     fn tls(&self) -> Result<TlsConfig, ConfigError> {
