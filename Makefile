@@ -82,10 +82,10 @@ etcd-releases:
 # etcd 3.6's and 3.7's own suites (tests/e2e, and tests/common in e2e
 # mode) against keel, each minus conformance/known-failures-<line>-<suite>.txt;
 # logs under $(TARGET_DIR)/etcd-suites. ETCD_SUITES picks release:suite
-# pairs, SUITE_RUN a `go test -run` pattern. `make conformance` runs
-# CONFORMANCE_SUITES (what fits CI's time).
+# pairs, SUITE_RUN a `go test -run` pattern. Not yet part of `make
+# conformance`: 3.6's e2e suite does not pass whole yet
+# (docs/COMPATIBILITY.md).
 ETCD_SUITES        ?= v3.6.17:e2e v3.6.17:common v3.7.4:e2e v3.7.4:common
-CONFORMANCE_SUITES ?= v3.6.17:e2e
 SUITE_RUN          ?= .
 conformance-releases: build etcd-releases
 	@failed=0; for s in $(ETCD_SUITES); do \

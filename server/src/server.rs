@@ -53,6 +53,8 @@ pub struct Settings {
     pub client_cert_auth: bool,
     /// The most learners the cluster may have (`--max-learners`).
     pub max_learners: usize,
+    /// A unary request slower than this is logged ("request stats").
+    pub warning_unary_request_duration: Duration,
 }
 
 impl Settings {

@@ -1,7 +1,7 @@
 //! The one middleware every gRPC call passes: metrics
-//! (`grpc_metrics.rs`), etcd's require-leader check
-//! (`require_leader.rs`) and grpc-go's status for oversized requests
-//! (`errors.rs`). One layer rather than three: each axum middleware layer
+//! (`grpc_metrics.rs`) and etcd's "request stats" warning for a slow
+//! unary call, etcd's require-leader check (`require_leader.rs`) and
+//! grpc-go's status for oversized requests (`errors.rs`). One layer rather than three: each axum middleware layer
 //! costs a service clone and a boxed future per call.
 
 use std::sync::Arc;
@@ -19,5 +19,8 @@ pub async fn grpc_call(State(server): State<Arc<Server>>, req: Request, next: Ne
         Some(refused) => refused,
         None => next.run(req).await,
     };
+    if let Some(call) = &call {
+        call.warn_if_slow(server.settings.warning_unary_request_duration);
+    }
     grpc_metrics::finished(call, super::errors::with_grpc_go_status(resp))
 }

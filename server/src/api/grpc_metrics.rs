@@ -133,6 +133,21 @@ pub fn started(req: &Request) -> Option<Call> {
     Some(Call(Labels { ty, service: service.to_string(), method: method.to_string(), start: Instant::now() }))
 }
 
+impl Call {
+    /// etcd's "request stats" warning when a unary call took longer than
+    /// `--warning-unary-request-duration` (its handler has answered).
+    pub fn warn_if_slow(&self, limit: std::time::Duration) {
+        let spent = self.0.start.elapsed();
+        if self.0.ty == "unary" && spent > limit {
+            tracing::warn!(
+                "time spent" = ?spent,
+                "response type" = format!("/etcdserverpb.{}/{}", self.0.service.trim_start_matches("etcdserverpb."), self.0.method),
+                "request stats"
+            );
+        }
+    }
+}
+
 /// Records `call` as handled once `resp`'s body finishes.
 pub fn finished(call: Option<Call>, resp: Response) -> Response {
     let Some(Call(labels)) = call else {

@@ -48,6 +48,9 @@ pub struct Normalized {
     /// Old flag names used on the command line or in `ETCD_*` variables
     /// (without dashes), in the order met.
     pub old_names: Vec<String>,
+    /// Old names whose new spelling is on the command line too (etcd 3.6
+    /// refuses both).
+    pub given_twice: Vec<String>,
 }
 
 /// Rewrites a command line for clap: Go-style single-dash long flags
@@ -57,6 +60,8 @@ pub struct Normalized {
 /// variable is unset, so anything on the command line still wins.
 pub fn normalize_args(args: impl IntoIterator<Item = String>, env: impl Fn(&str) -> Option<String>) -> Normalized {
     let mut out = Normalized::default();
+    // Renamed flags given under their new name on the command line.
+    let mut plain_names: Vec<&str> = Vec::new();
     for (i, arg) in args.into_iter().enumerate() {
         let arg = if i > 0 && is_single_dash_long(&arg) { format!("-{arg}") } else { arg };
         let renamed = (i > 0).then(|| rename(&arg)).flatten();
@@ -65,7 +70,11 @@ pub fn normalize_args(args: impl IntoIterator<Item = String>, env: impl Fn(&str)
                 out.old_names.push(old);
                 out.args.push(new);
             }
-            None => out.args.push(arg),
+            None => {
+                let name = arg.trim_start_matches('-').split('=').next().unwrap_or("");
+                plain_names.extend(RENAMED.iter().copied().filter(|r| *r == name));
+                out.args.push(arg);
+            }
         }
         if i == 0 {
             for name in RENAMED {
@@ -75,6 +84,12 @@ pub fn normalize_args(args: impl IntoIterator<Item = String>, env: impl Fn(&str)
                     out.args.push(format!("--{name}={v}"));
                 }
             }
+        }
+    }
+    for old in &out.old_names {
+        let Some(plain) = old.strip_prefix("experimental-").filter(|p| RENAMED.contains(p)) else { continue };
+        if plain_names.contains(&plain) {
+            out.given_twice.push(old.clone());
         }
     }
     for (flag, _) in GATED {
@@ -226,6 +241,17 @@ mod tests {
             normalize(&[], &[("ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT", "5"), ("ETCD_COMPACTION_BATCH_LIMIT", "6")]);
         assert_eq!(n.args, ["keel"]);
         assert!(n.old_names.is_empty());
+    }
+
+    #[test]
+    fn both_spellings_of_one_flag_are_noticed() {
+        let n = normalize(
+            &["--experimental-warning-unary-request-duration=1s", "--warning-unary-request-duration=2s"],
+            &[],
+        );
+        assert_eq!(n.given_twice, ["experimental-warning-unary-request-duration"]);
+        let n = normalize(&["--experimental-compaction-batch-limit=1", "--experimental-compaction-batch-limit=2"], &[]);
+        assert!(n.given_twice.is_empty(), "the same spelling twice is Go's last-one-wins");
     }
 
     #[test]

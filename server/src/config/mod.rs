@@ -443,6 +443,9 @@ pub struct Flags {
     /// Old flag names used (from [`etcd_releases::normalize_args`]).
     #[arg(skip)]
     pub old_names: Vec<String>,
+    /// Old names whose new spelling was given too.
+    #[arg(skip)]
+    pub given_twice: Vec<String>,
 
     // ---- Unsafe ----
     /// Force to create a new one-member cluster (not supported yet).
@@ -601,6 +604,7 @@ impl Flags {
         let matches = Self::command().try_get_matches_from(normalized.args)?;
         let mut flags = Self::from_arg_matches(&matches)?;
         flags.old_names = normalized.old_names;
+        flags.given_twice = normalized.given_twice;
         // Flags 3.6 deprecated outright: warned about only when given.
         for (id, name) in [("max_snapshots", "max-snapshots"), ("v2_deprecation", "v2-deprecation")] {
             let given = matches.value_source(id).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue);
@@ -616,6 +620,10 @@ impl Flags {
     pub fn validate(&self) -> Result<Config, ConfigError> {
         self.refuse_unsupported()?;
         let warnings = self.old_name_warnings()?;
+        if let Some(name) = self.old_names.iter().find(|n| self.given_twice.contains(n)) {
+            let plain = name.trim_start_matches("experimental-");
+            return Err(reject(format!("both --{name} and --{plain} flags are set. Use only --{plain}")));
+        }
         let gates = FeatureGates::parse(&self.feature_gates).map_err(|e| reject(format!("--feature-gates: {e}")))?;
         let tls = self.tls()?;
         self.check_raft_timing()?;
@@ -677,6 +685,7 @@ impl Flags {
                 bcrypt_cost: self.bcrypt_cost,
                 client_cert_auth: self.client_cert_auth,
                 max_learners: self.max_learners,
+                warning_unary_request_duration: self.warning_unary_request_duration,
             },
             snapshot_count: self.snapshot_count.max(1),
             snapshot_catchup_entries: self.snapshot_catchup_entries,

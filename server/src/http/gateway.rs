@@ -213,8 +213,10 @@ async fn dispatch(
         "maintenance/alarm" => maintenance.alarm,
         "maintenance/status" => maintenance.status,
         "maintenance/defragment" => maintenance.defragment,
-        // etcd maps both Hash and HashKV here; HashKV is the one served.
+        // etcd 3.4 maps both Hash and HashKV here; HashKV is the one served.
         "maintenance/hash" => maintenance.hash_kv,
+        // etcd 3.5+ gives HashKV a path of its own.
+        "maintenance/hashkv" => maintenance.hash_kv,
         "maintenance/transfer-leadership" => maintenance.move_leader,
         "auth/enable" => auth.auth_enable,
         "auth/disable" => auth.auth_disable,
