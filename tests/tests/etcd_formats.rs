@@ -112,16 +112,20 @@ struct Release {
     restore_tool: PathBuf,
     target: &'static str,
     /// Arguments that make keel report the release.
-    keel_args: &'static [&'static str],
+    keel_args: Vec<String>,
 }
 
 fn debian_etcd() -> anyhow::Result<Release> {
     let etcd = etcd_bin().ok_or_else(|| anyhow::anyhow!("real etcd not found at /usr/bin/etcd: run `make deps`"))?;
-    Ok(Release { etcd, restore_tool: etcdctl_bin(), target: "3.4", keel_args: &[] })
+    Ok(Release { etcd, restore_tool: etcdctl_bin(), target: "3.4", keel_args: Vec::new() })
 }
 
-fn built_etcd(line: &'static str, keel_args: &'static [&'static str]) -> anyhow::Result<Release> {
+/// The release of `line` that `make etcd-releases` built; keel reports
+/// the same tag.
+fn built_etcd(line: &'static str) -> anyhow::Result<Release> {
     let dir = etcd_release(line)?;
+    let tag = dir.file_name().map(|n| n.to_string_lossy().trim_start_matches('v').to_string()).unwrap_or_default();
+    let keel_args = vec!["--advertise-etcd-version".to_string(), tag];
     Ok(Release { etcd: dir.join("etcd"), restore_tool: dir.join("etcdutl"), target: line, keel_args })
 }
 
@@ -132,19 +136,20 @@ async fn snapshots_round_trip_between_keel_and_etcd() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshots_round_trip_between_keel_and_etcd_3_6() -> anyhow::Result<()> {
-    snapshots_round_trip(built_etcd("3.6", &["--advertise-etcd-version", "3.6.17"])?).await
+    snapshots_round_trip(built_etcd("3.6")?).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshots_round_trip_between_keel_and_etcd_3_7() -> anyhow::Result<()> {
-    snapshots_round_trip(built_etcd("3.7", &["--advertise-etcd-version", "3.7.4"])?).await
+    snapshots_round_trip(built_etcd("3.7")?).await
 }
 
 async fn snapshots_round_trip(release: Release) -> anyhow::Result<()> {
     let Release { etcd, restore_tool, keel_args, .. } = release;
     let dir = tempfile::tempdir()?;
 
-    let keel = Cluster::start_with(ClusterOptions::keel(1).args(keel_args))?;
+    let keel_args: Vec<&str> = keel_args.iter().map(String::as_str).collect();
+    let keel = Cluster::start_with(ClusterOptions::keel(1).args(&keel_args))?;
     write_history(&keel.members[0].client_url).await?;
     let from_keel = observe(&keel.members[0].client_url).await?;
     assert!(from_keel.len() > 2000, "the workload leaves a few thousand keys");
@@ -200,12 +205,12 @@ async fn a_keel_cluster_moves_to_etcd_in_place_and_back() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keel_cluster_moves_to_etcd_3_6_in_place_and_back() -> anyhow::Result<()> {
-    move_to_etcd_in_place_and_back(built_etcd("3.6", &["--advertise-etcd-version", "3.6.17"])?).await
+    move_to_etcd_in_place_and_back(built_etcd("3.6")?).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keel_cluster_moves_to_etcd_3_7_in_place_and_back() -> anyhow::Result<()> {
-    move_to_etcd_in_place_and_back(built_etcd("3.7", &["--advertise-etcd-version", "3.7.4"])?).await
+    move_to_etcd_in_place_and_back(built_etcd("3.7")?).await
 }
 
 async fn move_to_etcd_in_place_and_back(release: Release) -> anyhow::Result<()> {
