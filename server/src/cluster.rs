@@ -172,15 +172,10 @@ impl MemberRegistry {
     /// The cluster version ("3.6"): the lowest minor release among the
     /// versions `members` published, and `own` (this member's).
     pub fn cluster_version(&self, members: impl IntoIterator<Item = u64>, own: &str) -> String {
-        let attrs = self.attrs.read().map(|a| a.clone()).unwrap_or_default();
-        let lowest = members
-            .into_iter()
-            .filter_map(|id| attrs.get(&id).map(|a| a.version.clone()))
-            .filter(|v| !v.is_empty())
-            .chain(std::iter::once(own.to_string()))
-            .map(|v| crate::version::minor(&v))
-            .min()
-            .unwrap_or(0);
+        let own_minor = crate::version::minor(own);
+        let Ok(attrs) = self.attrs.read() else { return format!("3.{own_minor}") };
+        let published = members.into_iter().filter_map(|id| attrs.get(&id)).filter(|a| !a.version.is_empty());
+        let lowest = published.map(|a| crate::version::minor(&a.version)).fold(own_minor, u32::min);
         format!("3.{lowest}")
     }
 

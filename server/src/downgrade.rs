@@ -30,19 +30,24 @@ impl Server {
     /// The cluster version ("3.6"): the lowest release any member of the
     /// Raft membership published, this member's included.
     pub fn cluster_version(&self) -> String {
-        let metrics = self.raft.metrics().borrow().clone();
-        let ids: Vec<u64> = metrics.membership_config.membership().nodes().map(|(id, _)| *id).collect();
+        let metrics = self.raft.metrics();
+        let ids: Vec<u64> = metrics.borrow().membership_config.membership().nodes().map(|(id, _)| *id).collect();
         self.members.cluster_version(ids, &self.settings.etcd_version)
+    }
+
+    /// The storage version etcd reports from 3.6 on ("3.6.0", that of the
+    /// cluster version); None before 3.6, which has none.
+    pub fn storage_version(&self) -> Option<String> {
+        let cluster = self.cluster_version();
+        (minor(&cluster) >= 6).then(|| format!("{cluster}.0"))
     }
 
     /// Answers a Downgrade request with the cluster version ("3.6").
     pub async fn downgrade(&self, action: DowngradeAction, version: &str) -> Result<String> {
         match action {
-            DowngradeAction::Validate => self.downgrade_validate(version).await,
+            DowngradeAction::Validate => self.downgrade_validate(version).await.map(|(cluster, _)| cluster),
             DowngradeAction::Enable => {
-                let cluster = self.downgrade_validate(version).await?;
-                let (major, minor) = parse_target(version)?;
-                let target = format!("{major}.{minor}.0");
+                let (cluster, target) = self.downgrade_validate(version).await?;
                 self.propose_downgrade(DowngradeInfoSet { enabled: true, target_version: target.clone() }).await?;
                 tracing::info!(target_version = %target, "the cluster is downgrading");
                 Ok(cluster)
@@ -63,11 +68,12 @@ impl Server {
 
     /// etcd's rules, in its order: a well-formed target, a known cluster
     /// version, a linearizable view, the target one minor below, no
-    /// downgrade already under way.
-    async fn downgrade_validate(&self, version: &str) -> Result<String> {
+    /// downgrade already under way. Returns the cluster version and the
+    /// target release ("3.5.0").
+    async fn downgrade_validate(&self, version: &str) -> Result<(String, String)> {
         let target = parse_target(version)?;
         let cluster = self.cluster_version();
-        let cluster_minor = u64::from(minor(&format!("{cluster}.0")));
+        let cluster_minor = u64::from(minor(&cluster));
         if cluster_minor == 0 {
             return Err(Error::ClusterVersionUnavailable);
         }
@@ -78,7 +84,8 @@ impl Server {
         if self.members.downgrade_target().is_some() {
             return Err(Error::DowngradeInProgress);
         }
-        Ok(cluster)
+        let (major, target_minor) = target;
+        Ok((cluster, format!("{major}.{target_minor}.0")))
     }
 
     async fn propose_downgrade(&self, info: DowngradeInfoSet) -> Result<()> {

@@ -52,9 +52,9 @@ impl Maintenance for MaintenanceService {
         if minor(&s.settings.etcd_version) >= 5 {
             super::credentials::require_auth_info(s, &req).await?;
         }
-        let downgrade_info = (minor(&s.settings.etcd_version) >= 5).then(|| DowngradeInfo {
-            enabled: s.members.downgrade_target().is_some(),
-            target_version: s.members.downgrade_target().unwrap_or_default(),
+        let downgrade_info = (minor(&s.settings.etcd_version) >= 5).then(|| {
+            let target = s.members.downgrade_target();
+            DowngradeInfo { enabled: target.is_some(), target_version: target.unwrap_or_default() }
         });
         s.refresh_db_size();
         let size = s.engine.size(&Table::STATE_MACHINE).map_err(Error::from)?;
@@ -73,7 +73,7 @@ impl Maintenance for MaintenanceService {
             errors: s.alarms.status_errors(),
             db_size_in_use: size.live_bytes as i64,
             is_learner,
-            storage_version: storage_version(s).unwrap_or_default(),
+            storage_version: s.storage_version().unwrap_or_default(),
             db_size_quota: s.settings.quota_backend_bytes as i64,
             downgrade_info,
         }))
@@ -143,7 +143,7 @@ impl Maintenance for MaintenanceService {
         // cannot remove the file under it), then by the streamer; removed
         // when the stream ends, however it ends.
         let backup = self.server.scratch.temp_file("backup");
-        let version = storage_version(&self.server).unwrap_or_default();
+        let version = self.server.storage_version().unwrap_or_default();
         let cluster_version = (minor(&self.server.settings.etcd_version) >= 5).then(|| self.server.cluster_version());
         let (backup, size) = tokio::task::spawn_blocking(move || {
             let format = crate::backup::EtcdFormat { cluster_version };
@@ -212,11 +212,4 @@ impl Maintenance for MaintenanceService {
             version,
         }))
     }
-}
-
-/// The storage version etcd 3.6 reports ("3.6.0"): that of the cluster
-/// version, from 3.6 on (3.5 has none).
-fn storage_version(server: &Server) -> Option<String> {
-    let cluster = server.cluster_version();
-    (minor(&format!("{cluster}.0")) >= 6).then(|| format!("{cluster}.0"))
 }

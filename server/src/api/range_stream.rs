@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use keel_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
-use keel_proto::etcdserverpb::{RangeRequest, RangeResponse, RangeStreamResponse, ResponseHeader};
+use keel_proto::etcdserverpb::{RangeRequest, RangeResponse, RangeStreamResponse};
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -89,12 +89,6 @@ async fn read(server: &Arc<Server>, r: RangeRequest) -> Result<RangeResponse> {
         .map_err(|e| Error::Internal(e.to_string()))?
 }
 
-/// The header of the last chunk: the pinned revision, and the member's
-/// cluster id, id and term.
-fn final_header(server: &Server, revision: i64) -> Option<ResponseHeader> {
-    Some(server.header(revision))
-}
-
 async fn send_chunks(server: &Arc<Server>, mut r: RangeRequest, tx: &Sender) -> Result<()> {
     let send = |resp: RangeResponse| async move {
         // A client gone is the end of the stream, not an error.
@@ -103,7 +97,7 @@ async fn send_chunks(server: &Arc<Server>, mut r: RangeRequest, tx: &Sender) -> 
     if r.count_only {
         let resp = read(server, r).await?;
         let revision = resp.header.map(|h| h.revision).unwrap_or_default();
-        send(RangeResponse { header: final_header(server, revision), count: resp.count, ..Default::default() }).await;
+        send(RangeResponse { header: Some(server.header(revision)), count: resp.count, ..Default::default() }).await;
         return Ok(());
     }
     let total_limit = if r.limit == 0 { i64::MAX } else { r.limit };
@@ -132,7 +126,7 @@ async fn send_chunks(server: &Arc<Server>, mut r: RangeRequest, tx: &Sender) -> 
         let done = next_key.is_none() || count == total_limit;
         let mut out = RangeResponse { kvs: resp.kvs, ..Default::default() };
         if done {
-            out.header = final_header(server, header_rev);
+            out.header = Some(server.header(header_rev));
             out.more = resp.more;
             out.count = count;
             if let (true, Some(next)) = (resp.more, &next_key) {

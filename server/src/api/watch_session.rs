@@ -128,7 +128,7 @@ async fn watch_refusal(
 /// RequestProgress as the cluster's release answers it: 3.6 drops one that
 /// finds a watcher behind, earlier releases answer once all caught up.
 fn progress_requests(server: &Server) -> ProgressRequests {
-    if crate::version::minor(&format!("{}.0", server.cluster_version())) >= 6 {
+    if crate::version::minor(&server.cluster_version()) >= 6 {
         ProgressRequests::IfSynced
     } else {
         ProgressRequests::Deferred

@@ -139,27 +139,30 @@ fn env_var(flag: &str) -> String {
 
 /// What etcd says about an old spelling: 3.6 warns, 3.7 no longer knows
 /// the flag. `--max-snapshots` and `--v2-deprecation` are only warned
-/// about (until 3.8).
-pub fn old_name_notice(name: &str, reported_minor: u32) -> Result<String, String> {
-    match name {
-        "max-snapshots" => return Ok("--max-snapshots is deprecated in 3.6 and will be decommissioned in 3.8.".into()),
-        "v2-deprecation" => {
-            return Ok("--v2-deprecation is deprecated and scheduled for removal in v3.8. The default value is enforced, ignoring user input.".into())
-        }
-        _ => {}
+/// about (until 3.8), and only from 3.6 (None before).
+pub fn old_name_notice(name: &str, reported_minor: u32) -> Result<Option<String>, String> {
+    let deprecated_in_3_6 = match name {
+        "max-snapshots" => Some("--max-snapshots is deprecated in 3.6 and will be decommissioned in 3.8."),
+        "v2-deprecation" => Some(
+            "--v2-deprecation is deprecated and scheduled for removal in v3.8. The default value is enforced, ignoring user input.",
+        ),
+        _ => None,
+    };
+    if let Some(notice) = deprecated_in_3_6 {
+        return Ok((reported_minor >= 6).then(|| notice.to_string()));
     }
     if reported_minor >= 7 {
         return Err(format!("flag provided but not defined: -{name}"));
     }
     let Some(plain) = name.strip_prefix("experimental-") else {
-        return Ok(format!("--{name} is deprecated and removed in v3.7"));
+        return Ok(Some(format!("--{name} is deprecated and removed in v3.7")));
     };
-    Ok(match GATED.iter().find(|(f, _)| *f == plain) {
+    Ok(Some(match GATED.iter().find(|(f, _)| *f == plain) {
         Some((_, gate)) => format!(
             "--{name} is deprecated in v3.6 and will be decommissioned in v3.7. Use '--feature-gates={gate}=true' instead."
         ),
         None => format!("--{name} is deprecated in v3.6 and will be decommissioned in v3.7. Use '--{plain}' instead."),
-    })
+    }))
 }
 
 /// etcd's server feature gates with their defaults (3.6, plus 3.7's two).
@@ -256,9 +259,9 @@ mod tests {
 
     #[test]
     fn notices_warn_for_3_6_and_refuse_for_3_7() {
-        let warn = old_name_notice("experimental-initial-corrupt-check", 6).unwrap_or_default();
+        let warn = old_name_notice("experimental-initial-corrupt-check", 6).ok().flatten().unwrap_or_default();
         assert!(warn.contains("--feature-gates=InitialCorruptCheck=true"), "{warn}");
-        let warn = old_name_notice("experimental-corrupt-check-time", 6).unwrap_or_default();
+        let warn = old_name_notice("experimental-corrupt-check-time", 6).ok().flatten().unwrap_or_default();
         assert!(warn.contains("Use '--corrupt-check-time' instead"), "{warn}");
         assert_eq!(
             old_name_notice("experimental-corrupt-check-time", 7),

@@ -772,12 +772,8 @@ impl Flags {
     /// 3.6 or older, refused as unknown flags from 3.7 on (etcd's rule).
     fn old_name_warnings(&self) -> Result<Vec<String>, ConfigError> {
         let minor = crate::version::minor(&self.advertise_etcd_version);
-        let deprecated_in_3_6 = |name: &String| matches!(name.as_str(), "max-snapshots" | "v2-deprecation");
-        self.old_names
-            .iter()
-            .filter(|name| minor >= 6 || !deprecated_in_3_6(name))
-            .map(|name| etcd_releases::old_name_notice(name, minor).map_err(reject))
-            .collect()
+        let notices = self.old_names.iter().map(|name| etcd_releases::old_name_notice(name, minor).map_err(reject));
+        notices.filter_map(Result::transpose).collect()
     }
 
     fn tls(&self) -> Result<TlsConfig, ConfigError> {

@@ -115,8 +115,9 @@ impl Check {
             }
             Check::LinearizableRead => read_check(server, false).await,
             Check::NonLearner => {
-                let metrics = server.raft.metrics().borrow().clone();
-                if server.members.is_learner(server.id, metrics.membership_config.membership()) {
+                let metrics = server.raft.metrics();
+                let is_learner = server.members.is_learner(server.id, metrics.borrow().membership_config.membership());
+                if is_learner {
                     Err("not supported for learner".into())
                 } else {
                     Ok(())

@@ -32,10 +32,9 @@ pub fn monitoring(server: Arc<Server>) -> Router {
 async fn version(State(server): State<Arc<Server>>) -> Response {
     let (etcd, cluster) = (&server.settings.etcd_version, server.cluster_version());
     // etcd 3.6 added the storage (data format) version.
-    let body = if crate::version::minor(&format!("{cluster}.0")) >= 6 {
-        format!(r#"{{"etcdserver":"{etcd}","etcdcluster":"{cluster}.0","storage":"{cluster}.0"}}"#)
-    } else {
-        format!(r#"{{"etcdserver":"{etcd}","etcdcluster":"{cluster}.0"}}"#)
+    let body = match server.storage_version() {
+        Some(storage) => format!(r#"{{"etcdserver":"{etcd}","etcdcluster":"{cluster}.0","storage":"{storage}"}}"#),
+        None => format!(r#"{{"etcdserver":"{etcd}","etcdcluster":"{cluster}.0"}}"#),
     };
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
